@@ -1,0 +1,306 @@
+"""The run store: one Zarr v3 group per run, the only module that touches zarr.
+
+Every stage writes into its own group whose attrs carry a *provenance* record: what the
+stage was computed from (model hash, parameter selection, K, dataset fingerprint, upstream
+digests, options). Reopening a stage with a different provenance is an error that names the
+difference, never a silent reuse. Row-chunked arrays get one ``done`` marker per chunk (an
+array with chunk size 1), so concurrent writers never share a marker object and a killed run
+resumes at the first chunk that is not done.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from gradcli import __version__
+from gradcli.errors import BadInputError, StaleStoreError
+
+FORMAT_VERSION = 1
+PROVENANCE = "provenance"
+DIGEST = "digest"
+COMPLETE = "complete"
+
+
+def digest_of(record: Mapping[str, Any]) -> str:
+    """A short, stable hash of a JSON-able record (sorted keys)."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        if old.get(key) != new.get(key):
+            out.append(f"{key} {_short(old.get(key))} -> {_short(new.get(key))}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass
+class RowChunks:
+    """Arrays of one stage that share a row count and row chunking, plus per-chunk done markers.
+
+    Write a chunk's rows in every array with :meth:`write`, then :meth:`mark_done`; readers
+    and resumers trust only chunks marked done.
+    """
+
+    group: zarr.Group
+    n_rows: int
+    chunk_rows: int
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows) if self.n_rows else 0
+
+    def chunk_range(self, index: int) -> range:
+        """Rows of chunk ``index``."""
+        start = index * self.chunk_rows
+        return range(start, min(start + self.chunk_rows, self.n_rows))
+
+    def done(self) -> np.ndarray:
+        """(n_chunks,) bool: which chunks are complete."""
+        if self.n_chunks == 0:
+            return np.zeros(0, dtype=bool)
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def pending(self) -> list[int]:
+        """Indices of chunks still to compute, in order."""
+        return [int(i) for i in np.flatnonzero(~self.done())]
+
+    def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write whole rows of chunk ``index`` into each named array."""
+        rows = self.chunk_range(index)
+        for name, data in arrays.items():
+            if data.shape[0] != len(rows):
+                raise ValueError(
+                    f"{name}: chunk {index} needs {len(rows)} rows, got {data.shape[0]}"
+                )
+            self.group[name][rows.start : rows.stop] = data
+
+    def mark_done(self, index: int) -> None:
+        self.group["done"][index] = True
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self.group[name][:])
+
+
+class RunStore:
+    """A run store at a local path or any URL zarr understands (``file://``, ``memory://``, ...)."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = str(url)
+        try:
+            self.root = zarr.open_group(self.url, mode="a" if create else "r+")
+        except FileNotFoundError:
+            raise BadInputError(
+                f"no run store at {self.url}; run 'gradcli extract-subspace' first or check --store"
+            ) from None
+        except (OSError, PermissionError) as err:
+            raise BadInputError(f"cannot open run store {self.url}: {err}") from None
+        except Exception as err:  # zarr raises its own types for non-group paths
+            raise BadInputError(f"{self.url} is not a gradcli run store ({err})") from None
+        self._check_format()
+
+    # -- root metadata -----------------------------------------------------------------
+    def _check_format(self) -> None:
+        attrs = self.root.attrs.asdict()
+        version = attrs.get("format_version")
+        if version is None:
+            if any(True for _ in self.root):
+                raise BadInputError(
+                    f"{self.url} is a Zarr group but not a gradcli run store; "
+                    "choose another --store"
+                )
+            self.update_root()
+            return
+        if version > FORMAT_VERSION:
+            raise StaleStoreError(
+                f"store {self.url} has format {version}, newer than this gradcli's "
+                f"{FORMAT_VERSION}; "
+                "upgrade gradcli or use a new --store"
+            )
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.root.attrs.asdict()
+
+    def update_root(self, **values: Any) -> None:
+        """Merge values into the root attrs, stamping version and format."""
+        base = {"gradcli_version": __version__, "format_version": FORMAT_VERSION}
+        if "created" not in self.root.attrs:
+            base["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.root.attrs.update({**base, **values})
+
+    # -- generic access ----------------------------------------------------------------
+    def has(self, path: str) -> bool:
+        return path in self.root
+
+    def group_attrs(self, path: str) -> dict[str, Any]:
+        return self.root[path].attrs.asdict() if path in self.root else {}
+
+    def set_attrs(self, path: str, **values: Any) -> None:
+        self.root[path].attrs.update(values)
+
+    def put_group(self, path: str, **attrs: Any) -> None:
+        """A group that holds only attrs (a results table), replacing one at ``path``."""
+        self.delete(path)
+        self.root.require_group(path).attrs.update(attrs)
+
+    def children(self, path: str = "") -> list[str]:
+        node = self.root[path] if path else self.root
+        if not isinstance(node, zarr.Group):
+            return []
+        return sorted(node.keys())
+
+    def read(self, path: str) -> np.ndarray:
+        """The whole array at ``path``."""
+        return np.asarray(self.root[path][...])
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(self.root[path].shape)
+
+    def read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.root[path][start:stop])
+
+    def write(
+        self,
+        path: str,
+        data: np.ndarray,
+        *,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        """Write a whole array (replacing one at ``path``), chunked along rows."""
+        data = np.ascontiguousarray(data)
+        chunks = None
+        if data.ndim >= 1:
+            rows = max(1, min(data.shape[0], chunk_rows or data.shape[0] or 1))
+            chunks = (rows, *data.shape[1:])
+        array = self.root.create_array(
+            path,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            attributes=dict(attrs or {}),
+            overwrite=True,
+            fill_value=0,
+        )
+        array[...] = data
+
+    def write_bytes(
+        self, path: str, payload: bytes, *, attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Store a byte string (a serialised index, a checkpoint) as a uint8 array."""
+        self.write(
+            path, np.frombuffer(payload, dtype=np.uint8).copy(), attrs=attrs, chunk_rows=1 << 24
+        )
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.read(path).tobytes()
+
+    def delete(self, path: str) -> None:
+        if path in self.root:
+            del self.root[path]
+
+    # -- stages ------------------------------------------------------------------------
+    def open_stage(
+        self,
+        path: str,
+        provenance: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        what: str | None = None,
+    ) -> bool:
+        """Make sure the stage group at ``path`` belongs to ``provenance``.
+
+        Returns True when the stage is already complete. A stage with another provenance is
+        an error (or is deleted when ``overwrite``); a missing one is created empty.
+        """
+        record = dict(provenance)
+        if path in self.root:
+            existing = self.root[path].attrs.get(PROVENANCE)
+            if existing is not None and existing != record:
+                if not overwrite:
+                    diffs = "; ".join(_differences(existing, record)[:3])
+                    label = what or path
+                    raise StaleStoreError(
+                        f"{label} in {self.url} was computed from something else ({diffs}); "
+                        "pass --overwrite to recompute it, or use a new --store"
+                    )
+                del self.root[path]
+            elif existing is not None:
+                return bool(self.root[path].attrs.get(COMPLETE, False))
+            else:
+                del self.root[path]
+        group = self.root.require_group(path)
+        group.attrs.update({PROVENANCE: record, DIGEST: digest_of(record), COMPLETE: False})
+        return False
+
+    def complete_stage(self, path: str, **summary: Any) -> None:
+        """Mark a stage finished, storing a summary of it in its attrs."""
+        self.root[path].attrs.update({**summary, COMPLETE: True})
+
+    def stage_complete(self, path: str) -> bool:
+        return path in self.root and bool(self.root[path].attrs.get(COMPLETE, False))
+
+    def stage_digest(self, path: str) -> str | None:
+        return self.root[path].attrs.get(DIGEST) if path in self.root else None
+
+    def row_chunks(
+        self,
+        path: str,
+        n_rows: int,
+        chunk_rows: int,
+        arrays: Mapping[str, tuple[tuple[int, ...], str]],
+    ) -> RowChunks:
+        """Create (or reopen) the row-chunked arrays of stage ``path``.
+
+        ``arrays`` maps a name to (trailing shape, dtype); every array gets ``n_rows`` rows in
+        chunks of ``chunk_rows``. Existing arrays of the right shape are kept for resuming.
+        """
+        group = self.root[path]
+        n_chunks = -(-n_rows // chunk_rows) if n_rows else 0
+        for name, (tail, dtype) in arrays.items():
+            shape = (n_rows, *tail)
+            if name in group and tuple(group[name].shape) == shape:
+                continue
+            group.create_array(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=(chunk_rows, *tail),
+                overwrite=True,
+                fill_value=0,
+            )
+        if "done" not in group or tuple(group["done"].shape) != (n_chunks,):
+            group.create_array(
+                "done",
+                shape=(n_chunks,),
+                dtype="bool",
+                chunks=(1,),
+                overwrite=True,
+                fill_value=False,
+            )
+        return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows)
+
+    def walk(self, path: str = "") -> Iterator[tuple[str, Any]]:
+        """(path, node) for every group and array below ``path``."""
+        node = self.root[path] if path else self.root
+        if isinstance(node, zarr.Group):
+            for name in sorted(node.keys()):
+                child = f"{path}/{name}" if path else name
+                yield child, node[name]
+                yield from self.walk(child)

@@ -1,0 +1,68 @@
+"""Run store: stage provenance, row chunks with done markers, bytes, format version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradcli.errors import BadInputError, StaleStoreError
+from gradcli.store import FORMAT_VERSION, RunStore, digest_of
+
+
+def test_open_stage_reuses_matching_and_rejects_other_provenance(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    assert store.open_stage("stats", {"model": "a", "k": 10}) is False
+    store.write("stats/mean", np.arange(5, dtype=np.float32))
+    store.complete_stage("stats", samples=5)
+    reopened = RunStore(str(tmp_path / "run"))
+    assert reopened.open_stage("stats", {"k": 10, "model": "a"}) is True
+    with pytest.raises(StaleStoreError, match=r"model \"a\" -> \"b\".*--overwrite"):
+        reopened.open_stage("stats", {"model": "b", "k": 10})
+    np.testing.assert_array_equal(reopened.read("stats/mean"), np.arange(5))  # untouched
+    assert reopened.open_stage("stats", {"model": "b", "k": 10}, overwrite=True) is False
+    assert not reopened.has("stats/mean")
+
+
+def test_row_chunks_resume_only_pending(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    store.open_stage("embed/x", {"n": 10})
+    chunks = store.row_chunks(
+        "embed/x", 10, 4, {"grad": ((3,), "float32"), "labels": ((), "int64")}
+    )
+    assert chunks.n_chunks == 3 and chunks.pending() == [0, 1, 2]
+    data = np.arange(30, dtype=np.float32).reshape(10, 3)
+    chunks.write(1, {"grad": data[4:8], "labels": np.arange(4, 8)})
+    chunks.mark_done(1)
+    again = RunStore(str(tmp_path / "run")).row_chunks(
+        "embed/x", 10, 4, {"grad": ((3,), "float32"), "labels": ((), "int64")}
+    )
+    assert again.pending() == [0, 2]
+    assert list(again.chunk_range(2)) == [8, 9]
+    np.testing.assert_array_equal(again.read("grad")[4:8], data[4:8])
+
+
+def test_bytes_round_trip_and_attrs(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    payload = bytes(range(256)) * 3
+    store.write_bytes("detectors/knn/index", payload)
+    assert store.read_bytes("detectors/knn/index") == payload
+    store.update_root(model={"spec": "x"})
+    assert RunStore(str(tmp_path / "run")).attrs["model"] == {"spec": "x"}
+    assert store.attrs["format_version"] == FORMAT_VERSION
+
+
+def test_newer_format_is_refused(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    store.update_root(format_version=FORMAT_VERSION + 1)
+    with pytest.raises(StaleStoreError, match="newer"):
+        RunStore(str(tmp_path / "run"))
+
+
+def test_missing_store_without_create(tmp_path):
+    with pytest.raises(BadInputError, match="no run store"):
+        RunStore(str(tmp_path / "absent"), create=False)
+
+
+def test_digest_is_order_independent():
+    assert digest_of({"a": 1, "b": [1, 2]}) == digest_of({"b": [1, 2], "a": 1})
+    assert digest_of({"a": 1}) != digest_of({"a": 2})

@@ -1,0 +1,48 @@
+"""Average-gradient basis against a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradcli.errors import BadInputError
+from gradcli.subspace import average_gradient_basis, check_method
+
+
+def test_ag_basis_spans_normalised_class_means_and_is_orthonormal():
+    rng = np.random.default_rng(0)
+    class_means = torch.from_numpy(rng.normal(size=(4, 30)))
+    mean = torch.from_numpy(rng.normal(size=30))
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, size=30))
+    sub = average_gradient_basis(class_means, mean, scale, np.array([5, 6, 7, 8]))
+    v = sub.basis.astype(np.float64)
+    assert v.shape == (30, 4)
+    np.testing.assert_allclose(v.T @ v, np.eye(4), atol=1e-6)
+    raw = ((class_means - mean) / scale).numpy().T  # (P, C) normalised class means
+    np.testing.assert_allclose(sub.class_means, raw, rtol=1e-5, atol=1e-6)
+    # Same span: projecting the raw columns onto V reproduces them.
+    np.testing.assert_allclose(v @ (v.T @ raw), raw, atol=1e-5)
+    # Gram-Schmidt orientation: first column is the first class mean direction.
+    first = raw[:, 0] / np.linalg.norm(raw[:, 0])
+    np.testing.assert_allclose(v[:, 0], first, atol=1e-6)
+
+
+def test_empty_class_is_an_error():
+    with pytest.raises(BadInputError, match="no training samples"):
+        average_gradient_basis(
+            torch.zeros(3, 5, dtype=torch.float64),
+            torch.zeros(5, dtype=torch.float64),
+            torch.ones(5, dtype=torch.float64),
+            np.array([2, 0, 1]),
+        )
+
+
+def test_method_checks():
+    assert check_method("avg", None, 10) == 10
+    with pytest.raises(BadInputError, match="not available"):
+        check_method("pca", 50, 10)
+    with pytest.raises(BadInputError, match="number of classes"):
+        check_method("avg", 5, 10)
+    with pytest.raises(BadInputError, match="unknown --method"):
+        check_method("svd", None, 10)
