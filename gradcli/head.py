@@ -1,0 +1,205 @@
+"""The BN→FC classification head trained on reduced gradients (Wu et al., TPAMI 2024).
+
+Reduced gradients carry no classifier of their own, so output-based scores (MSP, Energy,
+ReAct, BATS) need one: ``BatchNorm1d(K) → Linear(K, C)`` trained with SGD and cross-entropy on
+the ID training set. The BatchNorm takes care of the scale of the K coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gradcli.errors import BadInputError
+
+HEAD_ARRAY_NAMES: tuple[str, ...] = (
+    "bn.weight",
+    "bn.bias",
+    "bn.running_mean",
+    "bn.running_var",
+    "fc.weight",
+    "fc.bias",
+)
+
+_EVAL_BATCH = 8192
+
+
+class GradientHead(torch.nn.Module):
+    """``BatchNorm1d(num_features) → Linear(num_features, num_classes)``."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(num_features)
+        self.fc = torch.nn.Linear(num_features, num_classes)
+
+    @property
+    def num_features(self) -> int:
+        return self.fc.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from reduced gradients ``z`` (B, K); BN follows the module's mode."""
+        return self.fc(self.bn(z))
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Eval-mode BN output (B, K): running statistics whatever the module's mode."""
+        return F.batch_norm(
+            z,
+            self.bn.running_mean,
+            self.bn.running_var,
+            self.bn.weight,
+            self.bn.bias,
+            training=False,
+            eps=self.bn.eps,
+        )
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from BN outputs ``h`` (B, K)."""
+        return self.fc(h)
+
+
+def _check_training_set(z: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    fix = "fit-head needs a labelled ID training set (embed the training split with its labels)"
+    if z.ndim != 2:
+        raise BadInputError(f"reduced gradients must have shape (N, K), got {z.shape}")
+    if z.shape[0] == 0:
+        raise BadInputError(f"the training embedding is empty: {fix}")
+    if labels.shape != (z.shape[0],):
+        raise BadInputError(
+            f"{labels.shape} labels do not match {z.shape[0]} training samples: {fix}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise BadInputError(f"labels must be integers, got {labels.dtype}: {fix}")
+    if num_classes < 2:
+        raise BadInputError(f"the head needs at least 2 classes, got {num_classes}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise BadInputError(
+            f"labels must lie in [0, {num_classes}) but range over "
+            f"[{labels.min()}, {labels.max()}] (-1 means unlabelled): {fix}"
+        )
+    if not np.isfinite(z).all():
+        raise BadInputError("the training embedding contains NaN/Inf: recompute it")
+
+
+def train_head(
+    z: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 10,
+    lr: float = 0.01,
+    batch_size: int = 512,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> GradientHead:
+    """Train a ``GradientHead`` on ``z`` (N, K) float32 with ``labels`` (N,) int64 in [0, C).
+
+    SGD with momentum and cross-entropy over shuffled minibatches; initialisation and shuffling
+    come from a generator seeded with ``seed``, so equal inputs give an identical head. A final
+    minibatch of one sample is dropped (BatchNorm cannot train on it). ``progress(done, total)``
+    is called after each epoch. Returns the head in ``eval()`` mode, on the CPU.
+    """
+    z = np.asarray(z)
+    labels = np.asarray(labels)
+    _check_training_set(z, labels, num_classes)
+    if epochs < 1:
+        raise BadInputError(f"--epochs must be at least 1, got {epochs}")
+    if batch_size < 2:
+        raise BadInputError(f"--batch-size must be at least 2 (BatchNorm), got {batch_size}")
+    if not lr > 0:
+        raise BadInputError(f"--lr must be positive, got {lr}")
+    if z.shape[0] < 2:
+        raise BadInputError("fit-head needs at least 2 labelled training samples")
+
+    generator = torch.Generator().manual_seed(seed)
+    head = GradientHead(z.shape[1], num_classes)
+    torch.nn.init.kaiming_uniform_(head.fc.weight, a=5**0.5, generator=generator)
+    bound = 1.0 / z.shape[1] ** 0.5
+    torch.nn.init.uniform_(head.fc.bias, -bound, bound, generator=generator)
+
+    inputs = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    targets = torch.from_numpy(labels.astype(np.int64, copy=False))
+    optimiser = torch.optim.SGD(
+        head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    head.train()
+    for epoch in range(epochs):
+        order = torch.randperm(inputs.shape[0], generator=generator)
+        for start in range(0, order.numel(), batch_size):
+            batch = order[start : start + batch_size]
+            if batch.numel() < 2:
+                continue
+            optimiser.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(head(inputs[batch]), targets[batch])
+            loss.backward()
+            optimiser.step()
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    return head.eval()
+
+
+def head_to_arrays(head: GradientHead) -> dict[str, np.ndarray]:
+    """The head's parameters and BN statistics as float32 arrays, keyed by ``HEAD_ARRAY_NAMES``."""
+    state = head.state_dict()
+    return {
+        name: state[name].detach().cpu().numpy().astype(np.float32) for name in HEAD_ARRAY_NAMES
+    }
+
+
+def head_from_arrays(arrays: dict[str, np.ndarray]) -> GradientHead:
+    """Rebuild an ``eval()`` head from ``head_to_arrays`` output; sizes come from ``fc.weight``."""
+    missing = [name for name in HEAD_ARRAY_NAMES if name not in arrays]
+    if missing:
+        raise BadInputError(
+            f"the stored head lacks {', '.join(missing)}: rerun fit-head with --overwrite"
+        )
+    num_classes, num_features = np.shape(arrays["fc.weight"])
+    head = GradientHead(int(num_features), int(num_classes))
+    try:
+        head.load_state_dict(
+            {name: torch.as_tensor(np.asarray(arrays[name])) for name in HEAD_ARRAY_NAMES},
+            strict=False,
+        )
+    except RuntimeError as err:
+        raise BadInputError(
+            "the stored head has inconsistent array shapes: rerun fit-head with --overwrite"
+        ) from err
+    return head.eval()
+
+
+def predict_logits(head: GradientHead, z: np.ndarray) -> np.ndarray:
+    """Eval-mode logits (N, C) float32 for ``z`` (N, K), computed in batches."""
+    inputs = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    with torch.no_grad():
+        chunks = [
+            head.classify(head.normalise(inputs[start : start + _EVAL_BATCH]))
+            for start in range(0, inputs.shape[0], _EVAL_BATCH)
+        ]
+    if not chunks:
+        return np.zeros((0, head.num_classes), np.float32)
+    return torch.cat(chunks).numpy()
+
+
+def accuracy(head: GradientHead, z: np.ndarray, labels: np.ndarray) -> float:
+    """Share of labelled samples (label >= 0) whose eval-mode argmax logit equals the label.
+
+    ``z`` (N, K), ``labels`` (N,) int with -1 for unlabelled samples, which are left out.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != (np.shape(z)[0],):
+        raise BadInputError(
+            f"accuracy needs one label per sample: {labels.shape} labels for {np.shape(z)[0]}"
+        )
+    labelled = labels >= 0
+    if not labelled.any():
+        raise BadInputError("accuracy needs labelled samples: embed a split that has labels")
+    predictions = predict_logits(head, np.asarray(z)[labelled]).argmax(axis=1)
+    return float(np.mean(predictions == labels[labelled]))

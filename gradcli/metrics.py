@@ -1,0 +1,139 @@
+"""OOD detection metrics: FPR at a fixed TPR, AUROC, AUPR-In and AUPR-Out.
+
+Scores follow one sign convention everywhere: higher = more in-distribution (ID). Two
+conventions for FPR95 exist in the literature and give different numbers on the same scores,
+so every result names the one it used (see ``CONVENTIONS``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from gradcli.errors import BadInputError
+
+CONVENTIONS: dict[str, str] = {
+    "paper": (
+        "ID positive: threshold at the 5th percentile of ID scores; "
+        "FPR95 = share of OOD scores at or above it"
+    ),
+    "openood": (
+        "OOD positive: threshold at the 95th percentile of OOD scores, so 95% of OOD samples "
+        "score at or below it; FPR95 = share of ID scores at or below it"
+    ),
+}
+
+METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out", "id_acceptance")
+
+
+def _check_scores(scores: ArrayLike, which: str) -> np.ndarray:
+    """Return ``scores`` as a 1-D float64 array; reject empty, non-1-D and non-finite input."""
+    array = np.asarray(scores, dtype=np.float64)
+    if array.ndim != 1:
+        raise BadInputError(
+            f"{which} scores must be a 1-D array (one score per sample), got shape {array.shape}"
+        )
+    if array.size == 0:
+        raise BadInputError(f"{which} scores are empty: score a non-empty {which} dataset")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise BadInputError(
+            f"{which} scores contain {bad} NaN/Inf values: check the embeddings and rescore"
+        )
+    return array
+
+
+def _check_tpr(tpr: float) -> float:
+    if not 0.0 < tpr <= 1.0:
+        raise BadInputError(f"the target TPR must be in (0, 1], got {tpr}")
+    return float(tpr)
+
+
+def _paper_threshold(id_scores: np.ndarray, tpr: float) -> float:
+    return float(np.percentile(id_scores, 100.0 * (1.0 - tpr)))
+
+
+def _openood_threshold(ood_scores: np.ndarray, tpr: float) -> float:
+    return float(np.percentile(ood_scores, 100.0 * tpr))
+
+
+def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
+    """False-positive rate on OOD data when ``tpr`` of the ID data is accepted (ID positive).
+
+    threshold = ``np.percentile(id_scores, 100·(1 − tpr))`` (linear interpolation);
+    FPR = share of OOD scores ``>=`` threshold.
+    """
+    tpr = _check_tpr(tpr)
+    id_array = _check_scores(id_scores, "ID")
+    ood_array = _check_scores(ood_scores, "OOD")
+    threshold = _paper_threshold(id_array, tpr)
+    return float(np.mean(ood_array >= threshold))
+
+
+def fpr_at_tpr_openood(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
+    """OpenOOD's variant (OOD positive): FPR on ID data when ``tpr`` of the OOD data is flagged.
+
+    threshold = ``np.percentile(ood_scores, 100·tpr)``; a score ``<=`` threshold flags OOD;
+    FPR = share of ID scores ``<=`` threshold.
+    """
+    tpr = _check_tpr(tpr)
+    id_array = _check_scores(id_scores, "ID")
+    ood_array = _check_scores(ood_scores, "OOD")
+    threshold = _openood_threshold(ood_array, tpr)
+    return float(np.mean(id_array <= threshold))
+
+
+def _labelled(id_array: np.ndarray, ood_array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated scores (float64) and labels (1 = ID, 0 = OOD)."""
+    scores = np.concatenate([id_array, ood_array])
+    labels = np.concatenate([np.ones(id_array.size, np.int64), np.zeros(ood_array.size, np.int64)])
+    return scores, labels
+
+
+def auroc(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
+    """Area under the ROC curve with ID as the positive class (symmetric in the convention)."""
+    scores, labels = _labelled(_check_scores(id_scores, "ID"), _check_scores(ood_scores, "OOD"))
+    return float(roc_auc_score(labels, scores))
+
+
+def aupr_in(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
+    """Average precision with ID as the positive class, scores as they are."""
+    scores, labels = _labelled(_check_scores(id_scores, "ID"), _check_scores(ood_scores, "OOD"))
+    return float(average_precision_score(labels, scores))
+
+
+def aupr_out(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
+    """Average precision with OOD as the positive class, scores negated."""
+    scores, labels = _labelled(_check_scores(id_scores, "ID"), _check_scores(ood_scores, "OOD"))
+    return float(average_precision_score(1 - labels, -scores))
+
+
+def evaluate_scores(
+    id_scores: ArrayLike, ood_scores: ArrayLike, *, convention: str = "paper"
+) -> dict[str, float]:
+    """All metrics for one ID/OOD pair: ``fpr95`` (per ``convention``), ``auroc``, ``aupr_in``,
+    ``aupr_out`` and ``id_acceptance``, the share of ID samples the FPR95 threshold accepts as
+    ID (about 0.95 under "paper", a sanity check; ``1 − fpr95`` under "openood").
+    """
+    if convention not in CONVENTIONS:
+        raise BadInputError(
+            f"unknown FPR convention {convention!r}: use one of {', '.join(CONVENTIONS)}"
+        )
+    id_array = _check_scores(id_scores, "ID")
+    ood_array = _check_scores(ood_scores, "OOD")
+    if convention == "paper":
+        threshold = _paper_threshold(id_array, 0.95)
+        fpr95 = float(np.mean(ood_array >= threshold))
+        id_acceptance = float(np.mean(id_array >= threshold))
+    else:
+        threshold = _openood_threshold(ood_array, 0.95)
+        fpr95 = float(np.mean(id_array <= threshold))
+        id_acceptance = float(np.mean(id_array > threshold))
+    return {
+        "fpr95": fpr95,
+        "auroc": auroc(id_array, ood_array),
+        "aupr_in": aupr_in(id_array, ood_array),
+        "aupr_out": aupr_out(id_array, ood_array),
+        "id_acceptance": id_acceptance,
+    }
