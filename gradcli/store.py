@@ -272,6 +272,9 @@ class RunStore:
         chunks of ``chunk_rows``. Existing arrays of the right shape are kept for resuming.
         """
         group = self.root[path]
+        first = next(iter(arrays))
+        if first in group and group[first].shape[:1] == (n_rows,) and "done" in group:
+            chunk_rows = int(group[first].chunks[0])  # resume with the chunking already on disk
         n_chunks = -(-n_rows // chunk_rows) if n_rows else 0
         for name, (tail, dtype) in arrays.items():
             shape = (n_rows, *tail)

@@ -1,0 +1,540 @@
+"""The gradcli command line: parses options, calls :mod:`gradcli.run`, reports.
+
+Errors a user can fix print one line on stderr and exit with the code documented in the
+README (2 bad input, 3 stale store, 130 interrupted); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gradcli import __version__
+from gradcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadInputError, GradcliError
+
+STORE_ENV = "GRADCLI_STORE"
+DEFAULT_STORE = "artifacts/default"
+
+app = typer.Typer(
+    name="gradcli",
+    help="Out-of-distribution detection with low-dimensional gradients.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+
+
+def _out() -> Console:
+    """Console for results on stdout; wide when piped, so tables stay one row per method."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+StoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store", envvar=STORE_ENV, help="Run store: a directory or fsspec URL (Zarr v3 group)."
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda or cuda:N.")]
+DataRootOpt = Annotated[
+    str | None,
+    typer.Option(help="Folder holding the benchmark datasets (env GRADCLI_DATA_ROOT)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+BatchOpt = Annotated[
+    int | None, typer.Option(help="Images per gradient batch (default: from memory).")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Recompute this stage even if the store holds another version.")
+]
+
+
+def _csv(values: str | None) -> list[str] | None:
+    if values is None:
+        return None
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    return items or None
+
+
+def _floats(values: str | None, option: str) -> list[float] | None:
+    items = _csv(values)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise BadInputError(f"{option} takes comma-separated numbers, got '{values}'") from None
+
+
+def _input_size(value: str | None) -> int | tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise BadInputError(f"--input-size takes N or HxW, got '{value}'") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise BadInputError(f"--input-size takes N or HxW, got '{value}'")
+
+
+def _open_run(
+    store: str, device: str, data_root: str | None, quiet: bool, workers: int, create: bool = False
+):
+    from gradcli.progress import NullProgress, RichProgress
+    from gradcli.run import Run
+
+    progress = NullProgress() if quiet else RichProgress(err)
+    return Run(
+        store,
+        device=device,
+        data_root=data_root,
+        progress=progress,
+        num_workers=workers,
+        create=create,
+    )
+
+
+def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif text:
+        _out().print(text, highlight=False)
+
+
+def _methods(value: str) -> list[str]:
+    from gradcli.scores import BASE_METHODS
+
+    items = _csv(value) or ["all"]
+    if "all" in items:
+        return list(BASE_METHODS)
+    chosen = [m for m in items if m != "ensemble"]
+    unknown = [m for m in chosen if m not in BASE_METHODS]
+    if unknown:
+        raise BadInputError(
+            f"unknown --method {', '.join(unknown)}; choose from {', '.join(BASE_METHODS)}, "
+            "ensemble or all"
+        )
+    return chosen or list(BASE_METHODS)
+
+
+def _embeddings(value: str, methods_value: str) -> list[str]:
+    choices = {"grad": ["grad"], "feat": ["feat"], "both": ["grad", "feat", "ensemble"]}
+    if value not in choices:
+        raise BadInputError(f"--embedding must be grad, feat or both, not '{value}'")
+    if "ensemble" in (_csv(methods_value) or []):
+        return ["ensemble"] if value == "both" else choices[value] + ["ensemble"]
+    return choices[value]
+
+
+@app.command(
+    "extract-subspace",
+    epilog="Example: gradcli extract-subspace --model cifar_resnet18 "
+    "--weights r18.pt --dataset cifar10:train --data-root ~/data --store artifacts/r18",
+)
+def extract_subspace(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Architecture name, file.py:factory, module:factory or TorchScript file."
+        ),
+    ],
+    dataset: Annotated[str, typer.Option(help="ID training set spec, e.g. cifar10:train.")],
+    weights: Annotated[
+        str | None, typer.Option(help="State-dict file or torchvision weights name.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Subspace: avg (class-average gradients).")] = "avg",
+    k: Annotated[
+        int | None, typer.Option("--k", help="Subspace dimension (avg: number of classes).")
+    ] = None,
+    params: Annotated[
+        str | None, typer.Option(help="Parameter name globs, e.g. 'layer4.*,fc.*'.")
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="Use a seeded random subset of this size.")
+    ] = None,
+    no_variance: Annotated[
+        bool, typer.Option("--no-variance", help="Do not divide by the gradient std.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset.")] = 0,
+    feature_layer: Annotated[
+        str | None, typer.Option(help="Module whose input is the feature vector.")
+    ] = None,
+    input_size: Annotated[str | None, typer.Option(help="Model input size, N or HxW.")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean, comma-separated.")] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, comma-separated.")] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Number of classes, for architectures built by name.")
+    ] = None,
+    trust_checkpoint: Annotated[
+        bool, typer.Option("--trust-checkpoint", help="Allow full unpickling of the checkpoint.")
+    ] = False,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = False,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Gradient statistics (mean, variance) and the subspace basis from ID training data."""
+    run = _open_run(store, device, data_root, quiet, workers, create=True)
+    loaded = run.set_model(
+        model,
+        weights,
+        feature_layer=feature_layer,
+        input_size=_input_size(input_size),
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        num_classes=num_classes,
+        trust_checkpoint=trust_checkpoint,
+        overwrite=overwrite,
+    )
+    summary = run.extract_subspace(
+        dataset,
+        method=method,
+        k=k,
+        params=_csv(params),
+        max_samples=max_samples,
+        no_variance=no_variance,
+        batch_size=batch_size,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
+    text = (
+        f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
+        f"parameters from {summary['samples']:,} samples "
+        f"({summary['variance_replaced']} zero-variance entries replaced)"
+        + (" [reused from store]" if summary["reused"] else "")
+        + f" -> {store}"
+    )
+    _emit(summary, as_json, text)
+
+
+@app.command(
+    epilog="Example: gradcli embed --dataset svhn --data-root ~/data --store artifacts/r18"
+)
+def embed(
+    dataset: Annotated[
+        str, typer.Option(help="Dataset spec: NAME[:SPLIT], folder:PATH or npz:PATH.")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Name in the store (default e.g. cifar10-test).")
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="Embed a seeded random subset of this size.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset.")] = 0,
+    chunk_rows: Annotated[
+        int, typer.Option(help="Rows per stored chunk: the unit of resuming.")
+    ] = 512,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = False,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Reduced gradients, features, logits and labels of a dataset, in resumable row chunks."""
+    run = _open_run(store, device, data_root, quiet, workers)
+    stored = run.embed(
+        dataset,
+        name=name,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        seed=seed,
+        chunk_rows=chunk_rows,
+        overwrite=overwrite,
+    )
+    shape = run.store.shape(f"embed/{stored}/grad")
+    summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
+    _emit(
+        summary, as_json, f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
+    )
+
+
+@app.command("fit-head", epilog="Example: gradcli fit-head --epochs 10 --store artifacts/r18")
+def fit_head(
+    train: Annotated[
+        str | None, typer.Option(help="ID training set (default: the subspace's).")
+    ] = None,
+    test: Annotated[
+        str | None, typer.Option("--id-test", help="ID test set for the accuracy report.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Head training epochs.")] = 10,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.01,
+    head_batch_size: Annotated[int, typer.Option(help="Head training batch size.")] = 512,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the head's initialisation and shuffling.")] = 0,
+    react_percentile: Annotated[float, typer.Option(help="ReAct clipping percentile.")] = 90.0,
+    bats_lambda: Annotated[float, typer.Option(help="BATS truncation width λ.")] = 1.0,
+    clip_dims: Annotated[
+        int | None,
+        typer.Option(help="ReAct/BATS on gradients: clip the last d dims (default all)."),
+    ] = None,
+    knn_k: Annotated[
+        int, typer.Option(help="KNN: the k-th neighbour's distance is the score.")
+    ] = 50,
+    temperature: Annotated[float, typer.Option(help="Energy temperature T.")] = 1.0,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = False,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train the BN→FC head on ID training gradients and fit every detector."""
+    from gradcli.run import DetectorOptions, HeadOptions
+
+    for option, value in (
+        ("--epochs", epochs),
+        ("--head-batch-size", head_batch_size),
+        ("--knn-k", knn_k),
+    ):
+        if value < 1:
+            raise BadInputError(f"{option} must be at least 1")
+    if not 0 < react_percentile <= 100:
+        raise BadInputError("--react-percentile must be in (0, 100]")
+    run = _open_run(store, device, data_root, quiet, workers)
+    summary = run.fit_head(
+        train=train,
+        test=test,
+        head=HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed),
+        detectors=DetectorOptions(react_percentile, bats_lambda, clip_dims, knn_k, temperature),
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
+    train_acc = 100 * summary["train_accuracy"]
+    text = f"head trained on '{summary['train']}': train accuracy {train_acc:.2f}%"
+    if "test_accuracy" in summary:
+        text += (
+            f", ID test accuracy {100 * summary['test_accuracy']:.2f}% on '{summary['test']}' "
+            f"(model: {100 * summary['model_test_accuracy']:.2f}%)"
+        )
+    _emit(summary, as_json, text)
+
+
+@app.command(epilog="Example: gradcli score --dataset places --method knn --embedding both")
+def score(
+    dataset: Annotated[
+        str, typer.Option(help="Dataset spec or the name of an embedding in the store.")
+    ],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="msp, energy, react, bats, maha, knn, ensemble or all (comma-separated)."
+        ),
+    ] = "all",
+    embedding: Annotated[
+        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
+    ] = "both",
+    alpha: Annotated[
+        float, typer.Option(help="Ensemble weight: feature score + alpha * gradient score.")
+    ] = 1.0,
+    batch_size: BatchOpt = None,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>."""
+    run = _open_run(store, device, data_root, quiet, workers)
+    scores = run.score(
+        dataset,
+        methods=_methods(method),
+        embeddings=_embeddings(embedding, method),
+        alpha=alpha,
+        batch_size=batch_size,
+    )
+    summary = {
+        key: {"n": len(v), "mean": float(v.mean()), "std": float(v.std())}
+        for key, v in scores.items()
+    }
+    table = Table(title=f"scores of {dataset}")
+    for column in ("score", "n", "mean", "std"):
+        table.add_column(column, justify="left" if column == "score" else "right")
+    for key, s in summary.items():
+        table.add_row(key, str(s["n"]), f"{s['mean']:.4g}", f"{s['std']:.4g}")
+    if as_json:
+        _emit(summary, True)
+    else:
+        _out().print(table)
+
+
+@app.command(epilog="Example: gradcli evaluate --ood places --ood textures --json")
+def evaluate(
+    ood: Annotated[
+        list[str],
+        typer.Option(help="OOD dataset spec or stored embedding name; repeat for several."),
+    ],
+    id_dataset: Annotated[
+        str | None, typer.Option("--id", help="ID test set (default: the subspace's test split).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Methods, comma-separated, or all.")] = "all",
+    embedding: Annotated[
+        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
+    ] = "both",
+    alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = 1.0,
+    fpr_convention: Annotated[
+        str, typer.Option(help="paper (ID positive) or openood (OOD positive).")
+    ] = "paper",
+    results_dir: Annotated[
+        str | None, typer.Option(help="Where results.json/.csv go (default: the store folder).")
+    ] = None,
+    batch_size: BatchOpt = None,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """FPR95, AUROC, AUPR-In and AUPR-Out of every method, running any missing stage first."""
+    from gradcli.metrics import CONVENTIONS
+    from gradcli.report import results_csv, results_json, results_table
+
+    if fpr_convention not in CONVENTIONS:
+        raise BadInputError(f"--fpr-convention must be one of {', '.join(CONVENTIONS)}")
+    run = _open_run(store, device, data_root, quiet, workers)
+    results = run.evaluate(
+        ood,
+        id_dataset=id_dataset,
+        methods=_methods(method),
+        embeddings=_embeddings(embedding, method),
+        alpha=alpha,
+        convention=fpr_convention,
+        batch_size=batch_size,
+    )
+    _write_results(results, results_dir, store, results_json, results_csv)
+    if as_json:
+        print(results_json(results))
+    else:
+        _out().print(results_table(results))
+
+
+def _write_results(results, results_dir, store, to_json, to_csv) -> None:
+    folder = results_dir
+    if folder is None:
+        folder = store if "://" not in store else "."
+    target = Path(folder)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "results.json").write_text(to_json(results))
+        (target / "results.csv").write_text(to_csv(results))
+    except OSError as error:
+        raise BadInputError(
+            f"cannot write results to {target}: {error}; pass --results-dir"
+        ) from None
+
+
+@app.command(epilog="Example: gradcli datasets --data-root ~/data")
+def datasets(
+    data_root: DataRootOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The dataset names gradcli knows, the layout each expects and whether it is found."""
+    from gradcli.data import DATA_ROOT_ENV, list_datasets
+
+    rows = list_datasets(data_root or os.environ.get(DATA_ROOT_ENV))
+    if as_json:
+        _emit({"datasets": rows}, True)
+        return
+    table = Table(title="datasets")
+    for column in ("name", "kind", "found", "splits", "layout"):
+        table.add_column(column)
+    for row in rows:
+        found = "[green]yes[/]" if row["found"] else "[dim]no[/]"
+        table.add_row(
+            row["name"], row["kind"], found, ",".join(row.get("splits", [])), row["layout"]
+        )
+    _out().print(table)
+
+
+@app.command(epilog="Example: gradcli demo")
+def demo(
+    store: Annotated[
+        str, typer.Option(help="Run store of the demo (a local folder).")
+    ] = "artifacts/demo",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The built-in offline benchmark: a small CNN on MNIST digits against every offline OOD set."""
+    from gradcli.demo import run_demo
+    from gradcli.progress import NullProgress, RichProgress
+    from gradcli.report import results_csv, results_json, results_table
+
+    progress = NullProgress() if quiet else RichProgress(err)
+    results = run_demo(store, progress=progress)
+    _write_results(results, None, store, results_json, results_csv)
+    if as_json:
+        print(results_json(results))
+    else:
+        _out().print(results_table(results))
+
+
+@app.command()
+def version() -> None:
+    """Print gradcli's version."""
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app and maps errors to one-line messages and exit codes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="gradcli", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        return stop.exit_code
+    except click.ClickException as problem:
+        problem.show()
+        return problem.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted; rerun the same command to resume from the last finished chunk")
+        return EXIT_INTERRUPTED
+    except GradcliError as problem:
+        if debug:
+            raise
+        err.print(f"error: {problem}", highlight=False, soft_wrap=True)
+        return problem.exit_code
+    except Exception as problem:  # an internal error: one line unless --debug
+        if debug:
+            raise
+        err.print(
+            f"internal error: {type(problem).__name__}: {problem} (rerun with --debug for details)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_INTERNAL
+    return 0

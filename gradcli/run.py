@@ -1,0 +1,759 @@
+"""A run: the whole gradcli pipeline over one run store, callable from Python.
+
+``Run`` ties the modules together: it loads the model recorded in the store, extracts the
+subspace, embeds datasets in resumable row chunks, fits the head and detectors, scores and
+evaluates. Every stage checks the provenance of what is already in the store and is skipped
+when the stored result is complete and still valid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gradcli import data as data_mod
+from gradcli.errors import BadInputError, StaleStoreError
+from gradcli.grads import (
+    EnergyGradients,
+    GradientStatistics,
+    ParameterSelection,
+    Projector,
+    auto_batch_size,
+    sanitise_variance,
+    select_parameters,
+)
+from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_arrays, train_head
+from gradcli.metrics import evaluate_scores
+from gradcli.models import LoadedModel, load_model, sha256_file
+from gradcli.progress import NullProgress
+from gradcli.scores import BASE_METHODS, get_detector
+from gradcli.scores.base import Embedding, Readout
+from gradcli.scores.ensemble import ensemble_scores
+from gradcli.store import RunStore
+from gradcli.subspace import average_gradient_basis, check_method
+
+EMBEDDINGS = ("grad", "feat")
+SCORE_EMBEDDINGS = ("grad", "feat", "ensemble")
+DOWNSTREAM_OF_SUBSPACE = ("embed", "head", "detectors", "scores", "results")
+BASIS_CHUNK_ROWS = 1 << 20
+DEFAULT_CHUNK_ROWS = 512
+
+
+@dataclass
+class HeadOptions:
+    """Training options of the BN→FC head (defaults from the paper)."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 512
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DetectorOptions:
+    """Options of the fitted detectors, recorded with them."""
+
+    react_percentile: float = 90.0
+    bats_lambda: float = 1.0
+    clip_dims: int | None = None
+    knn_k: int = 50
+    temperature: float = 1.0
+
+    def for_method(self, method: str) -> dict:
+        table = {
+            "energy": {"temperature": self.temperature},
+            "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},
+            "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims},
+            "knn": {"k": self.knn_k},
+        }
+        return table.get(method, {})
+
+
+@dataclass
+class Results:
+    """Metrics for every (method, embedding) row against every OOD set.
+
+    ``rows[(method, embedding)][ood_name]`` is a dict with fpr95, auroc, aupr_in, aupr_out.
+    """
+
+    id_name: str
+    ood_names: list[str]
+    rows: dict[tuple[str, str], dict[str, dict[str, float]]] = field(default_factory=dict)
+    convention: str = "paper"
+    head_accuracy: float | None = None
+
+    def average(self, key: tuple[str, str]) -> dict[str, float]:
+        per_set = self.rows[key]
+        metrics = next(iter(per_set.values())).keys()
+        return {m: float(np.mean([per_set[o][m] for o in self.ood_names])) for m in metrics}
+
+    def to_records(self) -> list[dict]:
+        """One flat record per (method, embedding, OOD set), plus the averages."""
+        out = []
+        for (method, emb), per_set in self.rows.items():
+            for ood in [*self.ood_names, "average"]:
+                values = per_set[ood] if ood != "average" else self.average((method, emb))
+                out.append({"method": method, "embedding": emb, "ood": ood, **values})
+        return out
+
+
+class Run:
+    """One run store and the pipeline over it.
+
+    >>> run = Run("artifacts/demo")                                    # doctest: +SKIP
+    >>> run.set_model("mnist_cnn", "weights.pt")                       # doctest: +SKIP
+    >>> run.extract_subspace("mnist5k:train")                          # doctest: +SKIP
+    >>> results = run.evaluate(["fashion", "digits"])                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        data_root: str | os.PathLike | None = None,
+        progress=None,
+        num_workers: int = 0,
+        create: bool = True,
+    ) -> None:
+        self.store = RunStore(str(store), create=create)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInputError("--device cuda was asked for but no CUDA GPU is available")
+        root = (
+            data_root or os.environ.get(data_mod.DATA_ROOT_ENV) or self.store.attrs.get("data_root")
+        )
+        self.data_root = str(data_root) if data_root else root
+        if data_root:
+            self.store.update_root(data_root=os.path.abspath(str(data_root)))
+        self.progress = progress or NullProgress()
+        self.num_workers = num_workers
+        self._model: LoadedModel | None = None
+
+    # -- model -------------------------------------------------------------------------
+    def set_model(
+        self,
+        spec: str,
+        weights: str | None = None,
+        *,
+        feature_layer: str | None = None,
+        input_size: int | tuple[int, int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_classes: int | None = None,
+        trust_checkpoint: bool = False,
+        overwrite: bool = False,
+    ) -> LoadedModel:
+        """Load a model and record it in the store; a different recorded model is an error."""
+        args = {
+            "spec": spec,
+            "weights": weights,
+            "feature_layer": feature_layer,
+            "input_size": list(input_size) if isinstance(input_size, tuple) else input_size,
+            "mean": list(mean) if mean else None,
+            "std": list(std) if std else None,
+            "num_classes": num_classes,
+            "trust_checkpoint": trust_checkpoint,
+        }
+        model = self._load(args)
+        record = model.describe()
+        existing = self.store.attrs.get("model")
+        if existing is not None and existing != record:
+            if not overwrite:
+                what = _model_difference(existing, record)
+                raise StaleStoreError(
+                    f"store {self.store.url} was made with another model ({what}); "
+                    "pass --overwrite to start the run over, or use a new --store"
+                )
+            for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
+                self.store.delete(path)
+        self.store.update_root(model=record, model_args=args)
+        self._model = model
+        return model
+
+    def _load(self, args: dict) -> LoadedModel:
+        input_size = args.get("input_size")
+        return load_model(
+            args["spec"],
+            args.get("weights"),
+            feature_layer=args.get("feature_layer"),
+            input_size=tuple(input_size) if isinstance(input_size, list) else input_size,
+            mean=args.get("mean"),
+            std=args.get("std"),
+            num_classes=args.get("num_classes"),
+            trust_checkpoint=bool(args.get("trust_checkpoint")),
+            device=self.device,
+        )
+
+    @property
+    def model(self) -> LoadedModel:
+        """The store's model, reloaded from its recorded spec; changed weights are an error."""
+        if self._model is None:
+            args = self.store.attrs.get("model_args")
+            if args is None:
+                raise BadInputError(
+                    f"store {self.store.url} has no model yet; run 'gradcli extract-subspace "
+                    "--model ...' first or pass the right --store"
+                )
+            recorded = self.store.attrs["model"]
+            weights = args.get("weights")
+            if weights and os.path.isfile(weights) and recorded.get("weights_sha256"):
+                digest = sha256_file(weights)
+                if digest != recorded["weights_sha256"]:
+                    raise StaleStoreError(
+                        f"weights file {weights} changed since store {self.store.url} was made "
+                        f"(sha256 {recorded['weights_sha256'][:12]} -> {digest[:12]}); "
+                        "restore the file, or start over with --overwrite or a new --store"
+                    )
+            self._model = self._load(args)
+        return self._model
+
+    @property
+    def selection(self) -> ParameterSelection:
+        record = self.store.attrs.get("params")
+        if record is None:
+            raise BadInputError(
+                f"store {self.store.url} has no subspace yet; run 'gradcli extract-subspace' first"
+            )
+        return select_parameters(self.model.module, record["names"])
+
+    # -- datasets ----------------------------------------------------------------------
+    def resolve(self, spec: str, default_split: str = "test") -> data_mod.ImageSource:
+        return data_mod.resolve_dataset(spec, data_root=self.data_root, default_split=default_split)
+
+    def _subset(self, n: int, max_samples: int | None, seed: int) -> np.ndarray:
+        """Seeded sorted random subset of range(n) when max_samples < n, else all rows."""
+        if max_samples is None or max_samples >= n:
+            return np.arange(n)
+        if max_samples < 1:
+            raise BadInputError("--max-samples must be at least 1")
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(n, size=max_samples, replace=False))
+
+    def _loader(self, source, indices, batch_size):
+        return data_mod.make_loader(
+            source,
+            self.model.preprocess,
+            indices=[int(i) for i in indices],
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # -- extract-subspace --------------------------------------------------------------
+    def extract_subspace(
+        self,
+        dataset: str,
+        *,
+        method: str = "avg",
+        k: int | None = None,
+        params: Sequence[str] | None = None,
+        max_samples: int | None = None,
+        no_variance: bool = False,
+        batch_size: int | None = None,
+        seed: int = 0,
+        overwrite: bool = False,
+    ) -> dict:
+        """Compute the normalisation statistics and the subspace basis from ID training data."""
+        model = self.model
+        k = check_method(method, k, model.num_classes)
+        source = self.resolve(dataset, default_split="train")
+        if method == "avg" and not source.has_labels:
+            raise BadInputError(
+                f"{source.spec} has no labels; the average-gradient subspace needs a labelled "
+                "ID training set"
+            )
+        selection = select_parameters(model.module, params)
+        indices = self._subset(len(source), max_samples, seed)
+        labels = source.labels()[indices]
+        if method == "avg" and (labels.min() < 0 or labels.max() >= model.num_classes):
+            raise BadInputError(
+                f"{source.spec} has labels outside 0..{model.num_classes - 1}; the model has "
+                f"{model.num_classes} classes"
+            )
+        stats_record = {
+            "model_sha256": model.describe().get("weights_sha256"),
+            "model": model.spec,
+            "params": list(selection.names),
+            "dataset": source.spec,
+            "fingerprint": source.fingerprint(),
+            "samples": int(len(indices)),
+            "max_samples": max_samples,
+            "seed": seed,
+            "preprocess": model.preprocess.to_dict(),
+        }
+        if overwrite:
+            for path in DOWNSTREAM_OF_SUBSPACE:
+                self.store.delete(path)
+        stats_done = self.store.open_stage(
+            "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
+        )
+        if not stats_done:
+            self._compute_statistics(source, indices, selection, batch_size)
+        subspace_record = {
+            "stats": self.store.stage_digest("stats"),
+            "method": method,
+            "k": k,
+            "no_variance": no_variance,
+        }
+        sub_done = self.store.open_stage(
+            "subspace", subspace_record, overwrite=overwrite, what="the subspace"
+        )
+        if not sub_done:
+            for path in DOWNSTREAM_OF_SUBSPACE:
+                self.store.delete(path)
+            mean, scale = self._normalisation(no_variance)
+            class_means = torch.from_numpy(self.store.read("stats/class_means")).double()
+            counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
+            subspace = average_gradient_basis(class_means, mean, scale, counts)
+            self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write(
+                "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
+            )
+            self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
+        self.store.update_root(
+            params=selection.describe(),
+            id_train=source.spec,
+            id_test=_test_split_of(source.spec),
+            id_max_samples=max_samples,
+            id_seed=seed,
+        )
+        return {
+            "num_parameters": selection.size,
+            "k": k,
+            "method": method,
+            "samples": int(len(indices)),
+            "variance_replaced": int(self.store.group_attrs("stats").get("variance_replaced", 0)),
+            "reused": bool(stats_done and sub_done),
+        }
+
+    def _compute_statistics(
+        self, source, indices: np.ndarray, selection: ParameterSelection, batch_size: int | None
+    ) -> None:
+        model = self.model
+        batch = batch_size or auto_batch_size(selection.size)
+        engine = EnergyGradients(model.module, selection)
+        stats = GradientStatistics(selection.size, model.num_classes)
+        with self.progress.task("gradient statistics", total=len(indices)) as advance:
+            for x, y in self._loader(source, indices, batch):
+                grads = engine(x.to(self.device))
+                _check_finite(grads, "gradients", source.spec)
+                stats.update(grads, y)
+                advance(len(y))
+        var, replaced = sanitise_variance(stats.variance())
+        self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+        self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+        self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
+        self.store.complete_stage(
+            "stats",
+            samples=int(stats.count),
+            variance_replaced=replaced,
+            class_counts=stats.class_counts.tolist(),
+        )
+        if replaced:
+            self.progress.note(
+                f"{replaced} parameters had zero or non-finite gradient variance; "
+                "their variance was set to the largest finite one"
+            )
+
+    def _normalisation(self, no_variance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.from_numpy(self.store.read("stats/mean"))
+        if no_variance:
+            return mean, torch.ones_like(mean)
+        return mean, torch.from_numpy(self.store.read("stats/var")).sqrt()
+
+    def _projector(self) -> Projector:
+        if not self.store.stage_complete("subspace"):
+            raise BadInputError(
+                f"store {self.store.url} has no finished subspace; run 'gradcli extract-subspace' "
+                "first"
+            )
+        no_variance = self.store.group_attrs("subspace")["provenance"]["no_variance"]
+        mean, scale = self._normalisation(no_variance)
+        basis = torch.from_numpy(self.store.read("subspace/basis"))
+        return Projector(mean, scale, basis).to(self.device)
+
+    # -- embed -------------------------------------------------------------------------
+    def embed(
+        self,
+        dataset: str,
+        *,
+        name: str | None = None,
+        batch_size: int | None = None,
+        max_samples: int | None = None,
+        seed: int = 0,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        overwrite: bool = False,
+    ) -> str:
+        """Reduced gradients, features, logits and labels of a dataset; returns the name."""
+        if chunk_rows < 1:
+            raise BadInputError("--chunk-rows must be at least 1")
+        source = self.resolve(dataset)
+        name = name or source.slug
+        _check_name(name)
+        model = self.model
+        selection = self.selection
+        projector = self._projector()
+        indices = self._subset(len(source), max_samples, seed)
+        record = {
+            "subspace": self.store.stage_digest("subspace"),
+            "dataset": source.spec,
+            "fingerprint": source.fingerprint(),
+            "rows": int(len(indices)),
+            "max_samples": max_samples,
+            "seed": seed,
+            "preprocess": model.preprocess.to_dict(),
+        }
+        path = f"embed/{name}"
+        if self.store.open_stage(path, record, overwrite=overwrite, what=f"embedding '{name}'"):
+            return name
+        for stale in (f"scores/{name}",):
+            self.store.delete(stale)
+        probe, _ = next(iter(self._loader(source, indices[:1], 1)))
+        with torch.inference_mode():
+            feat, logits = model.features_and_logits(probe.to(self.device))
+        k = projector.weight.shape[1]
+        chunks = self.store.row_chunks(
+            path,
+            len(indices),
+            chunk_rows,
+            {
+                "grad": ((k,), "float32"),
+                "gnorm": ((), "float32"),
+                "feat": ((feat.shape[1],), "float32"),
+                "logits": ((logits.shape[1],), "float32"),
+                "labels": ((), "int64"),
+            },
+        )
+        batch = batch_size or auto_batch_size(selection.size)
+        engine = EnergyGradients(model.module, selection)
+        pending = chunks.pending()
+        done_rows = len(indices) - sum(len(chunks.chunk_range(i)) for i in pending)
+        with self.progress.task(f"embed {name}", total=len(indices)) as advance:
+            advance(done_rows)
+            for chunk in pending:
+                rows = chunks.chunk_range(chunk)
+                parts = self._embed_rows(
+                    source, indices[rows.start : rows.stop], batch, engine, projector
+                )
+                chunks.write(chunk, parts)
+                chunks.mark_done(chunk)
+                advance(len(rows))
+        self.store.complete_stage(
+            path, rows=len(indices), dataset=source.spec, has_labels=source.has_labels
+        )
+        return name
+
+    def _embed_rows(self, source, indices, batch, engine, projector) -> dict[str, np.ndarray]:
+        """Embed the given rows of a source, batch by batch."""
+        out: dict[str, list] = {"grad": [], "gnorm": [], "feat": [], "logits": [], "labels": []}
+        for x, y in self._loader(source, indices, batch):
+            x = x.to(self.device)
+            with torch.inference_mode():
+                feat, logits = self.model.features_and_logits(x)
+            grads = engine(x)
+            _check_finite(logits, "logits", source.spec)
+            _check_finite(grads, "gradients", source.spec)
+            z, gnorm = projector(grads)
+            out["grad"].append(z.cpu().numpy())
+            out["gnorm"].append(gnorm.cpu().numpy())
+            out["feat"].append(feat.float().cpu().numpy())
+            out["logits"].append(logits.float().cpu().numpy())
+            out["labels"].append(y.numpy().astype(np.int64))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def embedding_names(self) -> list[str]:
+        return self.store.children("embed") if self.store.has("embed") else []
+
+    def load_embedding(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays of a finished embedding: grad (N,K), gnorm, feat (N,D), logits, labels."""
+        path = f"embed/{name}"
+        if not self.store.stage_complete(path):
+            raise BadInputError(
+                f"embedding '{name}' is missing or unfinished in {self.store.url}; "
+                f"run 'gradcli embed --name {name} --dataset ...' first"
+            )
+        return {
+            key: self.store.read(f"{path}/{key}")
+            for key in ("grad", "gnorm", "feat", "logits", "labels")
+        }
+
+    def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
+        if spec_or_name in self.embedding_names() and self.store.stage_complete(
+            f"embed/{spec_or_name}"
+        ):
+            return spec_or_name
+        return self.embed(spec_or_name, **kwargs)
+
+    def _id_spec(self, which: str) -> str:
+        spec = self.store.attrs.get(f"id_{which}")
+        if not spec:
+            option = "fit-head --train SPEC" if which == "train" else "--id SPEC"
+            raise BadInputError(
+                f"store {self.store.url} does not know the ID {which} set; pass {option}"
+            )
+        return spec
+
+    # -- fit-head ----------------------------------------------------------------------
+    def fit_head(
+        self,
+        *,
+        train: str | None = None,
+        test: str | None = None,
+        head: HeadOptions | None = None,
+        detectors: DetectorOptions | None = None,
+        batch_size: int | None = None,
+        overwrite: bool = False,
+    ) -> dict:
+        """Train the BN→FC head and fit every detector on the ID training embeddings."""
+        head_opts = head or HeadOptions()
+        det_opts = detectors or DetectorOptions()
+        train_name = self._ensure_embedded(
+            train or self._id_spec("train"),
+            batch_size=batch_size,
+            max_samples=None if train else self.store.attrs.get("id_max_samples"),
+            seed=self.store.attrs.get("id_seed", 0),
+        )
+        train_data = self.load_embedding(train_name)
+        labels = train_data["labels"]
+        if (labels < 0).any():
+            raise BadInputError(
+                f"ID training embedding '{train_name}' has no labels; fit-head needs a labelled "
+                "ID training set"
+            )
+        train_digest = self.store.stage_digest(f"embed/{train_name}")
+        record = {"train": train_name, "train_digest": train_digest, **vars(head_opts)}
+        summary: dict = {"train": train_name}
+        if not self.store.open_stage("head", record, overwrite=True):
+            self.store.delete("detectors")
+            self.store.delete("scores")
+            with self.progress.task("fit head", total=head_opts.epochs) as advance:
+                fitted = train_head(
+                    train_data["grad"],
+                    labels,
+                    self.model.num_classes,
+                    epochs=head_opts.epochs,
+                    lr=head_opts.lr,
+                    batch_size=head_opts.batch_size,
+                    momentum=head_opts.momentum,
+                    weight_decay=head_opts.weight_decay,
+                    seed=head_opts.seed,
+                    progress=lambda done, total: advance(1),
+                )
+            for key, value in head_to_arrays(fitted).items():
+                self.store.write(f"head/{key}", value)
+            self.store.complete_stage(
+                "head", train_accuracy=accuracy(fitted, train_data["grad"], labels)
+            )
+        summary["train_accuracy"] = self.store.group_attrs("head")["train_accuracy"]
+        test_spec = test or self.store.attrs.get("id_test")
+        if test_spec:
+            test_name = self._ensure_embedded(test_spec, batch_size=batch_size)
+            test_data = self.load_embedding(test_name)
+            if (test_data["labels"] >= 0).all():
+                summary["test"] = test_name
+                summary["test_accuracy"] = accuracy(
+                    self.load_head(), test_data["grad"], test_data["labels"]
+                )
+                summary["model_test_accuracy"] = float(
+                    (test_data["logits"].argmax(1) == test_data["labels"]).mean()
+                )
+        self._fit_detectors(train_name, train_data, det_opts, overwrite=overwrite)
+        return summary
+
+    def load_head(self) -> GradientHead:
+        if not self.store.stage_complete("head"):
+            raise BadInputError(
+                f"store {self.store.url} has no fitted head; run 'gradcli fit-head' first"
+            )
+        names = [n for n in self.store.children("head")]
+        return head_from_arrays({n: self.store.read(f"head/{n}") for n in names})
+
+    def readout(self, embedding: str) -> Readout | None:
+        """Embedding -> logits: the head for gradients, the model's last Linear for features."""
+        if embedding == "grad":
+            return Readout.from_head(self.load_head())
+        linear = self.model.classifier
+        if linear is None:
+            return None
+        bias = None if linear.bias is None else linear.bias.detach().cpu()
+        return Readout.from_linear(linear.weight.detach().cpu(), bias)
+
+    @staticmethod
+    def _as_embedding(arrays: dict[str, np.ndarray], kind: str) -> Embedding:
+        return Embedding(
+            z=arrays["grad"] if kind == "grad" else arrays["feat"],
+            logits=arrays["logits"],
+            labels=arrays["labels"],
+        )
+
+    def _fit_detectors(self, train_name, train_data, options: DetectorOptions, overwrite) -> None:
+        head_digest = self.store.stage_digest("head")
+        with self.progress.task("fit detectors", total=len(EMBEDDINGS) * len(BASE_METHODS)) as adv:
+            for kind in EMBEDDINGS:
+                readout = self.readout(kind)
+                train = self._as_embedding(train_data, kind)
+                for method in BASE_METHODS:
+                    path = f"detectors/{kind}/{method}"
+                    config = options.for_method(method)
+                    record = {"train": train_name, "head": head_digest, **config}
+                    adv(1)
+                    if self.store.open_stage(path, record, overwrite=True):
+                        continue
+                    detector = get_detector(method, **config)
+                    if readout is None and method in ("react", "bats"):
+                        self.store.complete_stage(path, available=False)
+                        continue
+                    detector.fit(train, readout)
+                    scalars = {}
+                    for key, value in detector.state().items():
+                        if isinstance(value, np.ndarray) and value.ndim > 0:
+                            self.store.write(f"{path}/{key}", value)
+                        else:
+                            scalars[key] = (
+                                value.item()
+                                if isinstance(value, np.generic | np.ndarray)
+                                else value
+                            )
+                    self.store.complete_stage(path, available=True, scalars=scalars)
+
+    def _detector(self, kind: str, method: str):
+        path = f"detectors/{kind}/{method}"
+        if not self.store.stage_complete(path):
+            raise BadInputError(
+                f"detector {method} on {kind} is not fitted in {self.store.url}; "
+                "run 'gradcli fit-head' first"
+            )
+        attrs = self.store.group_attrs(path)
+        if not attrs.get("available", True):
+            return None
+        state = {n: self.store.read(f"{path}/{n}") for n in self.store.children(path)}
+        state.update(attrs.get("scalars", {}))
+        config = {k: v for k, v in attrs["provenance"].items() if k not in ("train", "head")}
+        return get_detector(method, **config).__class__.from_state(state, **config)
+
+    # -- score -------------------------------------------------------------------------
+    def score(
+        self,
+        dataset: str,
+        *,
+        methods: Sequence[str] = BASE_METHODS,
+        embeddings: Sequence[str] = SCORE_EMBEDDINGS,
+        alpha: float = 1.0,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Scores (higher = more ID) keyed '<method>-<embedding>'; written to scores/<name>/."""
+        if not self.store.stage_complete("head"):
+            self.fit_head(batch_size=batch_size)
+        name = self._ensure_embedded(dataset, batch_size=batch_size)
+        arrays = self.load_embedding(name)
+        embed_digest = self.store.stage_digest(f"embed/{name}")
+        computed: dict[str, np.ndarray] = {}
+        bases = [e for e in EMBEDDINGS if e in embeddings or "ensemble" in embeddings]
+        for method in methods:
+            for kind in bases:
+                detector = self._detector(kind, method)
+                if detector is None:
+                    continue
+                key = f"{method}-{kind}"
+                path = f"scores/{name}/{key}"
+                record = {
+                    "embedding": embed_digest,
+                    "detector": self.store.stage_digest(f"detectors/{kind}/{method}"),
+                }
+                if (
+                    self.store.has(path)
+                    and self.store.group_attrs(path).get("provenance") == record
+                ):
+                    computed[key] = self.store.read(path)
+                    continue
+                scores = detector.score(self._as_embedding(arrays, kind), self.readout(kind))
+                _check_finite(torch.from_numpy(np.asarray(scores)), f"{key} scores", name)
+                self.store.write(path, scores, attrs={"provenance": record})
+                computed[key] = scores
+            feat, grad = computed.get(f"{method}-feat"), computed.get(f"{method}-grad")
+            if "ensemble" in embeddings and feat is not None and grad is not None:
+                combined = ensemble_scores(feat, grad, alpha)
+                self.store.write(
+                    f"scores/{name}/{method}-ensemble", combined, attrs={"alpha": alpha}
+                )
+                computed[f"{method}-ensemble"] = combined
+        return {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
+
+    # -- evaluate ----------------------------------------------------------------------
+    def evaluate(
+        self,
+        ood: Sequence[str],
+        *,
+        id_dataset: str | None = None,
+        methods: Sequence[str] = BASE_METHODS,
+        embeddings: Sequence[str] = SCORE_EMBEDDINGS,
+        alpha: float = 1.0,
+        convention: str = "paper",
+        batch_size: int | None = None,
+    ) -> Results:
+        """Every missing stage, then metrics of ID test scores against each OOD set."""
+        if not ood:
+            raise BadInputError("give at least one --ood dataset")
+        if not self.store.stage_complete("head"):
+            self.fit_head(batch_size=batch_size)
+        id_spec = id_dataset or self._id_spec("test")
+        id_scores = self.score(
+            id_spec, methods=methods, embeddings=embeddings, alpha=alpha, batch_size=batch_size
+        )
+        id_name = self._ensure_embedded(id_spec)
+        results = Results(id_name=id_name, ood_names=[], convention=convention)
+        for spec in ood:
+            ood_scores = self.score(
+                spec, methods=methods, embeddings=embeddings, alpha=alpha, batch_size=batch_size
+            )
+            ood_name = self._ensure_embedded(spec)
+            results.ood_names.append(ood_name)
+            table = {}
+            for key, scores in ood_scores.items():
+                method, emb = key.rsplit("-", 1)
+                metrics = evaluate_scores(id_scores[key], scores, convention=convention)
+                results.rows.setdefault((method, emb), {})[ood_name] = metrics
+                table[key] = metrics
+            self.store.put_group(
+                f"results/{ood_name}", id=id_name, convention=convention, metrics=table
+            )
+        return results
+
+
+def _check_finite(values: torch.Tensor, what: str, source: str) -> None:
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        rows = torch.nonzero(bad.reshape(values.shape[0], -1).any(dim=1)).flatten()
+        raise BadInputError(
+            f"{what} of {source} contain NaN or Inf for {len(rows)} sample(s) in a batch "
+            f"(batch rows {rows[:5].tolist()}); check the model and inputs"
+        )
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or name in ("embed",):
+        raise BadInputError(f"--name '{name}' is not a valid name; use letters, digits, '-' or '_'")
+
+
+def _model_difference(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for key in keys[:3]:
+        a, b = str(old.get(key)), str(new.get(key))
+        parts.append(f"{key} {a[:16]} -> {b[:16]}")
+    return "; ".join(parts)
+
+
+def _test_split_of(spec: str) -> str | None:
+    """The ID test set that goes with a training spec, when the dataset has named splits."""
+    if spec.startswith(("folder:", "npz:")):
+        return None
+    name = spec.split(":", 1)[0]
+    return f"{name}:test"

@@ -1,0 +1,310 @@
+"""Every subcommand through the CLI, the store after each stage, resume and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import PREPROCESS
+from sklearn.metrics import roc_auc_score
+
+from gradcli.store import RunStore
+
+
+def _one_line_error(outcome, code: int, *needles: str) -> None:
+    assert outcome.code == code, (outcome.code, outcome.err)
+    lines = [line for line in outcome.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, outcome.err
+    assert "Traceback" not in outcome.err
+    for needle in needles:
+        assert needle in outcome.err, (needle, outcome.err)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny, tmp_path_factory):
+    """A store taken through all five stages once, with each stage's CLI outcome."""
+    from gradcli.cli import main
+
+    store = tmp_path_factory.mktemp("pipe") / "run"
+    steps = {
+        "extract": tiny.extract_args(store),
+        "embed": ["embed", "--dataset", tiny.test, "--name", "id-test", "--store", store, "-q"],
+        "fit": [
+            "fit-head",
+            "--id-test",
+            "id-test",
+            "--knn-k",
+            "5",
+            "--store",
+            store,
+            "-q",
+            "--json",
+        ],
+        "score": ["score", "--dataset", tiny.ood, "--store", store, "-q", "--json"],
+        "evaluate": [
+            "evaluate",
+            "--ood",
+            tiny.ood,
+            "--id",
+            "id-test",
+            "--store",
+            store,
+            "-q",
+            "--json",
+        ],
+    }
+    codes = {name: main([str(a) for a in args]) for name, args in steps.items()}
+    return store, codes
+
+
+def test_every_stage_succeeds(pipeline):
+    _, codes = pipeline
+    assert codes == {"extract": 0, "embed": 0, "fit": 0, "score": 0, "evaluate": 0}
+
+
+def test_store_after_extract(pipeline):
+    store, _ = pipeline
+    run = RunStore(str(store))
+    mean, var, basis = run.read("stats/mean"), run.read("stats/var"), run.read("subspace/basis")
+    p = 4 * 3 * 9 + 4 + 4 + 4 + 16 * 8 + 8 + 8 * 3 + 3
+    assert mean.shape == (p,) and var.shape == (p,) and basis.shape == (p, 3)
+    assert (var > 0).all()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
+    assert run.attrs["model"]["weights_sha256"]
+    assert run.stage_complete("stats") and run.stage_complete("subspace")
+    assert run.attrs["params"]["size"] == p
+
+
+def test_store_after_embed_and_fit(pipeline, tiny):
+    store, _ = pipeline
+    run = RunStore(str(store))
+    assert run.stage_complete("embed/id-test")
+    assert run.read("embed/id-test/grad").shape == (45, 3)
+    assert run.read("embed/id-test/feat").shape == (45, 8)
+    assert run.read("embed/id-test/logits").shape == (45, 3)
+    np.testing.assert_array_equal(run.read("embed/id-test/labels"), np.arange(45) % 3)
+    assert run.read("embed/id-test/done").all()
+    assert run.stage_complete("head")
+    for kind in ("grad", "feat"):
+        for method in ("react", "bats", "maha", "knn"):
+            assert run.stage_complete(f"detectors/{kind}/{method}")
+
+
+def test_scores_and_results_agree_with_sklearn(pipeline, tiny):
+    store, _ = pipeline
+    run = RunStore(str(store))
+    ood_name = "npz-ood"
+    keys = run.children(f"scores/{ood_name}")
+    assert {"knn-grad", "knn-feat", "knn-ensemble", "energy-grad", "maha-feat"} <= set(keys)
+    np.testing.assert_allclose(
+        run.read(f"scores/{ood_name}/knn-ensemble"),
+        run.read(f"scores/{ood_name}/knn-feat") + run.read(f"scores/{ood_name}/knn-grad"),
+    )
+    metrics = run.group_attrs(f"results/{ood_name}")["metrics"]
+    for key in ("energy-grad", "knn-feat", "msp-ensemble"):
+        id_scores = run.read(f"scores/id-test/{key}")
+        ood_scores = run.read(f"scores/{ood_name}/{key}")
+        labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+        want = roc_auc_score(labels, np.r_[id_scores, ood_scores])
+        assert metrics[key]["auroc"] == pytest.approx(want)
+        threshold = np.percentile(id_scores, 5)
+        assert metrics[key]["fpr95"] == pytest.approx(np.mean(ood_scores >= threshold))
+    results = (store / "results.json").read_text()
+    assert '"convention": "paper"' in results
+    assert (store / "results.csv").read_text().startswith("method,embedding,ood,fpr95")
+
+
+def test_evaluate_json_and_rerun_reuses(pipeline, tiny, cli):
+    store, _ = pipeline
+    outcome = cli(
+        "evaluate", "--ood", tiny.ood, "--id", "id-test", "--store", store, "-q", "--json"
+    )
+    assert outcome.code == 0, outcome.err
+    document = outcome.json()
+    assert document["id"] == "id-test" and document["ood"] == ["npz-ood"]
+    rows = {(r["method"], r["embedding"], r["ood"]) for r in document["results"]}
+    assert ("knn", "grad", "average") in rows and ("energy", "ensemble", "npz-ood") in rows
+    again = cli(*tiny_extract(tiny, store), "--json")
+    assert again.code == 0 and again.json()["reused"] is True
+
+
+def tiny_extract(tiny, store):
+    return tiny.extract_args(store)
+
+
+def test_evaluate_table_marks_best(pipeline, tiny, cli):
+    store, _ = pipeline
+    outcome = cli("evaluate", "--ood", tiny.ood, "--id", "id-test", "--store", store, "-q")
+    assert outcome.code == 0
+    assert "FPR95" in outcome.out and "AUROC" in outcome.out and "npz-ood" in outcome.out
+    assert "ID positive" in outcome.out
+
+
+def test_other_weights_are_refused_and_nothing_changes(pipeline, tiny, cli):
+    store, _ = pipeline
+    before = RunStore(str(store)).read("subspace/basis")
+    outcome = cli(*tiny.extract_args(store, weights=tiny.other_weights))
+    _one_line_error(outcome, 3, "another model", "--overwrite")
+    np.testing.assert_array_equal(RunStore(str(store)).read("subspace/basis"), before)
+
+
+def test_overwrite_recomputes_with_other_weights(tiny, tmp_path, cli):
+    store = tmp_path / "run"
+    assert cli(*tiny.extract_args(store)).code == 0
+    first = RunStore(str(store)).read("stats/mean")
+    outcome = cli(*tiny.extract_args(store, weights=tiny.other_weights), "--overwrite")
+    assert outcome.code == 0, outcome.err
+    assert not np.array_equal(RunStore(str(store)).read("stats/mean"), first)
+
+
+def test_unknown_names_and_missing_data_root(tiny, tmp_path, cli, monkeypatch):
+    monkeypatch.delenv("GRADCLI_DATA_ROOT", raising=False)
+    store = tmp_path / "run"
+    args = tiny.extract_args(store)
+    bad_dataset = [
+        *args[: args.index("--dataset") + 1],
+        "nosuchset",
+        *args[args.index("--dataset") + 2 :],
+    ]
+    _one_line_error(cli(*bad_dataset), 2, "nosuchset")
+    bad_model = [
+        "extract-subspace",
+        "--model",
+        "resnet9000",
+        "--dataset",
+        tiny.train,
+        "--store",
+        store,
+    ]
+    _one_line_error(cli(*bad_model), 2, "resnet9000")
+    no_root = [
+        "extract-subspace",
+        "--model",
+        tiny.model,
+        "--weights",
+        tiny.weights,
+        "--dataset",
+        "cifar10:train",
+        "--store",
+        store,
+        *PREPROCESS,
+    ]
+    _one_line_error(cli(*no_root), 2, "--data-root")
+    missing_root = [*no_root, "--data-root", tmp_path / "nowhere"]
+    _one_line_error(cli(*missing_root), 2, "nowhere")
+
+
+def test_corrupt_image_is_named(tiny, tmp_path, cli):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for label in ("a", "b", "c"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 90, 30)).save(folder / label / f"{i}.png")
+    (folder / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    store = tmp_path / "run"
+    args = tiny.extract_args(store)
+    args[args.index("--dataset") + 1] = f"folder:{folder}"
+    _one_line_error(cli(*args), 2, "broken.png")
+
+
+def test_commands_need_a_subspace_first(tmp_path, tiny, cli):
+    store = tmp_path / "empty"
+    _one_line_error(cli("embed", "--dataset", tiny.test, "--store", store), 2, "extract-subspace")
+    _one_line_error(cli("fit-head", "--store", store), 2, "extract-subspace")
+
+
+def test_pca_is_not_yet_available(tiny, tmp_path, cli):
+    outcome = cli(*tiny.extract_args(tmp_path / "run"), "--method", "pca", "--k", "2")
+    _one_line_error(outcome, 2, "pca")
+
+
+def test_help_has_examples(cli):
+    for command in (
+        "extract-subspace",
+        "embed",
+        "fit-head",
+        "score",
+        "evaluate",
+        "datasets",
+        "demo",
+    ):
+        outcome = cli(command, "--help")
+        assert outcome.code == 0
+        assert "Example:" in outcome.out, command
+
+
+def test_datasets_lists_builtins(cli):
+    outcome = cli("datasets", "--json")
+    assert outcome.code == 0
+    names = {row["name"]: row for row in outcome.json()["datasets"]}
+    assert names["mnist5k"]["found"] and names["digits"]["found"]
+    assert "places" in names
+
+
+def test_killed_embed_resumes_to_identical_arrays(tiny, tmp_path):
+    """SIGKILL an embed between chunks, rerun it, compare with an uninterrupted run."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 255, size=(3000, 8, 8, 3), dtype=np.uint8)
+    big = tmp_path / "big.npz"
+    np.savez(big, x=x)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    stores = {}
+    for label in ("killed", "clean"):
+        store = tmp_path / label
+        subprocess.run(
+            [sys.executable, "-m", "gradcli", *map(str, tiny.extract_args(store))],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        stores[label] = store
+    embed = [
+        "embed",
+        "--dataset",
+        f"npz:{big}",
+        "--name",
+        "big",
+        "--chunk-rows",
+        "100",
+        "--batch-size",
+        "25",
+        "-q",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradcli", *embed, "--store", str(stores["killed"])],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    done_path = stores["killed"] / "embed" / "big" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        finished = len(os.listdir(done_path)) if done_path.exists() else 0
+        if finished >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
+    partial = RunStore(str(stores["killed"])).read("embed/big/done")
+    assert 0 < partial.sum() < 30
+    for label in ("killed", "clean"):
+        subprocess.run(
+            [sys.executable, "-m", "gradcli", *embed, "--store", str(stores[label])],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    killed, clean = RunStore(str(stores["killed"])), RunStore(str(stores["clean"]))
+    assert killed.read("embed/big/done").all()
+    for key in ("grad", "gnorm", "feat", "logits", "labels"):
+        np.testing.assert_array_equal(
+            killed.read(f"embed/big/{key}"), clean.read(f"embed/big/{key}")
+        )
