@@ -13,12 +13,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
+
+# Result files (results.json, the demo's weights) may sit in a local store's folder.
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component")
 
 from gradcli import __version__
 from gradcli.errors import BadInputError, StaleStoreError
