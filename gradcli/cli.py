@@ -58,7 +58,10 @@ BatchOpt = Annotated[
     int | None, typer.Option(help="Images per gradient batch (default: from memory).")
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option(help="Recompute this stage even if the store holds another version.")
+    bool,
+    typer.Option(
+        "--overwrite", help="Recompute this stage even if the store holds another version."
+    ),
 ]
 
 

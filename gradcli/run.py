@@ -262,7 +262,7 @@ class Run:
     ) -> dict:
         """Compute the normalisation statistics and the subspace basis from ID training data."""
         model = self.model
-        k = check_method(method, k, model.num_classes)
+        check_method(method, k, model.num_classes)
         source = self.resolve(dataset, default_split="train")
         if method == "avg" and not source.has_labels:
             raise BadInputError(
@@ -299,7 +299,6 @@ class Run:
         subspace_record = {
             "stats": self.store.stage_digest("stats"),
             "method": method,
-            "k": k,
             "no_variance": no_variance,
         }
         sub_done = self.store.open_stage(
@@ -326,7 +325,7 @@ class Run:
         )
         return {
             "num_parameters": selection.size,
-            "k": k,
+            "k": int(self.store.group_attrs("subspace")["k"]),
             "method": method,
             "samples": int(len(indices)),
             "variance_replaced": int(self.store.group_attrs("stats").get("variance_replaced", 0)),
@@ -530,6 +529,9 @@ class Run:
         train_digest = self.store.stage_digest(f"embed/{train_name}")
         record = {"train": train_name, "train_digest": train_digest, **vars(head_opts)}
         summary: dict = {"train": train_name}
+        if overwrite:
+            for path in ("head", "detectors", "scores"):
+                self.store.delete(path)
         if not self.store.open_stage("head", record, overwrite=True):
             self.store.delete("detectors")
             self.store.delete("scores")
@@ -564,7 +566,7 @@ class Run:
                 summary["model_test_accuracy"] = float(
                     (test_data["logits"].argmax(1) == test_data["labels"]).mean()
                 )
-        self._fit_detectors(train_name, train_data, det_opts, overwrite=overwrite)
+        self._fit_detectors(train_name, train_data, det_opts)
         return summary
 
     def load_head(self) -> GradientHead:
@@ -593,7 +595,7 @@ class Run:
             labels=arrays["labels"],
         )
 
-    def _fit_detectors(self, train_name, train_data, options: DetectorOptions, overwrite) -> None:
+    def _fit_detectors(self, train_name, train_data, options: DetectorOptions) -> None:
         head_digest = self.store.stage_digest("head")
         with self.progress.task("fit detectors", total=len(EMBEDDINGS) * len(BASE_METHODS)) as adv:
             for kind in EMBEDDINGS:

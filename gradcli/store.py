@@ -21,9 +21,6 @@ from typing import Any
 import numpy as np
 import zarr
 
-# Result files (results.json, the demo's weights) may sit in a local store's folder.
-warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component")
-
 from gradcli import __version__
 from gradcli.errors import BadInputError, StaleStoreError
 
@@ -31,6 +28,13 @@ FORMAT_VERSION = 1
 PROVENANCE = "provenance"
 DIGEST = "digest"
 COMPLETE = "complete"
+
+
+def _member_names(group: zarr.Group) -> list[str]:
+    """Names of a group's members; plain files beside them (results.json) are not members."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at .* is not recognized")
+        return sorted(group.keys())
 
 
 def digest_of(record: Mapping[str, Any]) -> str:
@@ -123,7 +127,7 @@ class RunStore:
         attrs = self.root.attrs.asdict()
         version = attrs.get("format_version")
         if version is None:
-            if any(True for _ in self.root):
+            if _member_names(self.root):
                 raise BadInputError(
                     f"{self.url} is a Zarr group but not a gradcli run store; "
                     "choose another --store"
@@ -167,7 +171,7 @@ class RunStore:
         node = self.root[path] if path else self.root
         if not isinstance(node, zarr.Group):
             return []
-        return sorted(node.keys())
+        return _member_names(node)
 
     def read(self, path: str) -> np.ndarray:
         """The whole array at ``path``."""
@@ -307,7 +311,7 @@ class RunStore:
         """(path, node) for every group and array below ``path``."""
         node = self.root[path] if path else self.root
         if isinstance(node, zarr.Group):
-            for name in sorted(node.keys()):
+            for name in _member_names(node):
                 child = f"{path}/{name}" if path else name
                 yield child, node[name]
                 yield from self.walk(child)

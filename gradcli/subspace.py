@@ -15,6 +15,7 @@ import torch
 from gradcli.errors import BadInputError
 
 METHODS = ("avg", "pca")
+RANK_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -31,20 +32,18 @@ class Subspace:
         return int(self.basis.shape[1])
 
 
-def check_method(method: str, k: int | None, num_classes: int) -> int:
-    """Validate the method and K against the model; returns the K to use."""
+def check_method(method: str, k: int | None, num_classes: int) -> None:
+    """Validate the method and K against the model before any pass over the data."""
     if method == "pca":
         raise BadInputError(
             "--method pca is not available in this version of gradcli; use --method avg"
         )
     if method != "avg":
         raise BadInputError(f"unknown --method '{method}'; choose one of: {', '.join(METHODS)}")
-    if k is not None and k != num_classes:
+    if k is not None and k not in (num_classes, num_classes - 1):
         raise BadInputError(
-            f"the average-gradient subspace has K = number of classes ({num_classes}); "
-            "drop --k or set it to that"
+            f"the average-gradient subspace's K is fixed by the {num_classes} classes; drop --k"
         )
-    return num_classes
 
 
 def average_gradient_basis(
@@ -53,7 +52,10 @@ def average_gradient_basis(
     """AG basis from per-class mean gradients.
 
     class_means (C, P) float64 raw mean gradients per class; mean (P,) and scale (P,) the
-    normalisation (scale = sqrt(var), or ones without variance scaling). Returns V (P, C).
+    normalisation (scale = sqrt(var), or ones without variance scaling). Returns V (P, K)
+    float32 with K = rank of the normalised class means: because G is centred on the training
+    mean, the class means satisfy sum_c n_c mean_c = 0, so K is C - 1, not C. A QR column
+    whose diagonal is at rounding level spans nothing real and is dropped.
     """
     empty = np.flatnonzero(np.asarray(class_counts) == 0)
     if empty.size:
@@ -64,10 +66,11 @@ def average_gradient_basis(
     normalised = (class_means - mean.double()[None, :]) / scale.double()[None, :]
     columns = normalised.T.contiguous()  # (P, C)
     q, r = torch.linalg.qr(columns, mode="reduced")
+    diagonal = torch.diagonal(r)
+    keep = diagonal.abs() > RANK_TOLERANCE * diagonal.abs().max()
     # Fix QR's sign ambiguity so each basis vector points along its class mean.
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1
-    q = q * signs[None, :]
+    signs = torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)
+    q = (q * signs[None, :])[:, keep]
     return Subspace(
         basis=q.float().numpy(),
         method="avg",

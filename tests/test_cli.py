@@ -72,9 +72,9 @@ def test_store_after_extract(pipeline):
     run = RunStore(str(store))
     mean, var, basis = run.read("stats/mean"), run.read("stats/var"), run.read("subspace/basis")
     p = 4 * 3 * 9 + 4 + 4 + 4 + 16 * 8 + 8 + 8 * 3 + 3
-    assert mean.shape == (p,) and var.shape == (p,) and basis.shape == (p, 3)
+    assert mean.shape == (p,) and var.shape == (p,) and basis.shape == (p, 2)
     assert (var > 0).all()
-    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(2), atol=1e-5)  # K = C - 1
     assert run.attrs["model"]["weights_sha256"]
     assert run.stage_complete("stats") and run.stage_complete("subspace")
     assert run.attrs["params"]["size"] == p
@@ -84,7 +84,7 @@ def test_store_after_embed_and_fit(pipeline, tiny):
     store, _ = pipeline
     run = RunStore(str(store))
     assert run.stage_complete("embed/id-test")
-    assert run.read("embed/id-test/grad").shape == (45, 3)
+    assert run.read("embed/id-test/grad").shape == (45, 2)
     assert run.read("embed/id-test/feat").shape == (45, 8)
     assert run.read("embed/id-test/logits").shape == (45, 3)
     np.testing.assert_array_equal(run.read("embed/id-test/labels"), np.arange(45) % 3)

@@ -38,11 +38,26 @@ def test_empty_class_is_an_error():
         )
 
 
+def test_centred_class_means_lose_one_dimension():
+    """sum_c n_c (mu_c - M) = 0 when M is the training mean, so AG spans C - 1 dimensions."""
+    rng = np.random.default_rng(2)
+    counts = np.array([3, 5, 4])
+    grads = [rng.normal(size=(n, 20)) for n in counts]
+    mean = torch.from_numpy(np.concatenate(grads).mean(0))
+    class_means = torch.from_numpy(np.stack([g.mean(0) for g in grads]))
+    sub = average_gradient_basis(class_means, mean, torch.ones(20, dtype=torch.float64), counts)
+    assert sub.k == 2
+    raw = sub.class_means.astype(np.float64)
+    v = sub.basis.astype(np.float64)
+    np.testing.assert_allclose(v @ (v.T @ raw), raw, atol=1e-5)  # all three means in the span
+
+
 def test_method_checks():
-    assert check_method("avg", None, 10) == 10
+    check_method("avg", None, 10)
+    check_method("avg", 9, 10)
     with pytest.raises(BadInputError, match="not available"):
         check_method("pca", 50, 10)
-    with pytest.raises(BadInputError, match="number of classes"):
+    with pytest.raises(BadInputError, match="fixed by the 10 classes"):
         check_method("avg", 5, 10)
     with pytest.raises(BadInputError, match="unknown --method"):
         check_method("svd", None, 10)

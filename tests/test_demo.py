@@ -1,0 +1,54 @@
+"""The main job end to end on the built-in offline sets, and the README's Python example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gradcli.demo import present_ood_sets
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+def test_demo_runs_and_reuses_its_store(demo_dir, cli, monkeypatch):
+    monkeypatch.chdir(demo_dir)
+    first = cli("demo", "--quiet", "--json")
+    assert first.code == 0, first.err
+    document = first.json()
+    expected = {f"{name}-test" for name in present_ood_sets()}
+    assert {"digits-test", "texture-patches-test"} <= expected
+    assert set(document["ood"]) == expected
+    assert document["head_accuracy"] > 0.9
+    by_key = {(r["method"], r["embedding"], r["ood"]): r for r in document["results"]}
+    # A trained MNIST model tells textures from digits far better than chance.
+    assert by_key[("knn", "grad", "texture-patches-test")]["auroc"] > 0.9
+    assert by_key[("energy", "feat", "average")]["auroc"] > 0.9
+    store = demo_dir / "artifacts" / "demo"
+    assert (store / "results.json").exists() and (store / "mnist_cnn.pt").exists()
+    chunk = store / "embed" / "mnist5k-train" / "grad" / "c" / "0" / "0"
+    stamp = chunk.stat().st_mtime_ns
+    second = cli("demo", "--quiet", "--json")
+    assert second.code == 0
+    assert chunk.stat().st_mtime_ns == stamp  # nothing recomputed
+    assert second.json()["results"] == document["results"]
+
+
+def test_readme_python_example_runs(demo_dir, monkeypatch):
+    monkeypatch.chdir(demo_dir)
+    if not (demo_dir / "artifacts" / "demo" / "mnist_cnn.pt").exists():
+        pytest.skip("needs the demo's weights from test_demo_runs_and_reuses_its_store")
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert set(namespace["scores"]) >= {"knn-grad", "knn-feat", "energy-grad", "knn-ensemble"}
+    assert namespace["embedding"]["grad"].shape == (10000, 9)
+    assert 0.5 < namespace["results"].rows[("knn", "grad")]["fashion-test"]["auroc"] <= 1.0
