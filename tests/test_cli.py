@@ -308,3 +308,41 @@ def test_killed_embed_resumes_to_identical_arrays(tiny, tmp_path):
         np.testing.assert_array_equal(
             killed.read(f"embed/big/{key}"), clean.read(f"embed/big/{key}")
         )
+
+
+def test_evaluate_ood_places_exactly_once_a_run_exists(tiny, tmp_path, cli, monkeypatch):
+    """`gradcli evaluate --ood places` with the store and data root taken from the environment."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "data"
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for split, count in (("train", 12), ("test", 8)):
+        for label, colour in zip(("cat", "dog", "eel"), colours, strict=True):
+            folder = root / "cifar10" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (8, 8, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    (root / "Places" / "images").mkdir(parents=True)
+    for i in range(10):
+        noise = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(root / "Places" / "images" / f"{i}.jpg")
+    monkeypatch.setenv("GRADCLI_STORE", str(tmp_path / "run"))
+    monkeypatch.setenv("GRADCLI_DATA_ROOT", str(root))
+    args = [
+        "extract-subspace",
+        "--model",
+        tiny.model,
+        "--weights",
+        tiny.weights,
+        "--dataset",
+        "cifar10:train",
+        "-q",
+        *PREPROCESS,
+    ]
+    assert cli(*args).code == 0
+    assert cli("fit-head", "--knn-k", "5", "-q").code == 0
+    outcome = cli("evaluate", "--ood", "places")
+    assert outcome.code == 0, outcome.err
+    assert "places-test" in outcome.out and "cifar10-test" in outcome.out
