@@ -54,6 +54,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on s
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(help="Memory budget, e.g. 8G (default: half the available RAM)."),
+]
+BasisDtypeOpt = Annotated[
+    str, typer.Option(help="Basis precision in memory: float32 or bfloat16 (half the memory).")
+]
 BatchOpt = Annotated[
     int | None, typer.Option(help="Images per gradient batch (default: from memory).")
 ]
@@ -97,8 +104,16 @@ def _input_size(value: str | None) -> int | tuple[int, int] | None:
 
 
 def _open_run(
-    store: str, device: str, data_root: str | None, quiet: bool, workers: int, create: bool = False
+    store: str,
+    device: str,
+    data_root: str | None,
+    quiet: bool,
+    workers: int,
+    create: bool = False,
+    memory_budget: str | None = None,
+    basis_dtype: str = "float32",
 ):
+    from gradcli.grads import parse_size
     from gradcli.progress import NullProgress, RichProgress
     from gradcli.run import Run
 
@@ -110,6 +125,8 @@ def _open_run(
         progress=progress,
         num_workers=workers,
         create=create,
+        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        basis_dtype=basis_dtype,
     )
 
 
@@ -193,12 +210,15 @@ def extract_subspace(
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
+    memory_budget: BudgetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Gradient statistics (mean, variance) and the subspace basis from ID training data."""
-    run = _open_run(store, device, data_root, quiet, workers, create=True)
+    run = _open_run(
+        store, device, data_root, quiet, workers, create=True, memory_budget=memory_budget
+    )
     loaded = run.set_model(
         model,
         weights,
@@ -255,12 +275,22 @@ def embed(
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
+    memory_budget: BudgetOpt = None,
+    basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Reduced gradients, features, logits and labels of a dataset, in resumable row chunks."""
-    run = _open_run(store, device, data_root, quiet, workers)
+    run = _open_run(
+        store,
+        device,
+        data_root,
+        quiet,
+        workers,
+        memory_budget=memory_budget,
+        basis_dtype=basis_dtype,
+    )
     stored = run.embed(
         dataset,
         name=name,
@@ -307,6 +337,8 @@ def fit_head(
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
+    memory_budget: BudgetOpt = None,
+    basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -323,7 +355,15 @@ def fit_head(
             raise BadInputError(f"{option} must be at least 1")
     if not 0 < react_percentile <= 100:
         raise BadInputError("--react-percentile must be in (0, 100]")
-    run = _open_run(store, device, data_root, quiet, workers)
+    run = _open_run(
+        store,
+        device,
+        data_root,
+        quiet,
+        workers,
+        memory_budget=memory_budget,
+        basis_dtype=basis_dtype,
+    )
     summary = run.fit_head(
         train=train,
         test=test,
@@ -364,12 +404,22 @@ def score(
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
+    memory_budget: BudgetOpt = None,
+    basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>."""
-    run = _open_run(store, device, data_root, quiet, workers)
+    run = _open_run(
+        store,
+        device,
+        data_root,
+        quiet,
+        workers,
+        memory_budget=memory_budget,
+        basis_dtype=basis_dtype,
+    )
     scores = run.score(
         dataset,
         methods=_methods(method),
@@ -417,6 +467,8 @@ def evaluate(
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
+    memory_budget: BudgetOpt = None,
+    basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -427,7 +479,15 @@ def evaluate(
 
     if fpr_convention not in CONVENTIONS:
         raise BadInputError(f"--fpr-convention must be one of {', '.join(CONVENTIONS)}")
-    run = _open_run(store, device, data_root, quiet, workers)
+    run = _open_run(
+        store,
+        device,
+        data_root,
+        quiet,
+        workers,
+        memory_budget=memory_budget,
+        basis_dtype=basis_dtype,
+    )
     results = run.evaluate(
         ood,
         id_dataset=id_dataset,

@@ -1,15 +1,22 @@
 """Per-sample energy gradients, their training statistics and their projection (the hot path).
 
 For a classifier f with parameters θ and an input x, ``g(x) = ∇θ E(x)`` with the free energy
-``E(x) = -logsumexp_y f_y(x)``. Gradients are computed for a whole batch at once with
-``torch.func`` (``functional_call`` + ``vmap`` + ``grad``), flattened over the selected
-parameters in ``named_parameters()`` order, and projected immediately, so only a batch of
-per-sample gradients ever exists, never the N×P matrix of a dataset.
+``E(x) = -logsumexp_y f_y(x)``, flattened over the selected parameters in
+``named_parameters()`` order (P entries).
+
+:class:`LayerGradients` is the engine: one batched forward/backward of ``Σ_i E(x_i)`` with
+hooks that keep each layer's input and output gradient; per-sample weight gradients are then
+formed layer by layer, in tiles of a few output channels, and handed to a consumer (the
+statistics, the projection) tile by tile, so the B×P per-sample matrix never exists. Linear,
+Conv2d (any stride, padding, dilation, groups), BatchNorm, LayerNorm and GroupNorm are done
+natively; parameters of any other module go through :class:`EnergyGradients` (torch.func).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,7 +100,9 @@ class EnergyGradients:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) inputs -> (B, P) float32 gradients."""
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch.func has no batching rule for fused attention yet and says so every call.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             grads = self._per_sample(self._selected, x)
         flat = [grads[n].reshape(x.shape[0], -1) for n in self.selection.names]
         out = torch.cat(flat, dim=1)
@@ -103,8 +112,9 @@ class EnergyGradients:
 class GradientStatistics:
     """Running mean, centred variance and per-class sums of gradients, in float64.
 
-    Batches merge with Chan's parallel update, so the variance does not suffer the
-    cancellation of ``E[g²] - E[g]²``.
+    Fed tile by tile: :meth:`update_rows` for every row range of a batch, then
+    :meth:`commit` with the batch size. Batches merge with Chan's parallel update, so the
+    variance does not suffer the cancellation of ``E[g²] - E[g]²``.
     """
 
     def __init__(self, size: int, num_classes: int | None = None) -> None:
@@ -116,25 +126,35 @@ class GradientStatistics:
         )
         self.class_counts = np.zeros(num_classes or 0, dtype=np.int64)
 
-    def update(self, grads: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Add a batch: grads (B, P), labels (B,) int64 in [0, C)."""
-        g = grads.detach().to("cpu", torch.float64)
+    def update_rows(self, start: int, tile: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Merge a batch's gradients for rows [start, start + r): tile (B, r), labels (B,)."""
+        g = tile.detach().to("cpu", torch.float64)
         n = g.shape[0]
-        if n == 0:
-            return
+        rows = slice(start, start + g.shape[1])
         batch_mean = g.mean(dim=0)
         batch_m2 = ((g - batch_mean) ** 2).sum(dim=0)
         total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += batch_m2 + delta**2 * (self.count * n / total)
-        self.count = total
+        delta = batch_mean - self.mean[rows]
+        self.mean[rows] += delta * (n / total)
+        self.m2[rows] += batch_m2 + delta**2 * (self.count * n / total)
         if self.class_sums is not None:
             if labels is None:
                 raise ValueError("labels are needed for class sums")
-            lab = labels.to("cpu", torch.int64)
-            self.class_sums.index_add_(0, lab, g)
-            self.class_counts += np.bincount(lab.numpy(), minlength=len(self.class_counts))
+            self.class_sums[:, rows].index_add_(0, labels.to("cpu", torch.int64), g)
+
+    def commit(self, labels: torch.Tensor) -> None:
+        """Close a batch whose tiles were all merged."""
+        self.count += int(labels.shape[0])
+        if self.class_sums is not None:
+            lab = labels.to("cpu", torch.int64).numpy()
+            self.class_counts += np.bincount(lab, minlength=len(self.class_counts))
+
+    def update(self, grads: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add a whole batch: grads (B, P), labels (B,) int64 in [0, C)."""
+        if grads.shape[0] == 0:
+            return
+        self.update_rows(0, grads, labels)
+        self.commit(labels if labels is not None else torch.zeros(grads.shape[0]))
 
     def variance(self) -> torch.Tensor:
         """(P,) float64 centred variance (divided by N)."""
@@ -158,31 +178,424 @@ def sanitise_variance(var: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class Projector:
-    """Reduced gradients ``z = ((g - M) / sqrt(var)) · V`` without forming G.
+    """Reduced gradients ``z = ((g - M) / sqrt(var)) · V`` of one row block, tile by tile.
 
-    The mean is subtracted in float32 before the product (centring first keeps the product
-    accurate), and ``W = V / sqrt(var)`` is folded once. Also returns ``‖G(x)‖`` per sample.
+    Holds ``W = V / sqrt(var)`` for rows [start, stop) in float32 or bfloat16 (half the
+    memory); each tile is centred in float32 before any cast (centring first keeps bf16
+    accurate) and its products are accumulated in float64 in tile order, so a run split into
+    row blocks adds exactly the same terms in the same order as an unsplit one. Also
+    accumulates ``‖G(x)‖²``.
     """
 
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor) -> None:
-        self.mean = mean.float()
-        self.inv_scale = (1.0 / scale.double()).float()
-        self.weight = (basis.double() / scale.double()[:, None]).float()
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        basis: torch.Tensor,
+        *,
+        start: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.start = start
+        self.stop = start + basis.shape[0]
+        self.mean = mean.float().to(device)
+        self.inv_scale = (1.0 / scale.double()).float().to(device)
+        self.weight = (basis.double() * self.inv_scale.double().cpu()[:, None]).to(device, dtype)
+        self.dtype = dtype
 
-    def to(self, device: torch.device | str) -> Projector:
-        self.mean = self.mean.to(device)
-        self.inv_scale = self.inv_scale.to(device)
-        self.weight = self.weight.to(device)
-        return self
+    @property
+    def k(self) -> int:
+        return int(self.weight.shape[1])
+
+    def add(self, start: int, tile: torch.Tensor, z: torch.Tensor, gnorm2: torch.Tensor) -> None:
+        """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64."""
+        local = slice(start - self.start, start - self.start + tile.shape[1])
+        centred = tile - self.mean[local]
+        gnorm2 += (centred * self.inv_scale[local]).square().sum(dim=1, dtype=torch.float64)
+        z += (centred.to(self.dtype) @ self.weight[local]).double()
 
     def __call__(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """grads (B, P) -> (z (B, K) float32, gnorm (B,) float32)."""
-        centred = grads - self.mean
-        gnorm = torch.linalg.vector_norm(centred * self.inv_scale, dim=1)
-        return centred @ self.weight, gnorm
+        """Whole-matrix form: grads (B, P) -> (z (B, K) float32, ‖G‖ (B,) float32)."""
+        z = torch.zeros(grads.shape[0], self.k, dtype=torch.float64, device=grads.device)
+        gnorm2 = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        self.add(self.start, grads, z, gnorm2)
+        return z.float(), gnorm2.sqrt().float()
 
 
-def auto_batch_size(num_params: int, budget_bytes: int = 2 << 30, cap: int = 256) -> int:
-    """A batch size whose per-sample gradient buffers (about 4 copies of B×P float32) fit."""
-    per_sample = max(1, num_params * 4 * 4)
-    return int(max(1, min(cap, budget_bytes // per_sample)))
+def parse_size(text: str) -> int:
+    """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units else (cleaned, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise BadInputError(
+            f"--memory-budget takes a size such as 512M or 4G, not '{text}'"
+        ) from None
+    if value <= 0:
+        raise BadInputError("--memory-budget must be positive")
+    return int(value)
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now: a safe share that leaves room for everything else."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
+
+
+def plan_row_blocks(
+    sizes: Sequence[int], names: Sequence[str], bytes_per_row: int, budget: int
+) -> list[tuple[int, int]]:
+    """Split parameters (in order) into row blocks whose basis rows fit ``budget`` bytes.
+
+    Returns [(first_param, end_param)] index ranges; one block when everything fits.
+    """
+    blocks, first, used = [], 0, 0
+    for index, size in enumerate(sizes):
+        need = size * bytes_per_row
+        if need > budget:
+            raise BadInputError(
+                f"parameter {names[index]} alone needs {need / 2**20:.0f} MiB of basis rows, "
+                f"over the memory budget's {budget / 2**20:.0f} MiB; raise --memory-budget, "
+                "use --basis-dtype bfloat16, or leave it out with --params"
+            )
+        if used + need > budget and index > first:
+            blocks.append((first, index))
+            first, used = index, 0
+        used += need
+    blocks.append((first, len(sizes)))
+    return blocks
+
+
+def auto_batch_size(sample_bytes: int, budget_bytes: int, cap: int = 256) -> int:
+    """The largest batch (up to ``cap``) whose working memory fits ``budget_bytes``."""
+    return int(max(1, min(cap, budget_bytes // max(1, sample_bytes))))
+
+
+TILE_BYTES = 32 << 20  # per-sample gradient workspace per tile: small enough to stay cache-warm
+NATIVE_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+@dataclass
+class _Slot:
+    """One selected parameter of a natively handled layer: where its rows go."""
+
+    attr: str  # "weight" or "bias"
+    start: int  # first row in the flattened gradient
+    size: int
+
+
+@dataclass
+class _Layer:
+    """A natively handled module, its selected parameters and what the hooks captured."""
+
+    name: str
+    module: nn.Module
+    slots: list[_Slot]
+    inputs: torch.Tensor | None = None
+    grad_output: torch.Tensor | None = None
+    fired: bool = False
+
+
+def _is_native(module: nn.Module) -> bool:
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm)):
+        return module.track_running_stats and module.running_mean is not None
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    return isinstance(module, NATIVE_TYPES)
+
+
+class LayerGradients:
+    """Per-sample ``∇θ E`` for a batch, produced layer by layer in tiles.
+
+    ``capture(x)`` runs one forward and one backward of ``Σ_i E(x_i)`` and returns the logits
+    (and the features, when a feature module is given); ``tiles()`` then yields
+    ``(start_row, tile)`` pairs, ``tile`` (B, r) float32 holding rows
+    ``[start_row, start_row + r)`` of every sample's flattened gradient. Together the tiles
+    cover each selected row exactly once, in a fixed order. A tile lives in a reused
+    workspace: consume it before asking for the next.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selection: ParameterSelection,
+        *,
+        feature_module: nn.Module | None = None,
+        only: Sequence[str] | None = None,
+        tile_bytes: int = TILE_BYTES,
+    ) -> None:
+        self.model = model.eval()
+        self.selection = selection
+        self.feature_module = feature_module
+        self.tile_bytes = tile_bytes
+        starts = np.concatenate([[0], np.cumsum(selection.sizes)[:-1]]).astype(int)
+        active = set(only) if only is not None else set(selection.names)
+        offset = {
+            n: (int(s), int(z))
+            for n, s, z in zip(selection.names, starts, selection.sizes, strict=True)
+            if n in active
+        }
+        params = dict(model.named_parameters())
+        # Only this block's parameters are differentiated, so the backward stops at its
+        # lowest layer.
+        self.params = [params[n] for n in selection.names if n in active]
+        self.layers: list[_Layer] = []
+        covered: set[str] = set()
+        for name, module in model.named_modules():
+            if not _is_native(module):
+                continue
+            slots = []
+            for attr in ("weight", "bias"):
+                full = f"{name}.{attr}" if name else attr
+                if full in offset and getattr(module, attr, None) is not None:
+                    slots.append(_Slot(attr, *offset[full]))
+                    covered.add(full)
+            if slots:
+                self.layers.append(_Layer(name, module, slots))
+        self._offset = offset
+        self._set_fallback(tuple(n for n in offset if n not in covered))
+        self._x: torch.Tensor | None = None
+        self._workspace: torch.Tensor | None = None
+
+    def _set_fallback(self, names: tuple[str, ...]) -> None:
+        """Route these parameters through torch.func (names kept in selection order)."""
+        order = {n: i for i, n in enumerate(self.selection.names)}
+        self.fallback_names = tuple(sorted(names, key=order.__getitem__))
+        self._fallback = None
+        if self.fallback_names:
+            params = dict(self.model.named_parameters())
+            fallback_selection = ParameterSelection(
+                names=self.fallback_names,
+                shapes=tuple(tuple(params[n].shape) for n in self.fallback_names),
+                globs=(),
+            )
+            self._fallback = EnergyGradients(self.model, fallback_selection)
+            self._fallback_offsets = [self._offset[n] for n in self.fallback_names]
+
+    # -- capture -----------------------------------------------------------------------
+    def _hooks(self) -> list:
+        handles = []
+        for layer in self.layers:
+
+            def forward_hook(module, args, output, layer=layer):
+                layer.inputs = args[0].detach()
+                layer.fired = True
+                if output.requires_grad:
+
+                    def keep(grad, layer=layer):
+                        layer.grad_output = grad.detach()
+
+                    output.register_hook(keep)
+
+            handles.append(layer.module.register_forward_hook(forward_hook))
+        return handles
+
+    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of a batch (B, ...): returns (logits (B, C), features or None)."""
+        for layer in self.layers:
+            layer.inputs = layer.grad_output = None
+            layer.fired = False
+        captured: list[torch.Tensor] = []
+        handles = self._hooks()
+        if self.feature_module is not None:
+            handles.append(
+                self.feature_module.register_forward_pre_hook(
+                    lambda _m, args: captured.append(args[0])
+                )
+            )
+        try:
+            with torch.enable_grad():
+                logits = self.model(x)
+                total = energy(logits).sum()
+                wanted = [p for p in self.params if p.requires_grad]
+                if wanted:
+                    torch.autograd.grad(total, wanted, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        silent = [layer for layer in self.layers if not layer.fired]
+        if silent:
+            # A module whose parameters are used without calling it (attention's out_proj):
+            # its hooks see nothing, so torch.func computes those gradients instead.
+            names = [
+                f"{la.name}.{slot.attr}" if la.name else slot.attr
+                for la in silent
+                for slot in la.slots
+            ]
+            self.layers = [layer for layer in self.layers if layer.fired]
+            self._set_fallback(self.fallback_names + tuple(names))
+        self._x = x
+        features = captured[-1].detach().flatten(1).float() if captured else None
+        return logits.detach(), features
+
+    def sample_bytes(self) -> int:
+        """Working memory per sample of the last capture: activations kept for the backward,
+        hook captures, unfolded convolution inputs and the fallback's per-sample copies."""
+        b = self._x.shape[0]
+        total = 0
+        for layer in self.layers:
+            if layer.inputs is None:
+                continue
+            factor = 1
+            if isinstance(layer.module, nn.Conv1d | nn.Conv2d):
+                factor = int(np.prod(layer.module.kernel_size))
+            total += layer.inputs.numel() * (2 + factor)
+            if layer.grad_output is not None:
+                total += layer.grad_output.numel()
+        per_sample = 4 * total // b
+        if self._fallback is not None:
+            per_sample += (
+                4
+                * sum(
+                    self.selection.sizes[self.selection.names.index(n)] for n in self.fallback_names
+                )
+                * 3
+            )
+        return per_sample
+
+    # -- tiles -------------------------------------------------------------------------
+    def _buffer(self, numel: int, device: torch.device) -> torch.Tensor:
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.device != device:
+            ws = self._workspace = torch.empty(numel, device=device)
+        return ws[:numel]
+
+    def tiles(self):
+        """Yield (start_row, tile (B, r) float32) covering every selected parameter once."""
+        for layer in self.layers:
+            if layer.grad_output is None:  # the output does not reach the energy
+                b = self._x.shape[0]
+                for slot in layer.slots:
+                    yield slot.start, torch.zeros(b, slot.size, device=self._x.device)
+                continue
+            yield from self._layer_tiles(layer)
+        if self._fallback is not None:
+            grads = self._fallback(self._x)
+            column = 0
+            for start, size in self._fallback_offsets:
+                yield start, grads[:, column : column + size]
+                column += size
+
+    def _layer_tiles(self, layer: _Layer):
+        module = layer.module
+        if isinstance(module, nn.Linear):
+            yield from self._linear(layer)
+        elif isinstance(module, nn.Conv1d | nn.Conv2d):
+            yield from self._conv(layer)
+        else:
+            yield from self._norm(layer)
+
+    def _linear(self, layer: _Layer):
+        a, go = layer.inputs, layer.grad_output
+        b = a.shape[0]
+        a3 = a.reshape(b, -1, a.shape[-1]).float()
+        g3 = go.reshape(b, -1, go.shape[-1]).float()
+        for slot in layer.slots:
+            if slot.attr == "bias":
+                yield slot.start, g3.sum(dim=1)
+                continue
+            in_features = a3.shape[2]
+            step = max(1, self.tile_bytes // (4 * b * in_features))
+            for o0 in range(0, g3.shape[2], step):
+                o1 = min(o0 + step, g3.shape[2])
+                out = self._buffer(b * (o1 - o0) * in_features, a.device).view(
+                    b, o1 - o0, in_features
+                )
+                torch.bmm(g3[:, :, o0:o1].transpose(1, 2), a3, out=out)
+                yield slot.start + o0 * in_features, out.view(b, -1)
+
+    def _conv(self, layer: _Layer):
+        module = layer.module
+        a, go = layer.inputs.float(), layer.grad_output.float()
+        b = a.shape[0]
+        if isinstance(module, nn.Conv1d):
+            a, go = a.unsqueeze(2), go.unsqueeze(2)
+            kernel = (1, *module.kernel_size)
+            dilation, padding, stride = (
+                (1, *module.dilation),
+                (0, *module.padding),
+                (1, *module.stride),
+            )
+        else:
+            kernel, dilation = module.kernel_size, module.dilation
+            padding, stride = module.padding, module.stride
+        groups = module.groups
+        cols = torch.nn.functional.unfold(
+            a, kernel, dilation=dilation, padding=padding, stride=stride
+        )
+        length = cols.shape[2]
+        out_channels = go.shape[1]
+        g3 = go.reshape(b, out_channels, length)
+        for slot in layer.slots:
+            if slot.attr == "bias":
+                yield slot.start, g3.sum(dim=2)
+                continue
+            if groups == 1:
+                fan_in = cols.shape[1]
+                cols_t = cols.transpose(1, 2)
+                step = max(1, self.tile_bytes // (4 * b * fan_in))
+                for o0 in range(0, out_channels, step):
+                    o1 = min(o0 + step, out_channels)
+                    out = self._buffer(b * (o1 - o0) * fan_in, a.device).view(b, o1 - o0, fan_in)
+                    torch.bmm(g3[:, o0:o1], cols_t, out=out)
+                    yield slot.start + o0 * fan_in, out.view(b, -1)
+            else:
+                fan_in = cols.shape[1] // groups
+                per_group = out_channels // groups
+                cols_g = cols.view(b, groups, fan_in, length)
+                go_g = g3.view(b, groups, per_group, length)
+                grads = torch.einsum("bgol,bgcl->bgoc", go_g, cols_g)
+                yield slot.start, grads.reshape(b, -1)
+
+    def _norm(self, layer: _Layer):
+        module = layer.module
+        a, go = layer.inputs.float(), layer.grad_output.float()
+        b = a.shape[0]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            normalised = (a - module.running_mean.view(shape)) * torch.rsqrt(
+                module.running_var.view(shape) + module.eps
+            )
+            reduce = [d for d in range(2, a.dim())]
+        elif isinstance(module, nn.GroupNorm):
+            grouped = a.reshape(b, module.num_groups, -1)
+            mean = grouped.mean(dim=2, keepdim=True)
+            var = grouped.var(dim=2, unbiased=False, keepdim=True)
+            normalised = ((grouped - mean) * torch.rsqrt(var + module.eps)).view_as(a)
+            reduce = [d for d in range(2, a.dim())]
+        else:  # LayerNorm over the trailing normalized_shape
+            dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
+            mean = a.mean(dim=dims, keepdim=True)
+            var = a.var(dim=dims, unbiased=False, keepdim=True)
+            normalised = (a - mean) * torch.rsqrt(var + module.eps)
+            reduce = list(range(1, a.dim() - len(module.normalized_shape)))
+        for slot in layer.slots:
+            product = go * normalised if slot.attr == "weight" else go
+            summed = product.sum(dim=reduce) if reduce else product
+            yield slot.start, summed.reshape(b, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The full (B, P) per-sample gradient matrix: for tests and small models only."""
+        self.capture(x)
+        out = torch.empty(x.shape[0], self.selection.size, device=x.device)
+        for start, tile in self.tiles():
+            out[:, start : start + tile.shape[1]] = tile
+        return out

@@ -18,11 +18,13 @@ import torch
 from gradcli import data as data_mod
 from gradcli.errors import BadInputError, StaleStoreError
 from gradcli.grads import (
-    EnergyGradients,
     GradientStatistics,
+    LayerGradients,
     ParameterSelection,
     Projector,
     auto_batch_size,
+    default_memory_budget,
+    plan_row_blocks,
     sanitise_variance,
     select_parameters,
 )
@@ -41,6 +43,8 @@ SCORE_EMBEDDINGS = ("grad", "feat", "ensemble")
 DOWNSTREAM_OF_SUBSPACE = ("embed", "head", "detectors", "scores", "results")
 BASIS_CHUNK_ROWS = 1 << 20
 DEFAULT_CHUNK_ROWS = 512
+BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 
 
 @dataclass
@@ -121,7 +125,15 @@ class Run:
         progress=None,
         num_workers: int = 0,
         create: bool = True,
+        memory_budget: int | None = None,
+        basis_dtype: str = "float32",
     ) -> None:
+        if basis_dtype not in BASIS_DTYPES:
+            raise BadInputError(
+                f"--basis-dtype must be one of {', '.join(BASIS_DTYPES)}, not '{basis_dtype}'"
+            )
+        self.basis_dtype = basis_dtype
+        self.memory_budget = memory_budget or default_memory_budget()
         self.store = RunStore(str(store), create=create)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -336,14 +348,19 @@ class Run:
         self, source, indices: np.ndarray, selection: ParameterSelection, batch_size: int | None
     ) -> None:
         model = self.model
-        batch = batch_size or auto_batch_size(selection.size)
-        engine = EnergyGradients(model.module, selection)
+        engine = LayerGradients(model.module, selection)
         stats = GradientStatistics(selection.size, model.num_classes)
+        fixed = 8 * selection.size * (3 + model.num_classes)  # float64 mean, m2, class sums
+        batch = batch_size or self._batch_size(engine, source, indices, fixed)
         with self.progress.task("gradient statistics", total=len(indices)) as advance:
             for x, y in self._loader(source, indices, batch):
-                grads = engine(x.to(self.device))
-                _check_finite(grads, "gradients", source.spec)
-                stats.update(grads, y)
+                x = x.to(self.device)
+                logits, _ = engine.capture(x)
+                _check_finite(logits, "logits", source.spec)
+                for start, tile in engine.tiles():
+                    _check_finite(tile, "gradients", source.spec)
+                    stats.update_rows(start, tile, y)
+                stats.commit(y)
                 advance(len(y))
         var, replaced = sanitise_variance(stats.variance())
         self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
@@ -367,16 +384,47 @@ class Run:
             return mean, torch.ones_like(mean)
         return mean, torch.from_numpy(self.store.read("stats/var")).sqrt()
 
-    def _projector(self) -> Projector:
+    def _batch_size(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
+        """Batch size from the memory budget, measured on one sample."""
+        probe, _ = next(iter(self._loader(source, indices[:1], 1)))
+        engine.capture(probe.to(self.device))
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model.module.parameters())
+        free = self.memory_budget - fixed_bytes - 2 * model_bytes - (64 << 20)
+        return auto_batch_size(engine.sample_bytes(), free)
+
+    def _row_blocks(
+        self, selection: ParameterSelection, k: int
+    ) -> list[tuple[int, int, list[str]]]:
+        """Parameter blocks whose basis rows fit the budget: [(first_row, end_row, names)]."""
+        bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8  # + mean, 1/scale
+        plan = plan_row_blocks(
+            selection.sizes, selection.names, bytes_per_row, int(self.memory_budget * BASIS_SHARE)
+        )
+        starts = np.concatenate([[0], np.cumsum(selection.sizes)]).astype(int)
+        return [(int(starts[a]), int(starts[b]), list(selection.names[a:b])) for a, b in plan]
+
+    def _projector(self, start: int, stop: int) -> Projector:
+        """The projection for basis rows [start, stop), read from the store."""
         if not self.store.stage_complete("subspace"):
             raise BadInputError(
                 f"store {self.store.url} has no finished subspace; run 'gradcli extract-subspace' "
                 "first"
             )
         no_variance = self.store.group_attrs("subspace")["provenance"]["no_variance"]
-        mean, scale = self._normalisation(no_variance)
-        basis = torch.from_numpy(self.store.read("subspace/basis"))
-        return Projector(mean, scale, basis).to(self.device)
+        mean = torch.from_numpy(self.store.read_rows("stats/mean", start, stop))
+        if no_variance:
+            scale = torch.ones_like(mean)
+        else:
+            scale = torch.from_numpy(self.store.read_rows("stats/var", start, stop)).sqrt()
+        basis = torch.from_numpy(self.store.read_rows("subspace/basis", start, stop))
+        return Projector(
+            mean,
+            scale,
+            basis,
+            start=start,
+            dtype=BASIS_DTYPES[self.basis_dtype],
+            device=self.device,
+        )
 
     # -- embed -------------------------------------------------------------------------
     def embed(
@@ -390,7 +438,12 @@ class Run:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         overwrite: bool = False,
     ) -> str:
-        """Reduced gradients, features, logits and labels of a dataset; returns the name."""
+        """Reduced gradients, features, logits and labels of a dataset; returns the name.
+
+        When the basis does not fit the memory budget, the parameters are split into row
+        blocks and the data is passed once per block; partial sums are kept in the store so
+        the result equals the unsplit run and an interrupted run resumes per block and chunk.
+        """
         if chunk_rows < 1:
             raise BadInputError("--chunk-rows must be at least 1")
         source = self.resolve(dataset)
@@ -398,7 +451,9 @@ class Run:
         _check_name(name)
         model = self.model
         selection = self.selection
-        projector = self._projector()
+        if not self.store.stage_complete("subspace"):
+            self._projector(0, 0)  # raises the "extract-subspace first" error
+        k = int(self.store.shape("subspace/basis")[1])
         indices = self._subset(len(source), max_samples, seed)
         record = {
             "subspace": self.store.stage_digest("subspace"),
@@ -408,64 +463,123 @@ class Run:
             "max_samples": max_samples,
             "seed": seed,
             "preprocess": model.preprocess.to_dict(),
+            "basis_dtype": self.basis_dtype,
         }
         path = f"embed/{name}"
         if self.store.open_stage(path, record, overwrite=overwrite, what=f"embedding '{name}'"):
             return name
-        for stale in (f"scores/{name}",):
-            self.store.delete(stale)
+        self.store.delete(f"scores/{name}")
+        blocks = self._row_blocks(selection, k)
+        feature_module = model.module.get_submodule(model.feature_layer)
+        engines = [
+            LayerGradients(
+                model.module,
+                selection,
+                only=names,
+                feature_module=feature_module if i == 0 else None,
+            )
+            for i, (_, _, names) in enumerate(blocks)
+        ]
         probe, _ = next(iter(self._loader(source, indices[:1], 1)))
-        with torch.inference_mode():
-            feat, logits = model.features_and_logits(probe.to(self.device))
-        k = projector.weight.shape[1]
-        chunks = self.store.row_chunks(
-            path,
-            len(indices),
-            chunk_rows,
-            {
-                "grad": ((k,), "float32"),
-                "gnorm": ((), "float32"),
-                "feat": ((feat.shape[1],), "float32"),
-                "logits": ((logits.shape[1],), "float32"),
-                "labels": ((), "int64"),
-            },
+        logits, feat = engines[0].capture(probe.to(self.device))
+        arrays = {
+            "grad": ((k,), "float32"),
+            "gnorm": ((), "float32"),
+            "feat": ((feat.shape[1],), "float32"),
+            "logits": ((logits.shape[1],), "float32"),
+            "labels": ((), "int64"),
+        }
+        if len(blocks) > 1:
+            arrays.update(partial=((k,), "float64"), partial_gnorm2=((), "float64"))
+        chunks = self.store.row_chunks(path, len(indices), chunk_rows, arrays)
+        bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8
+        block_rows = max(stop - start for start, stop, _ in blocks)
+        fixed = block_rows * bytes_per_row
+        batch = batch_size or min(
+            self._batch_size(engine, source, indices, fixed) for engine in engines
         )
-        batch = batch_size or auto_batch_size(selection.size)
-        engine = EnergyGradients(model.module, selection)
+        if len(blocks) > 1:
+            self.progress.note(
+                f"the basis ({selection.size:,} rows x {k}) exceeds the memory budget: "
+                f"{len(blocks)} passes over the data, one per parameter block"
+            )
+        block_done = self.store.flags(path, "block_done", len(blocks) * chunks.n_chunks)
         pending = chunks.pending()
-        done_rows = len(indices) - sum(len(chunks.chunk_range(i)) for i in pending)
-        with self.progress.task(f"embed {name}", total=len(indices)) as advance:
-            advance(done_rows)
-            for chunk in pending:
-                rows = chunks.chunk_range(chunk)
-                parts = self._embed_rows(
-                    source, indices[rows.start : rows.stop], batch, engine, projector
-                )
-                chunks.write(chunk, parts)
-                chunks.mark_done(chunk)
-                advance(len(rows))
+        total = len(blocks) * sum(len(chunks.chunk_range(i)) for i in pending)
+        with self.progress.task(f"embed {name}", total=total) as advance:
+            for b, ((start, stop, _), engine) in enumerate(zip(blocks, engines, strict=True)):
+                projector = self._projector(start, stop)
+                for chunk in pending:
+                    rows = chunks.chunk_range(chunk)
+                    flag = b * chunks.n_chunks + chunk
+                    if block_done[flag]:
+                        advance(len(rows))
+                        continue
+                    first, last = b == 0, b == len(blocks) - 1
+                    parts = self._embed_rows(
+                        source,
+                        indices[rows.start : rows.stop],
+                        batch,
+                        engine,
+                        projector,
+                        chunks if not first else None,
+                        chunk,
+                    )
+                    if not last:
+                        parts["partial"] = parts.pop("z")
+                        parts["partial_gnorm2"] = parts.pop("gnorm2")
+                    else:
+                        parts["grad"] = parts.pop("z").astype(np.float32)
+                        parts["gnorm"] = np.sqrt(parts.pop("gnorm2")).astype(np.float32)
+                    chunks.write(chunk, parts)
+                    if last:
+                        chunks.mark_done(chunk)
+                    else:
+                        block_done[flag] = True
+                    advance(len(rows))
+        for leftover in ("partial", "partial_gnorm2", "block_done"):
+            self.store.delete(f"{path}/{leftover}")
         self.store.complete_stage(
             path, rows=len(indices), dataset=source.spec, has_labels=source.has_labels
         )
         return name
 
-    def _embed_rows(self, source, indices, batch, engine, projector) -> dict[str, np.ndarray]:
-        """Embed the given rows of a source, batch by batch."""
-        out: dict[str, list] = {"grad": [], "gnorm": [], "feat": [], "logits": [], "labels": []}
+    def _embed_rows(
+        self, source, indices, batch, engine, projector, partial_from=None, chunk=0
+    ) -> dict[str, np.ndarray]:
+        """One block's contribution for the given rows, batch by batch.
+
+        Returns z (n, K) and gnorm2 (n,) float64 sums (continuing the stored partial sums of
+        earlier blocks when ``partial_from`` is given) and, on the first block, the features,
+        logits and labels.
+        """
+        n = len(indices)
+        if partial_from is None:
+            z = torch.zeros(n, projector.k, dtype=torch.float64, device=self.device)
+            gnorm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
+        else:
+            z = torch.from_numpy(partial_from.read_chunk("partial", chunk)).to(self.device)
+            gnorm2 = torch.from_numpy(partial_from.read_chunk("partial_gnorm2", chunk))
+            gnorm2 = gnorm2.to(self.device)
+        out: dict[str, list] = {"feat": [], "logits": [], "labels": []}
+        offset = 0
         for x, y in self._loader(source, indices, batch):
             x = x.to(self.device)
-            with torch.inference_mode():
-                feat, logits = self.model.features_and_logits(x)
-            grads = engine(x)
+            logits, feat = engine.capture(x)
             _check_finite(logits, "logits", source.spec)
-            _check_finite(grads, "gradients", source.spec)
-            z, gnorm = projector(grads)
-            out["grad"].append(z.cpu().numpy())
-            out["gnorm"].append(gnorm.cpu().numpy())
-            out["feat"].append(feat.float().cpu().numpy())
-            out["logits"].append(logits.float().cpu().numpy())
-            out["labels"].append(y.numpy().astype(np.int64))
-        return {k: np.concatenate(v) for k, v in out.items()}
+            rows = slice(offset, offset + len(y))
+            for start, tile in engine.tiles():
+                projector.add(start, tile, z[rows], gnorm2[rows])
+            _check_finite(z[rows], "gradients", source.spec)  # NaN/Inf propagate into z
+            offset += len(y)
+            if partial_from is None:
+                out["feat"].append(feat.cpu().numpy())
+                out["logits"].append(logits.float().cpu().numpy())
+                out["labels"].append(y.numpy().astype(np.int64))
+        result = {"z": z.cpu().numpy(), "gnorm2": gnorm2.cpu().numpy()}
+        if partial_from is None:
+            result.update({key: np.concatenate(v) for key, v in out.items()})
+        return result
 
     def embedding_names(self) -> list[str]:
         return self.store.children("embed") if self.store.has("embed") else []

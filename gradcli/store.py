@@ -104,6 +104,27 @@ class RowChunks:
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self.group[name][:])
 
+    def read_chunk(self, name: str, index: int) -> np.ndarray:
+        """Rows of chunk ``index`` of one array."""
+        rows = self.chunk_range(index)
+        return np.asarray(self.group[name][rows.start : rows.stop])
+
+
+class Flags:
+    """A vector of booleans, one stored object each, so concurrent writers never collide."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self._array = array
+
+    def __getitem__(self, index: int) -> bool:
+        return bool(self._array[index])
+
+    def __setitem__(self, index: int, value: bool) -> None:
+        self._array[index] = value
+
+    def all(self) -> np.ndarray:
+        return np.asarray(self._array[:], dtype=bool)
+
 
 class RunStore:
     """A run store at a local path or any URL zarr understands (``file://``, ``memory://``, ...)."""
@@ -306,6 +327,15 @@ class RunStore:
                 fill_value=False,
             )
         return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows)
+
+    def flags(self, path: str, name: str, size: int) -> Flags:
+        """The flag vector ``path/name`` of ``size`` entries (created all False if absent)."""
+        group = self.root[path]
+        if name not in group or tuple(group[name].shape) != (size,):
+            group.create_array(
+                name, shape=(size,), dtype="bool", chunks=(1,), overwrite=True, fill_value=False
+            )
+        return Flags(group[name])
 
     def walk(self, path: str = "") -> Iterator[tuple[str, Any]]:
         """(path, node) for every group and array below ``path``."""

@@ -11,8 +11,11 @@ from gradcli.errors import BadInputError
 from gradcli.grads import (
     EnergyGradients,
     GradientStatistics,
+    LayerGradients,
     Projector,
     energy,
+    parse_size,
+    plan_row_blocks,
     sanitise_variance,
     select_parameters,
 )
@@ -137,3 +140,181 @@ def test_projector_equals_explicit_normalised_product():
     normalised = ((g - mean) / scale).double()
     torch.testing.assert_close(z.double(), normalised @ basis.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gnorm.double(), normalised.norm(dim=1), rtol=1e-5, atol=1e-6)
+
+
+# -- the per-layer engine: every layer type against the one-image loop ---------------------
+
+
+class Scale(nn.Module):
+    """A module type the engine has no rule for: its gain goes through torch.func."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        return x * self.gain.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class Zoo(nn.Module):
+    """Conv2d of every stride/padding/dilation/groups kind, Conv1d, norms, sequence Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.gn = nn.GroupNorm(4, 16)
+        self.scale = Scale(16)
+        self.conv1d = nn.Conv1d(16, 6, 2, stride=2)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.seq = nn.Linear(6, 5)
+        self.ln = nn.LayerNorm(5)
+        self.bn_flat = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.depthwise(self.grouped(x)))
+        x = self.scale(self.gn(x)).flatten(2)  # (B, 16, L)
+        x = torch.relu(self.bn1d(self.conv1d(x)))  # (B, 6, L/2)
+        x = self.ln(self.seq(x.transpose(1, 2)))  # (B, T, 5): Linear on a sequence
+        return self.head(self.bn_flat(x.mean(dim=1)))
+
+
+def _loop(model, x, names):
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        energy(model(x[i : i + 1]))[0].backward()
+        rows.append(
+            torch.cat(
+                [
+                    params[n].grad.reshape(-1)
+                    if params[n].grad is not None
+                    else torch.zeros(params[n].numel())
+                    for n in names
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def _randomise_norms(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.LayerNorm | nn.GroupNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def _engine_vs_loop(model, x, tile_bytes=1 << 12):
+    model.eval()
+    selection = select_parameters(model)
+    engine = LayerGradients(model, selection, tile_bytes=tile_bytes)  # small tiles: many of them
+    got = engine(x)
+    want = _loop(model, x, selection.names)
+    return engine, (got - want).abs().max() / want.abs().max()
+
+
+def test_engine_matches_loop_for_every_layer_type():
+    torch.manual_seed(0)
+    model = Zoo()
+    _randomise_norms(model)
+    engine, error = _engine_vs_loop(model, torch.randn(5, 3, 12, 12))
+    assert error < 1e-5
+    assert engine.fallback_names == ("scale.gain",)
+    kinds = {type(layer.module) for layer in engine.layers}
+    assert {nn.Conv2d, nn.Conv1d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d} <= kinds
+    assert {nn.LayerNorm, nn.GroupNorm} <= kinds
+
+
+def test_engine_matches_loop_on_resnet_with_inplace_relu():
+    import torchvision
+
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=5)
+    _randomise_norms(model)
+    _, error = _engine_vs_loop(model, torch.randn(2, 3, 32, 32), tile_bytes=1 << 20)
+    assert error < 1e-5
+
+
+def test_engine_matches_loop_on_vit():
+    """Attention projections are used without calling their module: torch.func covers them."""
+    import torchvision
+
+    torch.manual_seed(2)
+    model = torchvision.models.VisionTransformer(
+        image_size=16,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=4,
+    )
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    engine, error = _engine_vs_loop(model, torch.randn(3, 3, 16, 16))
+    assert error < 1e-5
+    assert "class_token" in engine.fallback_names
+    assert any(n.endswith("out_proj.weight") for n in engine.fallback_names)
+
+
+def test_engine_block_covers_only_its_parameters():
+    torch.manual_seed(3)
+    model = TinyResNet().eval()
+    selection = select_parameters(model)
+    full = LayerGradients(model, selection)(torch.randn(4, 3, 8, 8))
+    names = [n for n in selection.names if n.startswith("block.")]
+    engine = LayerGradients(model, selection, only=names)
+    x = torch.randn(4, 3, 8, 8)
+    engine.capture(x)
+    seen = np.zeros(selection.size, dtype=int)
+    reference = LayerGradients(model, selection)(x)
+    for start, tile in engine.tiles():
+        seen[start : start + tile.shape[1]] += 1
+        torch.testing.assert_close(tile, reference[:, start : start + tile.shape[1]])
+    starts = np.concatenate([[0], np.cumsum(selection.sizes)])
+    expected = np.zeros(selection.size, dtype=int)
+    for i, n in enumerate(selection.names):
+        if n in names:
+            expected[starts[i] : starts[i + 1]] = 1
+    np.testing.assert_array_equal(seen, expected)
+    assert full.shape == (4, selection.size)
+
+
+def test_bfloat16_basis_is_accurate_once_centred():
+    """Uncentred gradients in bf16 lose precision; centring in float32 first keeps it."""
+    torch.manual_seed(4)
+    p, k = 200_000, 50
+    mean = torch.randn(p) * 5.0  # a large mean, as trained networks' gradients have
+    grads = mean + torch.randn(16, p) * 0.5
+    scale = torch.rand(p) + 0.5
+    basis, _ = torch.linalg.qr(torch.randn(p, k))
+    exact, _ = Projector(mean, scale, basis)(grads)
+    approx, _ = Projector(mean, scale, basis, dtype=torch.bfloat16)(grads)
+    error = (approx - exact).norm() / exact.norm()
+    assert error < 1e-2
+
+
+def test_row_block_plan_respects_the_budget():
+    sizes, names = [100, 50, 300, 20, 20], ["a", "b", "c", "d", "e"]
+    blocks = plan_row_blocks(sizes, names, bytes_per_row=4, budget=1300)
+    assert blocks == [(0, 2), (2, 4), (4, 5)]  # greedy: 400+200 | 1200+80 | 80 bytes
+    with pytest.raises(BadInputError, match="parameter c alone"):
+        plan_row_blocks(sizes, names, bytes_per_row=4, budget=1000)
+    assert plan_row_blocks(sizes, names, bytes_per_row=4, budget=10**6) == [(0, 5)]
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5G") == int(1.5 * (1 << 30))
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1000") == 1000
+    with pytest.raises(BadInputError, match="--memory-budget"):
+        parse_size("lots")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from gradcli.grads import energy
@@ -55,3 +56,50 @@ def test_embedding_equals_normalised_projected_loop_gradients(tiny, tmp_path):
     assert basis.shape == (g.shape[1], 2)
     q, _ = np.linalg.qr(class_means[:2].T)
     np.testing.assert_allclose(np.abs(q.T @ basis), np.eye(2), atol=1e-4)
+
+
+def _tiny_run(tiny, path, **kwargs) -> Run:
+    run = Run(path, **kwargs)
+    run.set_model(tiny.model, str(tiny.weights), input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+    run.extract_subspace(tiny.train, batch_size=16)
+    return run
+
+
+def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path, monkeypatch):
+    whole = _tiny_run(tiny, tmp_path / "whole")
+    whole.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
+    # 283 parameters x (K=2 float32 + 8) = 16 bytes a row: a 3,500-byte budget leaves 2,100
+    # bytes for basis rows, at most 131 rows a block: at least three blocks.
+    split = _tiny_run(tiny, tmp_path / "split", memory_budget=3500)
+    blocks = split._row_blocks(split.selection, 2)
+    assert len(blocks) >= 3
+    calls = {"n": 0}
+    original = Run._embed_rows
+
+    def interrupt_after_five(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_embed_rows", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        split.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
+    monkeypatch.setattr(Run, "_embed_rows", original)
+    assert not split.store.stage_complete("embed/t")
+    resumed = Run(tmp_path / "split", memory_budget=3500)
+    resumed.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
+    a, b = whole.load_embedding("t"), resumed.load_embedding("t")
+    for key in ("grad", "gnorm", "feat", "logits", "labels"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not resumed.store.has("embed/t/partial")
+
+
+def test_bfloat16_embedding_close_to_float32(tiny, tmp_path):
+    run = _tiny_run(tiny, tmp_path / "run")
+    run.embed(tiny.test, name="f32", batch_size=8)
+    bf16 = Run(tmp_path / "run", basis_dtype="bfloat16")
+    bf16.embed(tiny.test, name="bf16", batch_size=8)
+    exact, approx = run.load_embedding("f32")["grad"], bf16.load_embedding("bf16")["grad"]
+    assert np.linalg.norm(approx - exact) / np.linalg.norm(exact) < 1e-2
+    assert not np.array_equal(approx, exact)
