@@ -174,6 +174,7 @@ class Run:
             "trust_checkpoint": trust_checkpoint,
         }
         model = self._load(args)
+        args.update(spec=model.spec, weights=model.weights)  # absolute paths: cwd may change
         record = model.describe()
         existing = self.store.attrs.get("model")
         if existing is not None and existing != record:

@@ -52,3 +52,32 @@ def test_readme_python_example_runs(demo_dir, monkeypatch):
     assert set(namespace["scores"]) >= {"knn-grad", "knn-feat", "energy-grad", "knn-ensemble"}
     assert namespace["embedding"]["grad"].shape == (10000, 9)
     assert 0.5 < namespace["results"].rows[("knn", "grad")]["fashion-test"]["auroc"] <= 1.0
+
+
+def test_bfloat16_basis_changes_demo_auroc_by_at_most_0_002(demo_dir):
+    """The demo's AUROCs with a bf16 basis against the float32 run, on its smaller OOD sets."""
+    from gradcli.metrics import auroc
+    from gradcli.run import Run
+
+    store = demo_dir / "artifacts" / "demo"
+    if not (store / "mnist_cnn.pt").exists():
+        pytest.skip("needs the demo store from test_demo_runs_and_reuses_its_store")
+    exact = Run(store)
+    bf16 = Run(store, basis_dtype="bfloat16")
+    pairs = {
+        "mnist5k:test": "mnist5k-test",
+        "digits": "digits-test",
+        "texture-patches": "texture-patches-test",
+    }
+    for spec in pairs:
+        bf16.embed(spec, name=f"{pairs[spec]}-bf16")
+    for method in ("energy", "knn", "maha", "msp"):
+        for emb in ("grad", "ensemble"):
+            key = f"{method}-{emb}"
+            id_exact = exact.score("mnist5k-test", methods=[method])[key]
+            id_bf16 = bf16.score("mnist5k-test-bf16", methods=[method])[key]
+            for ood in ("digits-test", "texture-patches-test"):
+                ood_exact = exact.score(ood, methods=[method])[key]
+                ood_bf16 = bf16.score(f"{ood}-bf16", methods=[method])[key]
+                change = abs(auroc(id_bf16, ood_bf16) - auroc(id_exact, ood_exact))
+                assert change <= 0.002, (key, ood, change)
