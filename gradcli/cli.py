@@ -178,10 +178,18 @@ def extract_subspace(
     weights: Annotated[
         str | None, typer.Option(help="State-dict file or torchvision weights name.")
     ] = None,
-    method: Annotated[str, typer.Option(help="Subspace: avg (class-average gradients).")] = "avg",
+    method: Annotated[
+        str, typer.Option(help="Subspace: avg (class-average gradients) or pca.")
+    ] = "avg",
     k: Annotated[
-        int | None, typer.Option("--k", help="Subspace dimension (avg: number of classes).")
+        int | None,
+        typer.Option("--k", help="Subspace dimension (pca: required; avg: classes - 1)."),
     ] = None,
+    oversample: Annotated[int, typer.Option(help="PCA: extra columns p of the block.")] = 10,
+    iterations: Annotated[int, typer.Option(help="PCA: subspace iterations T.")] = 4,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="PCA: save progress every this many batches.")
+    ] = 50,
     params: Annotated[
         str | None, typer.Option(help="Parameter name globs, e.g. 'layer4.*,fc.*'.")
     ] = None,
@@ -191,7 +199,7 @@ def extract_subspace(
     no_variance: Annotated[
         bool, typer.Option("--no-variance", help="Do not divide by the gradient std.")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset and PCA start.")] = 0,
     feature_layer: Annotated[
         str | None, typer.Option(help="Module whose input is the feature vector.")
     ] = None,
@@ -239,6 +247,9 @@ def extract_subspace(
         no_variance=no_variance,
         batch_size=batch_size,
         seed=seed,
+        oversample=oversample,
+        iterations=iterations,
+        checkpoint_every=checkpoint_every,
         overwrite=overwrite,
     )
     summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)

@@ -36,7 +36,15 @@ from gradcli.scores import BASE_METHODS, get_detector
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.store import RunStore
-from gradcli.subspace import average_gradient_basis, check_method
+from gradcli.subspace import (
+    Subspace,
+    average_gradient_basis,
+    check_method,
+    orthonormalise_,
+    pca_width,
+    random_start,
+    rayleigh_ritz,
+)
 
 EMBEDDINGS = ("grad", "feat")
 SCORE_EMBEDDINGS = ("grad", "feat", "ensemble")
@@ -271,9 +279,17 @@ class Run:
         no_variance: bool = False,
         batch_size: int | None = None,
         seed: int = 0,
+        oversample: int = 10,
+        iterations: int = 4,
+        checkpoint_every: int = 50,
         overwrite: bool = False,
     ) -> dict:
-        """Compute the normalisation statistics and the subspace basis from ID training data."""
+        """Compute the normalisation statistics and the subspace basis from ID training data.
+
+        ``method="avg"``: class-average gradients. ``method="pca"``: top-``k`` eigenvectors of
+        ``GᵀG`` by ``iterations`` passes of subspace iteration with ``k + oversample``
+        columns from a ``seed``-ed start, checkpointed every ``checkpoint_every`` batches.
+        """
         model = self.model
         check_method(method, k, model.num_classes)
         source = self.resolve(dataset, default_split="train")
@@ -314,6 +330,13 @@ class Run:
             "method": method,
             "no_variance": no_variance,
         }
+        if method == "pca":
+            if iterations < 1:
+                raise BadInputError("--iterations must be at least 1")
+            if checkpoint_every < 1:
+                raise BadInputError("--checkpoint-every must be at least 1")
+            width = pca_width(k, oversample, selection.size, len(indices))
+            subspace_record.update(k=k, width=width, iterations=iterations, seed=seed)
         sub_done = self.store.open_stage(
             "subspace", subspace_record, overwrite=overwrite, what="the subspace"
         )
@@ -321,13 +344,38 @@ class Run:
             for path in DOWNSTREAM_OF_SUBSPACE:
                 self.store.delete(path)
             mean, scale = self._normalisation(no_variance)
-            class_means = torch.from_numpy(self.store.read("stats/class_means")).double()
-            counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
-            subspace = average_gradient_basis(class_means, mean, scale, counts)
+            if method == "pca":
+                subspace = self._pca(
+                    source,
+                    indices,
+                    selection,
+                    mean,
+                    scale,
+                    k,
+                    width,
+                    iterations,
+                    seed,
+                    batch_size,
+                    checkpoint_every,
+                )
+            else:
+                class_means = torch.from_numpy(self.store.read("stats/class_means")).double()
+                counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
+                subspace = average_gradient_basis(class_means, mean, scale, counts)
+                self.store.write(
+                    "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
+                )
             self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
-            self.store.write(
-                "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
-            )
+            if subspace.eigenvalues is not None:
+                stats = self.store.group_attrs("stats")
+                total = (
+                    stats["raw_variance_sum"]
+                    if no_variance
+                    else float(selection.size - stats["variance_replaced"])
+                )
+                self.store.write("subspace/eigenvalues", subspace.eigenvalues)
+                self.store.set_attrs("subspace", total_variance=total)
+            self.store.delete("subspace/state")
             self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
         self.store.update_root(
             params=selection.describe(),
@@ -336,14 +384,120 @@ class Run:
             id_max_samples=max_samples,
             id_seed=seed,
         )
+        sub_attrs = self.store.group_attrs("subspace")
         return {
             "num_parameters": selection.size,
-            "k": int(self.store.group_attrs("subspace")["k"]),
+            "k": int(sub_attrs["k"]),
+            "explained_variance": (
+                float(self.store.read("subspace/eigenvalues").sum() / sub_attrs["total_variance"])
+                if method == "pca"
+                else None
+            ),
             "method": method,
             "samples": int(len(indices)),
             "variance_replaced": int(self.store.group_attrs("stats").get("variance_replaced", 0)),
             "reused": bool(stats_done and sub_done),
         }
+
+    def _pca(
+        self,
+        source,
+        indices: np.ndarray,
+        selection: ParameterSelection,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        k: int,
+        width: int,
+        iterations: int,
+        seed: int,
+        batch_size: int | None,
+        checkpoint_every: int,
+    ) -> Subspace:
+        """Randomised subspace iteration on GᵀG, one pass over the data per iteration.
+
+        Per batch, the engine's tiles give ``U = G_b V`` (a first sweep) and then
+        ``Y += G_bᵀ U`` (a second sweep over the same captured batch, no second backward).
+        After T iterations a last pass forms ``(G V)ᵀ(G V)`` for the Rayleigh–Ritz step.
+        The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
+        the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
+        """
+        p = selection.size
+        need = p * width * 8 + p * 8
+        budget = int(self.memory_budget * BASIS_SHARE)
+        if need > budget:
+            raise BadInputError(
+                f"PCA with K + p = {width} over {p:,} parameters needs "
+                f"{need / 2**30:.1f} GiB for its block and accumulator, over the memory budget "
+                f"share of {budget / 2**30:.1f} GiB; raise --memory-budget, lower --k or "
+                "--oversample, or select fewer --params"
+            )
+        state = "subspace/state"
+        attrs = self.store.group_attrs(state) if self.store.has(state) else {}
+        model = self.model
+        engine = LayerGradients(model.module, selection)
+        if attrs.get("width") == width and self.store.has(f"{state}/V"):
+            block = torch.from_numpy(self.store.read(f"{state}/V"))
+            iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
+        else:
+            block = random_start(p, width, seed)
+            iteration, cursor = 0, 0
+            batch = batch_size or self._batch_size(engine, source, indices, need)
+            self.store.write(f"{state}/V", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.set_attrs(state, width=width, iteration=0, cursor=0, batch=batch)
+        inv_scale = (1.0 / scale.double()).float().to(self.device)
+        mean_dev = mean.float().to(self.device)
+        n_batches = -(-len(indices) // batch)
+        label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
+        with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
+            advance(iteration * n_batches + cursor)
+            while iteration <= iterations:
+                ritz = iteration == iterations
+                projector = Projector(mean, scale, block, device=self.device)
+                if ritz:
+                    accumulator = torch.zeros(width, width, dtype=torch.float64)
+                elif cursor and self.store.has(f"{state}/Y"):
+                    accumulator = torch.from_numpy(self.store.read(f"{state}/Y")).to(self.device)
+                else:
+                    accumulator = torch.zeros(p, width, device=self.device)
+                if ritz and cursor and self.store.has(f"{state}/gram"):
+                    accumulator = torch.from_numpy(self.store.read(f"{state}/gram"))
+                rest = indices[cursor * batch :]
+                for x, _ in self._loader(source, rest, batch):
+                    logits, _ = engine.capture(x.to(self.device))
+                    _check_finite(logits, "logits", source.spec)
+                    u = torch.zeros(x.shape[0], width, dtype=torch.float64, device=self.device)
+                    unused = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
+                    for start, tile in engine.tiles():
+                        projector.add(start, tile, u, unused)
+                    _check_finite(u, "gradients", source.spec)
+                    if ritz:
+                        accumulator += (u.T @ u).cpu()
+                    else:
+                        u32 = u.float()
+                        for start, tile in engine.tiles():
+                            rows = slice(start, start + tile.shape[1])
+                            normalised = (tile - mean_dev[rows]) * inv_scale[rows]
+                            accumulator[rows].addmm_(normalised.T, u32)
+                    cursor += 1
+                    advance(1)
+                    if cursor % checkpoint_every == 0 and cursor < n_batches:
+                        name = "gram" if ritz else "Y"
+                        self.store.write(
+                            f"{state}/{name}",
+                            accumulator.cpu().numpy(),
+                            chunk_rows=BASIS_CHUNK_ROWS,
+                        )
+                        self.store.set_attrs(state, cursor=cursor)
+                if ritz:
+                    basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
+                    return Subspace(basis=basis.numpy(), method="pca", eigenvalues=values.numpy())
+                block = accumulator.cpu()
+                orthonormalise_(block)
+                iteration, cursor = iteration + 1, 0
+                self.store.write(f"{state}/V", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+                self.store.delete(f"{state}/Y")
+                self.store.set_attrs(state, iteration=iteration, cursor=0)
+        raise AssertionError("unreachable")
 
     def _compute_statistics(
         self, source, indices: np.ndarray, selection: ParameterSelection, batch_size: int | None
@@ -363,7 +517,9 @@ class Run:
                     stats.update_rows(start, tile, y)
                 stats.commit(y)
                 advance(len(y))
-        var, replaced = sanitise_variance(stats.variance())
+        raw = stats.variance()
+        raw_sum = float(raw[torch.isfinite(raw)].sum())
+        var, replaced = sanitise_variance(raw)
         self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
         self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
         self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
@@ -371,6 +527,7 @@ class Run:
             "stats",
             samples=int(stats.count),
             variance_replaced=replaced,
+            raw_variance_sum=raw_sum,
             class_counts=stats.class_counts.tolist(),
         )
         if replaced:

@@ -220,11 +220,6 @@ def test_commands_need_a_subspace_first(tmp_path, tiny, cli):
     _one_line_error(cli("fit-head", "--store", store), 2, "extract-subspace")
 
 
-def test_pca_is_not_yet_available(tiny, tmp_path, cli):
-    outcome = cli(*tiny.extract_args(tmp_path / "run"), "--method", "pca", "--k", "2")
-    _one_line_error(outcome, 2, "pca")
-
-
 def test_help_has_examples(cli):
     for command in (
         "extract-subspace",

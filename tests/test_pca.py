@@ -1,0 +1,139 @@
+"""PCA subspace: captured variance against an exact SVD, resume, eigenvalues."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from gradcli.grads import LayerGradients, select_parameters
+from gradcli.run import Run
+
+RESNET_SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    class TinyResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(6)
+            self.block = Block(6)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.block(torch.relu(self.bn(self.stem(x)))).mean(dim=(2, 3)))
+
+    def make():
+        torch.manual_seed(0)
+        net = TinyResNet()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+        return net
+    """
+)
+PREPROCESS = {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.fixture(scope="module")
+def pca_data(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("pca")
+    (root / "resnet.py").write_text(RESNET_SOURCE)
+    rng = np.random.default_rng(7)
+    labels = np.arange(240) % 3
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=float)
+    x = colours[labels][:, None, None, :] + rng.normal(0, 40, size=(240, 8, 8, 3))
+    np.savez(root / "train.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=labels)
+    return root
+
+
+def _exact_normalised_gradients(run: Run, npz) -> torch.Tensor:
+    model = run.model
+    x = torch.from_numpy(np.load(npz)["x"]).permute(0, 3, 1, 2).float()
+    inputs = (x / 255 - 0.5) / 0.25
+    selection = select_parameters(model.module)
+    g = LayerGradients(model.module, selection)(inputs).double()
+    mean = torch.from_numpy(run.store.read("stats/mean")).double()
+    var = torch.from_numpy(run.store.read("stats/var")).double()
+    return (g - mean) / var.sqrt()
+
+
+@pytest.mark.parametrize("which", ["tiny-cnn", "tiny-resnet"])
+@pytest.mark.parametrize("k", [10, 50])
+def test_captured_variance_reaches_099_of_exact(which, k, pca_data, tiny, tmp_path):
+    spec = tiny.model if which == "tiny-cnn" else f"{pca_data / 'resnet.py'}:make"
+    weights = str(tiny.weights) if which == "tiny-cnn" else None
+    run = Run(tmp_path / "run")
+    run.set_model(spec, weights, **PREPROCESS)
+    summary = run.extract_subspace(
+        f"npz:{pca_data / 'train.npz'}", method="pca", k=k, batch_size=32
+    )
+    basis = torch.from_numpy(run.store.read("subspace/basis")).double()
+    assert basis.shape[1] == k
+    torch.testing.assert_close(
+        basis.T @ basis, torch.eye(k, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    g = _exact_normalised_gradients(run, pca_data / "train.npz")
+    _, singular, vt = torch.linalg.svd(g, full_matrices=False)
+    exact = (singular[:k] ** 2).sum()
+    captured = ((g @ basis) ** 2).sum()
+    assert captured / exact >= 0.99, float(captured / exact)
+    values = run.store.read("subspace/eigenvalues")
+    assert np.all(np.diff(values) <= 1e-9)  # sorted, descending
+    np.testing.assert_allclose(values[:3], (singular[:3] ** 2 / len(g)).numpy(), rtol=1e-3)
+    assert 0 < summary["explained_variance"] <= 1 + 1e-6
+
+
+def test_interrupted_pca_resumes_to_the_same_basis(pca_data, tiny, tmp_path, monkeypatch):
+    data = f"npz:{pca_data / 'train.npz'}"
+    options = {"method": "pca", "k": 5, "batch_size": 16, "iterations": 3, "checkpoint_every": 4}
+
+    def fresh(path):
+        run = Run(path)
+        run.set_model(tiny.model, str(tiny.weights), **PREPROCESS)
+        return run
+
+    clean = fresh(tmp_path / "clean")
+    clean.extract_subspace(data, **options)
+    original = LayerGradients.capture
+    # 15 batches per pass: the statistics pass, then PCA; stop in PCA iteration 2, batch 10.
+    stop_at = {"calls": 0, "limit": 15 + 15 + 10 + 1}
+
+    def interrupt(self, x):
+        stop_at["calls"] += 1
+        if stop_at["calls"] == stop_at["limit"]:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(LayerGradients, "capture", interrupt)
+    killed = fresh(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        killed.extract_subspace(data, **options)
+    state = killed.store.group_attrs("subspace/state")
+    assert state["iteration"] == 1 and state["cursor"] == 8  # last checkpoint in iteration 2
+    monkeypatch.setattr(LayerGradients, "capture", original)
+    resumed = fresh(tmp_path / "killed")
+    resumed.extract_subspace(data, **options)
+    np.testing.assert_array_equal(
+        resumed.store.read("subspace/basis"), clean.store.read("subspace/basis")
+    )
+    np.testing.assert_array_equal(
+        resumed.store.read("subspace/eigenvalues"), clean.store.read("subspace/eigenvalues")
+    )
+    assert not resumed.store.has("subspace/state")
