@@ -180,11 +180,12 @@ def sanitise_variance(var: torch.Tensor) -> tuple[torch.Tensor, int]:
 class Projector:
     """Reduced gradients ``z = ((g - M) / sqrt(var)) · V`` of one row block, tile by tile.
 
-    Holds ``W = V / sqrt(var)`` for rows [start, stop) in float32 or bfloat16 (half the
-    memory); each tile is centred in float32 before any cast (centring first keeps bf16
-    accurate) and its products are accumulated in float64 in tile order, so a run split into
-    row blocks adds exactly the same terms in the same order as an unsplit one. Also
-    accumulates ``‖G(x)‖²``.
+    Each tile is centred and scaled in float32 (centring before any cast keeps a bf16 basis
+    accurate) and multiplied by the basis rows held in float32 or bfloat16 (half the
+    memory); products are accumulated in float64 in tile order, so a run split into row
+    blocks adds exactly the same terms in the same order as an unsplit one. The squared norm
+    ``‖G(x)‖²`` is accumulated from the same scaled tile. A float32 basis on the right device
+    is used as given, without a copy.
     """
 
     def __init__(
@@ -201,19 +202,24 @@ class Projector:
         self.stop = start + basis.shape[0]
         self.mean = mean.float().to(device)
         self.inv_scale = (1.0 / scale.double()).float().to(device)
-        self.weight = (basis.double() * self.inv_scale.double().cpu()[:, None]).to(device, dtype)
+        self.weight = basis.to(device, dtype)
         self.dtype = dtype
 
     @property
     def k(self) -> int:
         return int(self.weight.shape[1])
 
+    def normalise(self, start: int, tile: torch.Tensor) -> torch.Tensor:
+        """G for rows [start, start + r) of a batch: (tile - M) / sqrt(var), float32 (B, r)."""
+        local = slice(start - self.start, start - self.start + tile.shape[1])
+        return (tile - self.mean[local]) * self.inv_scale[local]
+
     def add(self, start: int, tile: torch.Tensor, z: torch.Tensor, gnorm2: torch.Tensor) -> None:
         """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64."""
         local = slice(start - self.start, start - self.start + tile.shape[1])
-        centred = tile - self.mean[local]
-        gnorm2 += (centred * self.inv_scale[local]).square().sum(dim=1, dtype=torch.float64)
-        z += (centred.to(self.dtype) @ self.weight[local]).double()
+        normalised = self.normalise(start, tile)
+        gnorm2 += normalised.square().sum(dim=1, dtype=torch.float64)
+        z += (normalised.to(self.dtype) @ self.weight[local]).double()
 
     def __call__(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-matrix form: grads (B, P) -> (z (B, K) float32, ‖G‖ (B,) float32)."""

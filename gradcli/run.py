@@ -444,8 +444,6 @@ class Run:
             batch = batch_size or self._batch_size(engine, source, indices, need)
             self.store.write(f"{state}/V", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
             self.store.set_attrs(state, width=width, iteration=0, cursor=0, batch=batch)
-        inv_scale = (1.0 / scale.double()).float().to(self.device)
-        mean_dev = mean.float().to(self.device)
         n_batches = -(-len(indices) // batch)
         label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
         with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
@@ -476,8 +474,7 @@ class Run:
                         u32 = u.float()
                         for start, tile in engine.tiles():
                             rows = slice(start, start + tile.shape[1])
-                            normalised = (tile - mean_dev[rows]) * inv_scale[rows]
-                            accumulator[rows].addmm_(normalised.T, u32)
+                            accumulator[rows].addmm_(projector.normalise(start, tile).T, u32)
                     cursor += 1
                     advance(1)
                     if cursor % checkpoint_every == 0 and cursor < n_batches:
