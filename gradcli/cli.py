@@ -401,7 +401,8 @@ def score(
     method: Annotated[
         str,
         typer.Option(
-            help="msp, energy, react, bats, maha, knn, ensemble or all (comma-separated)."
+            help="msp, energy, react, bats, maha, knn, residual, gnorm, ensemble or all "
+            "(comma-separated)."
         ),
     ] = "all",
     embedding: Annotated[
@@ -528,6 +529,85 @@ def _write_results(results, results_dir, store, to_json, to_csv) -> None:
         raise BadInputError(
             f"cannot write results to {target}: {error}; pass --results-dir"
         ) from None
+
+
+@app.command(epilog="Example: gradcli inspect --store artifacts/r18 --dataset svhn --plot plots/")
+def inspect(
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="Embed these datasets first to report their reconstruction error."),
+    ] = None,
+    plot: Annotated[
+        str | None, typer.Option(help="Write spectrum plots (PNG) to this folder.")
+    ] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    device: DeviceOpt = "cpu",
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What the store holds: stages, shapes, completion, config, spectrum, reconstruction error."""
+    from gradcli.overview import describe, plot_spectrum
+
+    run = _open_run(store, device, data_root, quiet, workers)
+    for spec in dataset or []:
+        run.embed(spec)
+    report = describe(run)
+    if plot:
+        report["plots"] = [str(p) for p in plot_spectrum(report, plot)]
+    if as_json:
+        _emit(report, True)
+        return
+    console = _out()
+    model = report.get("model") or {}
+    console.print(
+        f"[bold]{report['store']}[/] gradcli {report['gradcli_version']}, created "
+        f"{report['created']}\nmodel {model.get('spec')} (weights sha256 "
+        f"{str(model.get('weights_sha256'))[:12]}), {report['parameters'] or 0:,} parameters; "
+        f"ID train {report['id_train']}, ID test {report['id_test']}",
+        highlight=False,
+    )
+    stages = Table(title="stages")
+    for column in ("stage", "complete", "arrays"):
+        stages.add_column(column)
+    for stage, info in report["stages"].items():
+        arrays = ", ".join(f"{n} {tuple(shape)}" for n, shape in info["arrays"].items())
+        done = "yes" if info["complete"] else f"no {info.get('resume_point', '')}"
+        stages.add_row(stage, done, arrays)
+    console.print(stages)
+    spectrum = report.get("spectrum")
+    if spectrum and "eigenvalues" in spectrum:
+        table = Table(title=f"PCA spectrum (K={spectrum['k']})")
+        for column in ("component", "eigenvalue", "explained %", "cumulative %"):
+            table.add_column(column, justify="right")
+        values = spectrum["eigenvalues"]
+        shown = sorted({0, 1, 2, 4, 9, 19, 49, 99, 199, len(values) - 1} & set(range(len(values))))
+        for i in shown:
+            table.add_row(
+                str(i + 1),
+                f"{values[i]:.4g}",
+                f"{100 * spectrum['explained'][i]:.2f}",
+                f"{100 * spectrum['cumulative'][i]:.2f}",
+            )
+        console.print(table)
+    embeddings = Table(title="embeddings")
+    for column in ("name", "dataset", "shape", "chunks done", "reconstruction error"):
+        embeddings.add_column(column)
+    for name, info in report["embeddings"].items():
+        error = info.get("reconstruction_error") or {}
+        text = f"{error['mean']:.3f} ± {error['std']:.3f}" if error.get("mean") is not None else "-"
+        embeddings.add_row(
+            name,
+            str(info["dataset"]),
+            str(tuple(info.get("shape", ()))),
+            info.get("chunks_done", "-"),
+            text,
+        )
+    console.print(embeddings)
+    for path in report.get("plots", []):
+        console.print(f"wrote {path}")
 
 
 @app.command(epilog="Example: gradcli datasets --data-root ~/data")

@@ -32,7 +32,7 @@ from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_array
 from gradcli.metrics import evaluate_scores
 from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress
-from gradcli.scores import BASE_METHODS, get_detector
+from gradcli.scores import BASE_METHODS, DETECTORS, get_detector
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.store import RunStore
@@ -862,6 +862,7 @@ class Run:
             z=arrays["grad"] if kind == "grad" else arrays["feat"],
             logits=arrays["logits"],
             labels=arrays["labels"],
+            gnorm=arrays["gnorm"] if kind == "grad" else None,
         )
 
     def _fit_detectors(self, train_name, train_data, options: DetectorOptions) -> None:
@@ -871,6 +872,9 @@ class Run:
                 readout = self.readout(kind)
                 train = self._as_embedding(train_data, kind)
                 for method in BASE_METHODS:
+                    if kind not in DETECTORS[method].kinds:
+                        adv(1)
+                        continue
                     path = f"detectors/{kind}/{method}"
                     config = options.for_method(method)
                     record = {"train": train_name, "head": head_digest, **config}
@@ -929,6 +933,8 @@ class Run:
         bases = [e for e in EMBEDDINGS if e in embeddings or "ensemble" in embeddings]
         for method in methods:
             for kind in bases:
+                if kind not in DETECTORS[method].kinds:
+                    continue
                 detector = self._detector(kind, method)
                 if detector is None:
                     continue

@@ -341,3 +341,34 @@ def test_evaluate_ood_places_exactly_once_a_run_exists(tiny, tmp_path, cli, monk
     outcome = cli("evaluate", "--ood", "places")
     assert outcome.code == 0, outcome.err
     assert "places-test" in outcome.out and "cifar10-test" in outcome.out
+
+
+def test_inspect_reports_stages_spectrum_and_reconstruction_error(tiny, tmp_path, cli):
+    store = tmp_path / "run"
+    args = [*tiny.extract_args(store), "--method", "pca", "--k", "4", "--iterations", "2"]
+    assert cli(*args).code == 0
+    outcome = cli(
+        "inspect",
+        "--store",
+        store,
+        "--dataset",
+        tiny.test,
+        "--plot",
+        tmp_path / "p",
+        "--json",
+        "-q",
+    )
+    assert outcome.code == 0, outcome.err
+    report = outcome.json()
+    assert report["stages"]["subspace"]["complete"] and report["spectrum"]["k"] == 4
+    cumulative = report["spectrum"]["cumulative"]
+    assert all(a <= b for a, b in zip(cumulative, cumulative[1:], strict=False))
+    assert 0 < cumulative[-1] <= 1
+    run = RunStore(str(store))
+    z, gnorm = run.read("embed/npz-test/grad"), run.read("embed/npz-test/gnorm")
+    error = np.sqrt(1 - (z.astype(np.float64) ** 2).sum(1) / gnorm.astype(np.float64) ** 2)
+    stored = report["embeddings"]["npz-test"]["reconstruction_error"]
+    assert stored["mean"] == pytest.approx(error.mean(), rel=1e-4)
+    assert (tmp_path / "p" / "spectrum.png").stat().st_size > 1000
+    table = cli("inspect", "--store", store, "-q")
+    assert table.code == 0 and "PCA spectrum" in table.out and "npz-test" in table.out

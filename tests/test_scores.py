@@ -80,7 +80,7 @@ def _round_trip(detector, data, readout):
 
 
 def test_registry():
-    assert BASE_METHODS == ("msp", "energy", "react", "bats", "maha", "knn")
+    assert BASE_METHODS == ("msp", "energy", "react", "bats", "maha", "knn", "residual", "gnorm")
     assert all(DETECTORS[name].name == name for name in BASE_METHODS)
     assert get_detector("react", percentile=80).config() == {"percentile": 80.0, "clip_dims": None}
     with pytest.raises(BadInputError, match="msp, energy, react, bats, maha, knn"):
@@ -282,3 +282,18 @@ def test_ensemble_closed_form():
         ensemble_scores(feature, gradient[:2])
     with pytest.raises(BadInputError, match="gradient scores contain NaN"):
         ensemble_scores(feature, np.array([0.0, np.nan, 1.0]))
+
+
+def test_residual_and_gnorm_scores_closed_form():
+    from gradcli.scores import get_detector
+
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=(6, 3))
+    extra = rng.uniform(0.1, 2.0, size=6)
+    gnorm = np.sqrt((z**2).sum(1) + extra)  # ‖G‖² = ‖z‖² + ‖residual‖²
+    data = Embedding(z=z.astype(np.float32), gnorm=gnorm)
+    residual = get_detector("residual").score(data, None)
+    np.testing.assert_allclose(residual, -np.sqrt(extra) / gnorm, rtol=1e-5)
+    np.testing.assert_allclose(get_detector("gnorm").score(data, None), gnorm)
+    with pytest.raises(BadInputError, match="re-embed"):
+        get_detector("residual").score(Embedding(z=z.astype(np.float32)), None)

@@ -13,9 +13,10 @@ from gradcli.scores.distance import KNN, Mahalanobis
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.scores.output import MSP, Energy
 from gradcli.scores.rectify import BATS, ReAct
+from gradcli.scores.residual import GradientNorm, Residual
 
 DETECTORS: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (MSP, Energy, ReAct, BATS, Mahalanobis, KNN)
+    cls.name: cls for cls in (MSP, Energy, ReAct, BATS, Mahalanobis, KNN, Residual, GradientNorm)
 }
 BASE_METHODS: tuple[str, ...] = tuple(DETECTORS)
 
@@ -44,8 +45,10 @@ __all__ = [
     "Detector",
     "Embedding",
     "Energy",
+    "GradientNorm",
     "Mahalanobis",
     "ReAct",
+    "Residual",
     "Readout",
     "ensemble_scores",
     "get_detector",

@@ -99,13 +99,15 @@ class Embedding:
 
     ``z`` (N, D) float32 features or reduced gradients; ``logits`` (N, C) the model's logits (MSP
     and Energy on features use them when no readout is given); ``labels`` (N,) int64, -1 for
-    unlabelled samples. ``name`` only serves error messages.
+    unlabelled samples; ``gnorm`` (N,) the norm of the full normalised gradient (gradient
+    embeddings only). ``name`` only serves error messages.
     """
 
     z: np.ndarray
     logits: np.ndarray | None = None
     labels: np.ndarray | None = None
     name: str = "embedding"
+    gnorm: np.ndarray | None = None  # (N,) ‖G(x)‖ of the full normalised gradient, for gradients
 
     def __post_init__(self) -> None:
         self.z = np.asarray(self.z)
@@ -235,6 +237,7 @@ class Detector:
     option_names: ClassVar[tuple[str, ...]] = ()
     fit_option_names: ClassVar[tuple[str, ...]] = ()
     needs_fit: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]] = EMBEDDING_KINDS  # embeddings the method applies to
 
     def __init__(self) -> None:
         self._fitted = not self.needs_fit

@@ -1,0 +1,125 @@
+"""What a run store holds: stages, shapes, completion, configuration, spectrum, residuals.
+
+Behind ``gradcli inspect``: a JSON-able description of the store, the PCA eigen-spectrum with
+its explained-variance curve (the paper's Fig. 8) and, per embedded dataset, the relative
+reconstruction error ``‖G − G V Vᵀ‖ / ‖G‖`` (the paper's Tables 2 and 8).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gradcli.errors import BadInputError
+from gradcli.run import Run
+
+STAGES = ("stats", "subspace", "head")
+
+
+def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
+    """(N,) relative error sqrt(1 − ‖z‖²/‖G‖²) from reduced gradients z (N, K) and ‖G‖ (N,)."""
+    total = np.square(gnorm.astype(np.float64))
+    captured = np.square(z.astype(np.float64)).sum(axis=1)
+    ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
+    return np.sqrt(np.clip(1.0 - ratio, 0.0, None))
+
+
+def describe(run: Run) -> dict:
+    """Everything ``inspect`` reports, as plain data."""
+    store = run.store
+    attrs = store.attrs
+    report: dict = {
+        "store": store.url,
+        "gradcli_version": attrs.get("gradcli_version"),
+        "format_version": attrs.get("format_version"),
+        "created": attrs.get("created"),
+        "model": attrs.get("model"),
+        "parameters": (attrs.get("params") or {}).get("size"),
+        "id_train": attrs.get("id_train"),
+        "id_test": attrs.get("id_test"),
+        "stages": {},
+        "embeddings": {},
+    }
+    for stage in STAGES:
+        if store.has(stage):
+            stage_attrs = store.group_attrs(stage)
+            report["stages"][stage] = {
+                "complete": bool(stage_attrs.get("complete")),
+                "provenance": stage_attrs.get("provenance"),
+                "arrays": {
+                    name: list(store.shape(f"{stage}/{name}"))
+                    for name in store.children(stage)
+                    if name != "state"
+                },
+            }
+    if store.has("subspace/state"):
+        state = store.group_attrs("subspace/state")
+        report["stages"]["subspace"]["resume_point"] = {
+            "iteration": state.get("iteration"),
+            "batch": state.get("cursor"),
+        }
+    if store.stage_complete("subspace"):
+        sub = store.group_attrs("subspace")
+        spectrum = {"method": sub["provenance"]["method"], "k": sub.get("k")}
+        if store.has("subspace/eigenvalues"):
+            values = store.read("subspace/eigenvalues").astype(np.float64)
+            total = float(sub.get("total_variance") or values.sum())
+            spectrum.update(
+                eigenvalues=values.tolist(),
+                explained=(values / total).tolist(),
+                cumulative=(np.cumsum(values) / total).tolist(),
+                total_variance=total,
+            )
+        report["spectrum"] = spectrum
+    for name in run.embedding_names():
+        path = f"embed/{name}"
+        attrs_e = store.group_attrs(path)
+        info = {
+            "dataset": attrs_e.get("provenance", {}).get("dataset"),
+            "fingerprint": attrs_e.get("provenance", {}).get("fingerprint"),
+            "complete": bool(attrs_e.get("complete")),
+        }
+        if store.has(f"{path}/done"):
+            done = store.read(f"{path}/done")
+            info["chunks_done"] = f"{int(done.sum())}/{len(done)}"
+        if store.has(f"{path}/grad"):
+            info["shape"] = list(store.shape(f"{path}/grad"))
+        if info["complete"]:
+            arrays = run.load_embedding(name)
+            error = reconstruction_error(arrays["grad"], arrays["gnorm"])
+            info["reconstruction_error"] = {
+                "mean": float(error.mean()) if len(error) else None,
+                "std": float(error.std()) if len(error) else None,
+            }
+        report["embeddings"][name] = info
+    return report
+
+
+def plot_spectrum(report: dict, folder: str | Path) -> list[Path]:
+    """Eigenvalue spectrum and explained-variance curve as PNGs; returns the files written."""
+    spectrum = report.get("spectrum") or {}
+    if "eigenvalues" not in spectrum:
+        raise BadInputError("the store has no PCA spectrum to plot; extract with --method pca")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInputError("plots need matplotlib: pip install 'gradcli[plot]'") from None
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    values = np.asarray(spectrum["eigenvalues"])
+    ranks = np.arange(1, len(values) + 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.semilogy(ranks, values, marker=".")
+    left.set(xlabel="component", ylabel="eigenvalue of GᵀG / N", title="gradient spectrum")
+    right.plot(ranks, np.asarray(spectrum["cumulative"]) * 100, marker=".")
+    right.set(xlabel="K", ylabel="explained variance (%)", title="explained variance")
+    right.set_ylim(0, 100)
+    figure.tight_layout()
+    path = target / "spectrum.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [path]

@@ -1,0 +1,51 @@
+"""Scores from the part of the gradient the subspace does not capture: free with the embedding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradcli.errors import BadInputError
+from gradcli.scores.base import Detector, Embedding, Readout
+
+
+def _gnorm(data: Embedding, method: str) -> np.ndarray:
+    if data.gnorm is None:
+        raise BadInputError(
+            f"{method} needs ‖G(x)‖ of each sample, which {data.name} lacks; re-embed it"
+        )
+    return np.asarray(data.gnorm, dtype=np.float64)
+
+
+class Residual(Detector):
+    """Minus the relative reconstruction error of the normalised gradient in the subspace.
+
+    ``-sqrt(1 - ‖z‖² / ‖G(x)‖²)`` with ``z = G(x)·V`` and V orthonormal, so
+    ``‖G - G V Vᵀ‖ / ‖G‖`` for each sample. Wu et al. (TPAMI 2024, Tables 2 and 8) measure this
+    error as small for ID data and large for OOD data; the relative form is used because ID
+    gradients are larger overall, which turns the absolute residual around. Nothing to fit.
+    """
+
+    name = "residual"
+    needs_fit = False
+    kinds = ("grad",)
+
+    def _score(self, data: Embedding, readout: Readout | None) -> np.ndarray:
+        total = _gnorm(data, self.name) ** 2
+        captured = np.square(np.asarray(data.z, dtype=np.float64)).sum(axis=1)
+        ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
+        return -np.sqrt(np.clip(1.0 - ratio, 0.0, None))
+
+
+class GradientNorm(Detector):
+    """``‖G(x)‖``, the norm of the whole normalised energy gradient (higher = more ID).
+
+    Wu et al. (TPAMI 2024) observe larger normalised gradients for ID data than for OOD data on
+    CIFAR benchmarks. Nothing to fit.
+    """
+
+    name = "gnorm"
+    needs_fit = False
+    kinds = ("grad",)
+
+    def _score(self, data: Embedding, readout: Readout | None) -> np.ndarray:
+        return _gnorm(data, self.name)
