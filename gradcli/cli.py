@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from gradcli import __version__
-from gradcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadInputError, GradcliError
+from gradcli.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    BadInputError,
+    GradcliError,
+    Interrupted,
+)
 
 STORE_ENV = "GRADCLI_STORE"
 DEFAULT_STORE = "artifacts/default"
@@ -57,6 +65,9 @@ WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes.")]
 BudgetOpt = Annotated[
     str | None,
     typer.Option(help="Memory budget, e.g. 8G (default: half the available RAM)."),
+]
+BadImageOpt = Annotated[
+    str, typer.Option(help="fail (default) or skip: what to do with an unreadable image.")
 ]
 BasisDtypeOpt = Annotated[
     str, typer.Option(help="Basis precision in memory: float32 or bfloat16 (half the memory).")
@@ -103,6 +114,34 @@ def _input_size(value: str | None) -> int | tuple[int, int] | None:
     raise BadInputError(f"--input-size takes N or HxW, got '{value}'")
 
 
+class StopRequests:
+    """SIGINT/SIGTERM ask the running stage to stop at its next chunk boundary.
+
+    A second SIGINT stops at once (the default handler's KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+            err.print(
+                f"{signal.Signals(signum).name}: stopping at the next chunk boundary "
+                "(Ctrl-C again to stop at once)",
+                highlight=False,
+            )
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+
 def _open_run(
     store: str,
     device: str,
@@ -112,12 +151,15 @@ def _open_run(
     create: bool = False,
     memory_budget: str | None = None,
     basis_dtype: str = "float32",
+    on_bad_image: str = "fail",
 ):
     from gradcli.grads import parse_size
     from gradcli.progress import NullProgress, RichProgress
     from gradcli.run import Run
 
     progress = NullProgress() if quiet else RichProgress(err)
+    stop = StopRequests()
+    stop.install()
     return Run(
         store,
         device=device,
@@ -127,6 +169,8 @@ def _open_run(
         create=create,
         memory_budget=parse_size(memory_budget) if memory_budget else None,
         basis_dtype=basis_dtype,
+        on_bad_image=on_bad_image,
+        should_stop=stop,
     )
 
 
@@ -219,13 +263,21 @@ def extract_subspace(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
     memory_budget: BudgetOpt = None,
+    on_bad_image: BadImageOpt = "fail",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Gradient statistics (mean, variance) and the subspace basis from ID training data."""
     run = _open_run(
-        store, device, data_root, quiet, workers, create=True, memory_budget=memory_budget
+        store,
+        device,
+        data_root,
+        quiet,
+        workers,
+        create=True,
+        memory_budget=memory_budget,
+        on_bad_image=on_bad_image,
     )
     loaded = run.set_model(
         model,
@@ -287,6 +339,7 @@ def embed(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
     memory_budget: BudgetOpt = None,
+    on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -301,6 +354,7 @@ def embed(
         workers,
         memory_budget=memory_budget,
         basis_dtype=basis_dtype,
+        on_bad_image=on_bad_image,
     )
     stored = run.embed(
         dataset,
@@ -349,6 +403,7 @@ def fit_head(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
     memory_budget: BudgetOpt = None,
+    on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -374,6 +429,7 @@ def fit_head(
         workers,
         memory_budget=memory_budget,
         basis_dtype=basis_dtype,
+        on_bad_image=on_bad_image,
     )
     summary = run.fit_head(
         train=train,
@@ -417,6 +473,7 @@ def score(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
     memory_budget: BudgetOpt = None,
+    on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -431,6 +488,7 @@ def score(
         workers,
         memory_budget=memory_budget,
         basis_dtype=basis_dtype,
+        on_bad_image=on_bad_image,
     )
     scores = run.score(
         dataset,
@@ -480,6 +538,7 @@ def evaluate(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 0,
     memory_budget: BudgetOpt = None,
+    on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -499,6 +558,7 @@ def evaluate(
         workers,
         memory_budget=memory_budget,
         basis_dtype=basis_dtype,
+        on_bad_image=on_bad_image,
     )
     results = run.evaluate(
         ood,
@@ -680,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     except GradcliError as problem:
         if debug:
             raise
-        err.print(f"error: {problem}", highlight=False, soft_wrap=True)
+        prefix = "interrupted" if isinstance(problem, Interrupted) else "error"
+        err.print(f"{prefix}: {problem}", highlight=False, soft_wrap=True)
         return problem.exit_code
     except Exception as problem:  # an internal error: one line unless --debug
         if debug:

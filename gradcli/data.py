@@ -1227,3 +1227,35 @@ def list_datasets(data_root: str | os.PathLike | None) -> list[dict]:
             }
         )
     return entries
+
+
+def without_unreadable(source: ImageSource) -> tuple[ImageSource, list[str]]:
+    """The source minus images that cannot be decoded, and the list of those skipped.
+
+    Decodes every image once, so it is meant for ``--on-bad-image skip``; array sources are
+    returned as they are (their images are already decoded).
+    """
+    if not isinstance(source, FileSource):
+        return source, []
+    keep, skipped = [], []
+    for index in range(len(source)):
+        try:
+            source.load(index)
+            keep.append(index)
+        except BadInputError:
+            skipped.append(str(source.path(index)))
+    if not skipped:
+        return source, []
+    if not keep:
+        raise BadInputError(f"every image of {source.spec} is unreadable; check the files")
+    labels = source.labels()[keep]
+    filtered = FileSource(
+        spec=source.spec,
+        slug=source.slug,
+        split=source.split,
+        root=source.root,
+        relative_paths=[source.relative_paths[i] for i in keep],
+        labels=labels if source.has_labels else None,
+        class_names=source.class_names,
+    )
+    return filtered, skipped

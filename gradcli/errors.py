@@ -29,3 +29,9 @@ class StaleStoreError(GradcliError):
     """The run store holds results computed from something else than what was asked for."""
 
     exit_code = EXIT_STALE_STORE
+
+
+class Interrupted(GradcliError):
+    """Stopped on request (SIGINT/SIGTERM) at a safe point; the message says how to resume."""
+
+    exit_code = EXIT_INTERRUPTED

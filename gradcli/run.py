@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
-from gradcli.errors import BadInputError, StaleStoreError
+from gradcli.errors import BadInputError, Interrupted, StaleStoreError
 from gradcli.grads import (
     GradientStatistics,
     LayerGradients,
@@ -135,12 +135,20 @@ class Run:
         create: bool = True,
         memory_budget: int | None = None,
         basis_dtype: str = "float32",
+        on_bad_image: str = "fail",
+        should_stop=None,
     ) -> None:
         if basis_dtype not in BASIS_DTYPES:
             raise BadInputError(
                 f"--basis-dtype must be one of {', '.join(BASIS_DTYPES)}, not '{basis_dtype}'"
             )
         self.basis_dtype = basis_dtype
+        if on_bad_image not in ("fail", "skip"):
+            raise BadInputError(f"--on-bad-image must be fail or skip, not '{on_bad_image}'")
+        self.on_bad_image = on_bad_image
+        self.skipped: dict[str, list[str]] = {}
+        # Polled at chunk and batch boundaries; the CLI sets it from SIGINT/SIGTERM.
+        self.should_stop = should_stop or (lambda: False)
         self.memory_budget = memory_budget or default_memory_budget()
         self.store = RunStore(str(store), create=create)
         self.device = torch.device(device)
@@ -246,7 +254,17 @@ class Run:
 
     # -- datasets ----------------------------------------------------------------------
     def resolve(self, spec: str, default_split: str = "test") -> data_mod.ImageSource:
-        return data_mod.resolve_dataset(spec, data_root=self.data_root, default_split=default_split)
+        """The image source of a spec; with on_bad_image="skip", minus unreadable images."""
+        source = data_mod.resolve_dataset(
+            spec, data_root=self.data_root, default_split=default_split
+        )
+        if self.on_bad_image == "skip":
+            source, skipped = data_mod.without_unreadable(source)
+            if skipped:
+                self.skipped[source.spec] = skipped
+                shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+                self.progress.note(f"skipped {len(skipped)} unreadable image(s) of {spec}: {shown}")
+        return source
 
     def _subset(self, n: int, max_samples: int | None, seed: int) -> np.ndarray:
         """Seeded sorted random subset of range(n) when max_samples < n, else all rows."""
@@ -435,15 +453,18 @@ class Run:
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
         model = self.model
         engine = LayerGradients(model.module, selection)
-        if attrs.get("width") == width and self.store.has(f"{state}/V"):
-            block = torch.from_numpy(self.store.read(f"{state}/V"))
+        # Arrays are written to alternating slots and only then named in the state's attrs, so
+        # a kill while writing one leaves the previous checkpoint intact.
+        if attrs.get("width") == width and "iteration" in attrs:
             iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
+            block = torch.from_numpy(self.store.read(f"{state}/V{iteration % 2}"))
         else:
             block = random_start(p, width, seed)
             iteration, cursor = 0, 0
             batch = batch_size or self._batch_size(engine, source, indices, need)
-            self.store.write(f"{state}/V", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-            self.store.set_attrs(state, width=width, iteration=0, cursor=0, batch=batch)
+            self.store.delete(state)
+            self.store.write(f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.set_attrs(state, width=width, iteration=0, cursor=0, batch=batch, slot=0)
         n_batches = -(-len(indices) // batch)
         label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
         with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
@@ -451,14 +472,14 @@ class Run:
             while iteration <= iterations:
                 ritz = iteration == iterations
                 projector = Projector(mean, scale, block, device=self.device)
-                if ritz:
+                if cursor:
+                    slot = self.store.group_attrs(state)["slot"]
+                    saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
+                    accumulator = saved if ritz else saved.to(self.device)
+                elif ritz:
                     accumulator = torch.zeros(width, width, dtype=torch.float64)
-                elif cursor and self.store.has(f"{state}/Y"):
-                    accumulator = torch.from_numpy(self.store.read(f"{state}/Y")).to(self.device)
                 else:
                     accumulator = torch.zeros(p, width, device=self.device)
-                if ritz and cursor and self.store.has(f"{state}/gram"):
-                    accumulator = torch.from_numpy(self.store.read(f"{state}/gram"))
                 rest = indices[cursor * batch :]
                 for x, _ in self._loader(source, rest, batch):
                     logits, _ = engine.capture(x.to(self.device))
@@ -477,22 +498,28 @@ class Run:
                             accumulator[rows].addmm_(projector.normalise(start, tile).T, u32)
                     cursor += 1
                     advance(1)
-                    if cursor % checkpoint_every == 0 and cursor < n_batches:
-                        name = "gram" if ritz else "Y"
+                    stop = self.should_stop()
+                    if (cursor % checkpoint_every == 0 or stop) and cursor < n_batches:
+                        slot = 1 - self.store.group_attrs(state).get("slot", 0)
                         self.store.write(
-                            f"{state}/{name}",
+                            f"{state}/partial{slot}",
                             accumulator.cpu().numpy(),
                             chunk_rows=BASIS_CHUNK_ROWS,
                         )
-                        self.store.set_attrs(state, cursor=cursor)
+                        self.store.set_attrs(state, cursor=cursor, slot=slot)
+                    if stop:
+                        raise Interrupted(
+                            "stopped after saving PCA progress; rerun the same command to resume"
+                        )
                 if ritz:
                     basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
                     return Subspace(basis=basis.numpy(), method="pca", eigenvalues=values.numpy())
                 block = accumulator.cpu()
                 orthonormalise_(block)
                 iteration, cursor = iteration + 1, 0
-                self.store.write(f"{state}/V", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-                self.store.delete(f"{state}/Y")
+                self.store.write(
+                    f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS
+                )
                 self.store.set_attrs(state, iteration=iteration, cursor=0)
         raise AssertionError("unreachable")
 
@@ -514,6 +541,11 @@ class Run:
                     stats.update_rows(start, tile, y)
                 stats.commit(y)
                 advance(len(y))
+                if self.should_stop():
+                    raise Interrupted(
+                        "stopped during the statistics pass; rerun the same command to start it "
+                        "again"
+                    )
         raw = stats.variance()
         raw_sum = float(raw[torch.isfinite(raw)].sum())
         var, replaced = sanitise_variance(raw)
@@ -645,7 +677,11 @@ class Run:
             "labels": ((), "int64"),
         }
         if len(blocks) > 1:
-            arrays.update(partial=((k,), "float64"), partial_gnorm2=((), "float64"))
+            # Block b reads slot (b - 1) % 2 and writes slot b % 2: redoing a block after a
+            # kill never adds its terms twice.
+            for slot in (0, 1):
+                arrays.update({f"partial{slot}": ((k,), "float64")})
+                arrays.update({f"partial_gnorm2_{slot}": ((), "float64")})
         chunks = self.store.row_chunks(path, len(indices), chunk_rows, arrays)
         bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8
         block_rows = max(stop - start for start, stop, _ in blocks)
@@ -677,12 +713,11 @@ class Run:
                         batch,
                         engine,
                         projector,
-                        chunks if not first else None,
-                        chunk,
+                        None if first else (chunks, chunk, (b - 1) % 2),
                     )
                     if not last:
-                        parts["partial"] = parts.pop("z")
-                        parts["partial_gnorm2"] = parts.pop("gnorm2")
+                        parts[f"partial{b % 2}"] = parts.pop("z")
+                        parts[f"partial_gnorm2_{b % 2}"] = parts.pop("gnorm2")
                     else:
                         parts["grad"] = parts.pop("z").astype(np.float32)
                         parts["gnorm"] = np.sqrt(parts.pop("gnorm2")).astype(np.float32)
@@ -692,40 +727,53 @@ class Run:
                     else:
                         block_done[flag] = True
                     advance(len(rows))
-        for leftover in ("partial", "partial_gnorm2", "block_done"):
+                    if self.should_stop():
+                        raise Interrupted(
+                            f"stopped after a finished chunk of '{name}'; rerun the same "
+                            "command to resume"
+                        )
+        for leftover in ("partial0", "partial1", "partial_gnorm2_0", "partial_gnorm2_1"):
             self.store.delete(f"{path}/{leftover}")
+        self.store.delete(f"{path}/block_done")
+        skipped = self.skipped.get(source.spec, [])
         self.store.complete_stage(
-            path, rows=len(indices), dataset=source.spec, has_labels=source.has_labels
+            path,
+            rows=len(indices),
+            dataset=source.spec,
+            has_labels=source.has_labels,
+            skipped_images=len(skipped),
+            skipped_examples=skipped[:100],
         )
         return name
 
     def _embed_rows(
-        self, source, indices, batch, engine, projector, partial_from=None, chunk=0
+        self, source, indices, batch, engine, projector, partial_from=None
     ) -> dict[str, np.ndarray]:
         """One block's contribution for the given rows, batch by batch.
 
         Returns z (n, K) and gnorm2 (n,) float64 sums (continuing the stored partial sums of
-        earlier blocks when ``partial_from`` is given) and, on the first block, the features,
-        logits and labels.
+        earlier blocks when ``partial_from`` = (row chunks, chunk, slot) is given) and, on the
+        first block, the features, logits and labels.
         """
         n = len(indices)
         if partial_from is None:
             z = torch.zeros(n, projector.k, dtype=torch.float64, device=self.device)
             gnorm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
         else:
-            z = torch.from_numpy(partial_from.read_chunk("partial", chunk)).to(self.device)
-            gnorm2 = torch.from_numpy(partial_from.read_chunk("partial_gnorm2", chunk))
+            chunks, chunk, slot = partial_from
+            z = torch.from_numpy(chunks.read_chunk(f"partial{slot}", chunk)).to(self.device)
+            gnorm2 = torch.from_numpy(chunks.read_chunk(f"partial_gnorm2_{slot}", chunk))
             gnorm2 = gnorm2.to(self.device)
         out: dict[str, list] = {"feat": [], "logits": [], "labels": []}
         offset = 0
         for x, y in self._loader(source, indices, batch):
             x = x.to(self.device)
             logits, feat = engine.capture(x)
-            _check_finite(logits, "logits", source.spec)
             rows = slice(offset, offset + len(y))
+            _check_finite(logits, "logits", source.spec, indices[rows])
             for start, tile in engine.tiles():
                 projector.add(start, tile, z[rows], gnorm2[rows])
-            _check_finite(z[rows], "gradients", source.spec)  # NaN/Inf propagate into z
+            _check_finite(z[rows], "gradients", source.spec, indices[rows])  # NaN/Inf propagate
             offset += len(y)
             if partial_from is None:
                 out["feat"].append(feat.cpu().numpy())
@@ -1004,13 +1052,18 @@ class Run:
         return results
 
 
-def _check_finite(values: torch.Tensor, what: str, source: str) -> None:
+def _check_finite(
+    values: torch.Tensor, what: str, source: str, row_ids: np.ndarray | None = None
+) -> None:
+    """A NaN or Inf in a batch is an error naming the dataset rows, never written silently."""
     bad = ~torch.isfinite(values)
     if bad.any():
-        rows = torch.nonzero(bad.reshape(values.shape[0], -1).any(dim=1)).flatten()
+        rows = torch.nonzero(bad.reshape(values.shape[0], -1).any(dim=1)).flatten().cpu().numpy()
+        named = np.asarray(row_ids)[rows] if row_ids is not None else rows
+        where = "rows" if row_ids is not None else "batch rows"
         raise BadInputError(
-            f"{what} of {source} contain NaN or Inf for {len(rows)} sample(s) in a batch "
-            f"(batch rows {rows[:5].tolist()}); check the model and inputs"
+            f"{what} of {source} contain NaN or Inf for {len(rows)} sample(s) ({where} "
+            f"{named[:5].tolist()}); check those inputs and the model's weights"
         )
 
 

@@ -11,6 +11,7 @@ resumes at the first chunk that is not done.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import warnings
@@ -35,6 +36,24 @@ def _member_names(group: zarr.Group) -> list[str]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Object at .* is not recognized")
         return sorted(group.keys())
+
+
+def _writes(method):
+    """Turn an OS error while writing (disk full, read-only) into a one-line user error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            url = getattr(self, "url", None) or getattr(self, "where", "the run store")
+            reason = err.strerror or str(err)
+            raise BadInputError(
+                f"cannot write to {url}: {reason}; free space or fix permissions, then rerun "
+                "(finished chunks are kept), or choose another --store"
+            ) from None
+
+    return wrapper
 
 
 def digest_of(record: Mapping[str, Any]) -> str:
@@ -88,6 +107,7 @@ class RowChunks:
         """Indices of chunks still to compute, in order."""
         return [int(i) for i in np.flatnonzero(~self.done())]
 
+    @_writes
     def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write whole rows of chunk ``index`` into each named array."""
         rows = self.chunk_range(index)
@@ -98,6 +118,7 @@ class RowChunks:
                 )
             self.group[name][rows.start : rows.stop] = data
 
+    @_writes
     def mark_done(self, index: int) -> None:
         self.group["done"][index] = True
 
@@ -119,6 +140,7 @@ class Flags:
     def __getitem__(self, index: int) -> bool:
         return bool(self._array[index])
 
+    @_writes
     def __setitem__(self, index: int, value: bool) -> None:
         self._array[index] = value
 
@@ -166,6 +188,7 @@ class RunStore:
     def attrs(self) -> dict[str, Any]:
         return self.root.attrs.asdict()
 
+    @_writes
     def update_root(self, **values: Any) -> None:
         """Merge values into the root attrs, stamping version and format."""
         base = {"gradcli_version": __version__, "format_version": FORMAT_VERSION}
@@ -180,9 +203,11 @@ class RunStore:
     def group_attrs(self, path: str) -> dict[str, Any]:
         return self.root[path].attrs.asdict() if path in self.root else {}
 
+    @_writes
     def set_attrs(self, path: str, **values: Any) -> None:
         self.root[path].attrs.update(values)
 
+    @_writes
     def put_group(self, path: str, **attrs: Any) -> None:
         """A group that holds only attrs (a results table), replacing one at ``path``."""
         self.delete(path)
@@ -204,6 +229,7 @@ class RunStore:
     def read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.root[path][start:stop])
 
+    @_writes
     def write(
         self,
         path: str,
@@ -219,15 +245,11 @@ class RunStore:
             rows = max(1, min(data.shape[0], chunk_rows or data.shape[0] or 1))
             chunks = (rows, *data.shape[1:])
         array = self.root.create_array(
-            path,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=chunks,
-            attributes=dict(attrs or {}),
-            overwrite=True,
-            fill_value=0,
+            path, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True, fill_value=0
         )
         array[...] = data
+        if attrs:  # last: attrs such as a provenance record vouch for data already written
+            array.attrs.update(dict(attrs))
 
     def write_bytes(
         self, path: str, payload: bytes, *, attrs: Mapping[str, Any] | None = None
@@ -240,11 +262,13 @@ class RunStore:
     def read_bytes(self, path: str) -> bytes:
         return self.read(path).tobytes()
 
+    @_writes
     def delete(self, path: str) -> None:
         if path in self.root:
             del self.root[path]
 
     # -- stages ------------------------------------------------------------------------
+    @_writes
     def open_stage(
         self,
         path: str,
@@ -278,6 +302,7 @@ class RunStore:
         group.attrs.update({PROVENANCE: record, DIGEST: digest_of(record), COMPLETE: False})
         return False
 
+    @_writes
     def complete_stage(self, path: str, **summary: Any) -> None:
         """Mark a stage finished, storing a summary of it in its attrs."""
         self.root[path].attrs.update({**summary, COMPLETE: True})
@@ -288,6 +313,7 @@ class RunStore:
     def stage_digest(self, path: str) -> str | None:
         return self.root[path].attrs.get(DIGEST) if path in self.root else None
 
+    @_writes
     def row_chunks(
         self,
         path: str,
@@ -328,6 +354,7 @@ class RunStore:
             )
         return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows)
 
+    @_writes
     def flags(self, path: str, name: str, size: int) -> Flags:
         """The flag vector ``path/name`` of ``size`` entries (created all False if absent)."""
         group = self.root[path]
