@@ -224,7 +224,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise BadInputError(
-            f"cannot read image {path}: {reason}; remove it or replace it with a readable image"
+            f"cannot read image {path}: {reason}; remove or replace it, or pass --on-bad-image skip"
         ) from exc
 
 

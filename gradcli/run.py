@@ -158,8 +158,7 @@ class Run:
             data_root or os.environ.get(data_mod.DATA_ROOT_ENV) or self.store.attrs.get("data_root")
         )
         self.data_root = str(data_root) if data_root else root
-        if data_root:
-            self.store.update_root(data_root=os.path.abspath(str(data_root)))
+        self._given_data_root = os.path.abspath(str(data_root)) if data_root else None
         self.progress = progress or NullProgress()
         self.num_workers = num_workers
         self._model: LoadedModel | None = None
@@ -258,6 +257,8 @@ class Run:
         source = data_mod.resolve_dataset(
             spec, data_root=self.data_root, default_split=default_split
         )
+        if self._given_data_root and self.store.attrs.get("data_root") != self._given_data_root:
+            self.store.update_root(data_root=self._given_data_root)  # it worked: remember it
         if self.on_bad_image == "skip":
             source, skipped = data_mod.without_unreadable(source)
             if skipped:

@@ -1,0 +1,386 @@
+"""The bad-input catalogue: exit code, one line naming problem and fix, store untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PREPROCESS
+from PIL import Image
+
+from gradcli.store import FORMAT_VERSION, RunStore
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _fails(cli, code: int, *needles: str, store: Path | None = None, args=()):
+    before = _snapshot(store) if store else None
+    outcome = cli(*args, "-q") if args and args[0] not in ("datasets",) else cli(*args)
+    assert outcome.code == code, (outcome.code, outcome.err)
+    lines = [line for line in outcome.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in outcome.err, outcome.err
+    for needle in needles:
+        assert needle in outcome.err, (needle, outcome.err)
+    if store is not None:  # everything written before is still there, byte for byte
+        after = _snapshot(store)
+        assert {k: after.get(k) for k in before} == before, "the store changed"
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def ready(tiny, tmp_path_factory):
+    """A store with a subspace, the test set embedded and the head fitted."""
+    from gradcli.cli import main
+
+    store = tmp_path_factory.mktemp("ready") / "run"
+    assert main([str(a) for a in tiny.extract_args(store)]) == 0
+    assert main(["embed", "--dataset", tiny.test, "--name", "id", "--store", str(store), "-q"]) == 0
+    assert main(["fit-head", "--knn-k", "5", "--id-test", "id", "--store", str(store), "-q"]) == 0
+    return store
+
+
+def _images(folder: Path, sizes=((8, 8),), modes=("RGB",), per_class=3, classes=("a", "b")):
+    for label in classes:
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size, mode = sizes[i % len(sizes)], modes[i % len(modes)]
+            Image.new(mode, size, 90 + 20 * i).save(folder / label / f"{i}.png")
+
+
+def test_unknown_model_and_dataset_leave_the_store_alone(ready, tiny, cli):
+    args = [str(a) for a in tiny.extract_args(ready)]
+    bad_model = list(args)
+    bad_model[bad_model.index("--model") + 1] = "resnet9000"
+    _fails(cli, 2, "resnet9000", store=ready, args=bad_model)
+    _fails(
+        cli,
+        2,
+        "nosuchset",
+        "folder:PATH",
+        store=ready,
+        args=["embed", "--dataset", "nosuchset", "--store", ready],
+    )
+
+
+def test_missing_and_empty_data_root(ready, cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADCLI_DATA_ROOT", raising=False)
+    _fails(
+        cli, 2, "--data-root", store=ready, args=["embed", "--dataset", "svhn", "--store", ready]
+    )
+    _fails(
+        cli,
+        2,
+        "nowhere",
+        store=ready,
+        args=["embed", "--dataset", "svhn", "--data-root", tmp_path / "nowhere", "--store", ready],
+    )
+    (tmp_path / "empty").mkdir()
+    _fails(
+        cli,
+        2,
+        "svhn",
+        store=ready,
+        args=["embed", "--dataset", "svhn", "--data-root", tmp_path / "empty", "--store", ready],
+    )
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "zero-byte"])
+def test_bad_image_fails_by_default_and_skip_counts_it(damage, ready, cli, tmp_path):
+    folder = tmp_path / "imgs"
+    _images(folder)
+    bad = folder / "b" / "bad.jpg"
+    if damage == "corrupt":
+        bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    elif damage == "truncated":
+        buffer = folder / "b" / "whole.jpg"
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, quality=90)
+        bad.write_bytes(buffer.read_bytes()[:200])
+        buffer.unlink()
+    else:
+        bad.write_bytes(b"")
+    _fails(
+        cli,
+        2,
+        "bad.jpg",
+        "--on-bad-image skip",
+        store=ready,
+        args=["embed", "--dataset", f"folder:{folder}", "--name", damage, "--store", ready],
+    )
+    outcome = cli(
+        "embed",
+        "--dataset",
+        f"folder:{folder}",
+        "--name",
+        f"skip-{damage}",
+        "--on-bad-image",
+        "skip",
+        "--store",
+        ready,
+        "-q",
+        "--json",
+    )
+    assert outcome.code == 0, outcome.err
+    assert outcome.json()["rows"] == 6
+    attrs = RunStore(str(ready)).group_attrs(f"embed/skip-{damage}")
+    assert attrs["skipped_images"] == 1 and attrs["skipped_examples"][0].endswith("bad.jpg")
+
+
+def test_empty_dataset(ready, cli, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    _fails(
+        cli,
+        2,
+        "nothing",
+        store=ready,
+        args=["embed", "--dataset", f"folder:{tmp_path / 'nothing'}", "--store", ready],
+    )
+
+
+def test_images_of_mixed_sizes_and_channels_are_embedded(ready, cli, tmp_path):
+    folder = tmp_path / "mixed"
+    _images(folder, sizes=((8, 8), (13, 9), (32, 20)), modes=("RGB", "L", "RGBA"))
+    outcome = cli(
+        "embed",
+        "--dataset",
+        f"folder:{folder}",
+        "--name",
+        "mixed",
+        "--store",
+        ready,
+        "-q",
+        "--json",
+    )
+    assert outcome.code == 0, outcome.err
+    assert RunStore(str(ready)).read("embed/mixed/feat").shape == (6, 8)
+
+
+def test_npz_without_x_or_with_wrong_dtype(ready, cli, tmp_path):
+    np.savez(tmp_path / "nox.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
+    _fails(
+        cli,
+        2,
+        "x",
+        store=ready,
+        args=["embed", "--dataset", f"npz:{tmp_path / 'nox.npz'}", "--store", ready],
+    )
+    np.savez(tmp_path / "float.npz", x=np.zeros((3, 8, 8, 3), np.float32))
+    _fails(
+        cli,
+        2,
+        "uint8",
+        store=ready,
+        args=["embed", "--dataset", f"npz:{tmp_path / 'float.npz'}", "--store", ready],
+    )
+
+
+def test_weights_that_do_not_match_the_architecture(tiny, cli, tmp_path):
+    torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pt")
+    args = [str(a) for a in tiny.extract_args(tmp_path / "run", weights=tmp_path / "wrong.pt")]
+    _fails(cli, 2, "conv.weight", args=args)
+
+
+def test_model_without_linear_needs_feature_layer(tiny, cli, tmp_path):
+    (tmp_path / "convonly.py").write_text(
+        textwrap.dedent("""
+        from torch import nn
+        def make():
+            return nn.Sequential(nn.Conv2d(3, 3, 8), nn.Flatten())
+    """)
+    )
+    args = [
+        "extract-subspace",
+        "--model",
+        f"{tmp_path / 'convonly.py'}:make",
+        "--dataset",
+        tiny.train,
+        "--store",
+        tmp_path / "run",
+        *PREPROCESS,
+    ]
+    _fails(cli, 2, "--feature-layer", args=args)
+
+
+def test_k_larger_than_parameters_or_samples(tiny, cli, tmp_path):
+    args = [*tiny.extract_args(tmp_path / "run"), "--method", "pca", "--k", "500"]
+    _fails(cli, 2, "--k 500", "rank", args=args)
+
+
+def test_params_matching_nothing(tiny, cli, tmp_path):
+    args = [*tiny.extract_args(tmp_path / "run"), "--params", "layer9.*"]
+    _fails(cli, 2, "layer9.*", args=args)
+
+
+def test_nan_in_logits_names_the_samples(tiny, cli, tmp_path):
+    x = np.load(tiny.root / "test.npz")["x"].copy()
+    np.savez(tmp_path / "ok.npz", x=x)
+    (tmp_path / "nanny.py").write_text(
+        textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Nanny(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1 = nn.Linear(3, 4)
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                m = x.mean(dim=(2, 3))
+                # inputs whose red channel is saturated give NaN
+                m = torch.where(m[:, :1] > 1.9, torch.full_like(m, float("nan")), m)
+                return self.fc(torch.relu(self.fc1(m)))
+
+        def make():
+            torch.manual_seed(0)
+            return Nanny()
+    """)
+    )
+    x[[4, 9]] = 255  # two saturated images
+    np.savez(tmp_path / "bad.npz", x=x, y=np.arange(len(x)) % 3)
+    np.savez(
+        tmp_path / "train.npz",
+        x=np.load(tiny.root / "train.npz")["x"],
+        y=np.load(tiny.root / "train.npz")["y"],
+    )
+    store = tmp_path / "run"
+    args = [
+        "extract-subspace",
+        "--model",
+        f"{tmp_path / 'nanny.py'}:make",
+        "--dataset",
+        f"npz:{tmp_path / 'train.npz'}",
+        "--store",
+        store,
+        "-q",
+        *PREPROCESS,
+    ]
+    assert cli(*args).code == 0
+    outcome = _fails(
+        cli,
+        2,
+        "NaN",
+        "[4, 9]",
+        store=store,
+        args=["embed", "--dataset", f"npz:{tmp_path / 'bad.npz'}", "--store", store],
+    )
+    assert "logits" in outcome.err
+
+
+def test_a_disk_that_fills_up(ready, tiny, cli, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    original = local._put
+    calls = {"n": 0}
+
+    def fill_up(path, value, exclusive=False):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", fill_up)
+    outcome = cli(
+        "embed",
+        "--dataset",
+        tiny.train,
+        "--name",
+        "full",
+        "--chunk-rows",
+        "10",
+        "--store",
+        ready,
+        "-q",
+    )
+    monkeypatch.setattr(local, "_put", original)
+    assert outcome.code == 2 and "No space left on device" in outcome.err
+    assert "Traceback" not in outcome.err and len(outcome.err.strip().splitlines()) == 1
+    assert RunStore(str(ready)).stage_complete("embed/id")  # earlier results intact
+    again = cli(
+        "embed",
+        "--dataset",
+        tiny.train,
+        "--name",
+        "full",
+        "--chunk-rows",
+        "10",
+        "--store",
+        ready,
+        "-q",
+    )
+    assert again.code == 0, again.err
+
+
+def test_store_from_a_newer_format(tiny, cli, tmp_path):
+    store = tmp_path / "future"
+    RunStore(str(store)).update_root(format_version=FORMAT_VERSION + 1)
+    _fails(
+        cli,
+        3,
+        "newer",
+        "upgrade gradcli",
+        store=store,
+        args=["embed", "--dataset", tiny.test, "--store", store],
+    )
+
+
+def test_fit_head_before_any_subspace_or_embedding(tmp_path, cli):
+    _fails(cli, 2, "extract-subspace", args=["fit-head", "--store", tmp_path / "none"])
+
+
+def test_unlabelled_training_set_for_the_head(ready, tiny, cli):
+    _fails(cli, 2, "no labels", args=["fit-head", "--train", tiny.ood, "--store", ready])
+
+
+def test_conflicting_or_impossible_options(ready, tiny, cli):
+    args = [*tiny.extract_args(ready), "--method", "avg", "--k", "7"]
+    _fails(cli, 2, "drop --k", store=ready, args=args)
+    _fails(
+        cli,
+        2,
+        "--embedding",
+        store=ready,
+        args=["score", "--dataset", "id", "--embedding", "sideways", "--store", ready],
+    )
+    _fails(
+        cli,
+        2,
+        "--react-percentile",
+        store=ready,
+        args=["fit-head", "--react-percentile", "0", "--store", ready],
+    )
+    _fails(
+        cli,
+        2,
+        "--basis-dtype",
+        store=ready,
+        args=["embed", "--dataset", tiny.test, "--basis-dtype", "int8", "--store", ready],
+    )
+    _fails(
+        cli,
+        2,
+        "--memory-budget",
+        store=ready,
+        args=["embed", "--dataset", tiny.test, "--memory-budget", "lots", "--store", ready],
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny):
+    from gradcli.cli import main
+    from gradcli.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        main(["embed", "--dataset", tiny.test, "--store", str(tmp_path / "none"), "--debug"])
