@@ -384,3 +384,51 @@ def test_debug_shows_the_traceback(tmp_path, tiny):
 
     with pytest.raises(BadInputError):
         main(["embed", "--dataset", tiny.test, "--store", str(tmp_path / "none"), "--debug"])
+
+
+def test_changed_data_params_or_k_are_stale_and_name_the_difference(tiny, cli, tmp_path):
+    data = tmp_path / "train.npz"
+    original = np.load(tiny.root / "train.npz")
+    np.savez(data, x=original["x"], y=original["y"])
+    store = tmp_path / "run"
+    args = [str(a) for a in tiny.extract_args(store)]
+    args[args.index("--dataset") + 1] = f"npz:{data}"
+    assert cli(*args, "--method", "pca", "--k", "3").code == 0
+    assert (
+        cli("embed", "--dataset", f"npz:{data}", "--name", "train", "--store", store, "-q").code
+        == 0
+    )
+    _fails(
+        cli, 3, "k 3 -> 4", "--overwrite", store=store, args=[*args, "--method", "pca", "--k", "4"]
+    )
+    _fails(
+        cli,
+        3,
+        "params",
+        "--overwrite",
+        store=store,
+        args=[*args, "--method", "pca", "--k", "3", "--params", "5.*"],
+    )
+    changed = original["x"].copy()
+    changed[0] = 255 - changed[0]
+    np.savez(data, x=changed, y=original["y"])
+    _fails(
+        cli,
+        3,
+        "fingerprint",
+        "--overwrite",
+        store=store,
+        args=["embed", "--dataset", f"npz:{data}", "--name", "train", "--store", store],
+    )
+
+
+def test_recomputing_upstream_invalidates_downstream(ready, tiny, cli, tmp_path):
+    import shutil
+
+    store = tmp_path / "copy"
+    shutil.copytree(ready, store)
+    assert RunStore(str(store)).stage_complete("head")
+    outcome = cli(*tiny.extract_args(store, weights=tiny.other_weights), "--overwrite")
+    assert outcome.code == 0, outcome.err
+    after = RunStore(str(store))
+    assert not after.has("embed") and not after.has("head") and not after.has("detectors")
