@@ -61,7 +61,12 @@ DataRootOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="DataLoader worker processes (default: some for image folders, 0 for arrays)."
+    ),
+]
 BudgetOpt = Annotated[
     str | None,
     typer.Option(help="Memory budget, e.g. 8G (default: half the available RAM)."),
@@ -147,7 +152,7 @@ def _open_run(
     device: str,
     data_root: str | None,
     quiet: bool,
-    workers: int,
+    workers: int | None,
     create: bool = False,
     memory_budget: str | None = None,
     basis_dtype: str = "float32",
@@ -261,7 +266,7 @@ def extract_subspace(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     as_json: JsonOpt = False,
@@ -337,7 +342,7 @@ def embed(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
@@ -401,7 +406,7 @@ def fit_head(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
@@ -471,7 +476,7 @@ def score(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
@@ -536,7 +541,7 @@ def evaluate(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
@@ -603,7 +608,7 @@ def inspect(
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
     data_root: DataRootOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

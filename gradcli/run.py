@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
-from gradcli.errors import BadInputError, Interrupted, StaleStoreError
+from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
     GradientStatistics,
     LayerGradients,
@@ -131,7 +131,7 @@ class Run:
         device: str = "cpu",
         data_root: str | os.PathLike | None = None,
         progress=None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         create: bool = True,
         memory_budget: int | None = None,
         basis_dtype: str = "float32",
@@ -277,14 +277,19 @@ class Run:
         return np.sort(rng.choice(n, size=max_samples, replace=False))
 
     def _loader(self, source, indices, batch_size):
-        return data_mod.make_loader(
+        workers = self.num_workers
+        if workers is None:  # decoding files in the background helps; arrays need no workers
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+            workers = 0 if isinstance(source, data_mod.ArraySource) else min(4, max(1, cores // 2))
+        loader = data_mod.make_loader(
             source,
             self.model.preprocess,
             indices=[int(i) for i in indices],
             batch_size=batch_size,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
         )
+        return _unwrap_worker_errors(loader) if workers else loader
 
     # -- extract-subspace --------------------------------------------------------------
     def extract_subspace(
@@ -999,7 +1004,8 @@ class Run:
                 ):
                     computed[key] = self.store.read(path)
                     continue
-                scores = detector.score(self._as_embedding(arrays, kind), self.readout(kind))
+                with torch.inference_mode():
+                    scores = detector.score(self._as_embedding(arrays, kind), self.readout(kind))
                 _check_finite(torch.from_numpy(np.asarray(scores)), f"{key} scores", name)
                 self.store.write(path, scores, attrs={"provenance": record})
                 computed[key] = scores
@@ -1051,6 +1057,22 @@ class Run:
                 f"results/{ood_name}", id=id_name, convention=convention, metrics=table
             )
         return results
+
+
+def _unwrap_worker_errors(loader):
+    """Batches of a multi-process loader; a worker's error keeps its one-line message.
+
+    The DataLoader re-raises a worker's exception with the worker's traceback as its message;
+    the original message is the last line of that text.
+    """
+    try:
+        yield from loader
+    except GradcliError as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        if len(lines) > 1:
+            message = lines[-1].split(": ", 1)[-1]
+            raise type(err)(message) from None
+        raise
 
 
 def _check_finite(
