@@ -1,0 +1,632 @@
+"""Speed of reduced-gradient embedding: gradcli's engine against a one-image loop and a floor.
+
+On CIFAR ResNet-18 (random weights, eval mode, seeded) and random 32×32 images, for each K it
+times, side by side in one process:
+
+(a) loop   — per image: forward, backward of E, ``torch.cat`` of ``p.grad``, centre/scale,
+             matvec with the basis (timed on a small subset, reported per image);
+(b) floor  — a plain batched forward and backward of ``Σ E`` with no per-sample work;
+(c) engine — :class:`gradcli.grads.LayerGradients` (capture + tiles) feeding
+             :class:`gradcli.grads.Projector`, with the basis held in float32 and in bfloat16.
+
+"Useful" work per image is ``3 × forward FLOPs + 2·P·K`` (forward, the two halves of the
+backward, and the projection), reported against a float32 matmul peak measured in the same
+run. On the loop's images the engine's reduced gradients are checked against the loop's and
+against an exact float64 projection of the same gradients.
+
+The normalisation is random but on the gradients' own scale, and the basis is the Q factor of a
+seeded Gaussian, kept in row blocks so that K=200 (8.9 GB in float32) fits beside everything
+else; the loop multiplies block by block, which costs the same as one matvec.
+
+Run from the repository root::
+
+    python benchmarks/embed_speed.py [--device cpu|cuda] [--images 128] [--ks 10,50,200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from gradcli.grads import LayerGradients, Projector, energy, select_parameters
+from gradcli.models import load_model
+
+BLOCK_BYTES = 256 << 20  # float32 basis rows per block: bounds every transient copy of a block
+# Relative max errors (max |Δz| / max |z|) allowed. z sums ~10⁷ terms with heavy cancellation
+# (‖G‖/|z| ≈ 10³), so float32 dot products over a whole block lose ~1e-3 (the loop's matvec);
+# the engine's tiles are summed in float64 and must sit much closer to the exact value.
+EXACT_TOLERANCE = 1e-4  # engine (float32 basis) against float64 normalisation and projection
+LOOP_TOLERANCE = 1e-2  # engine (float32 basis) against the loop
+BF16_TOLERANCE = 3e-2  # engine with a bfloat16 basis against float32
+T = TypeVar("T")
+GOALS = {
+    "speedup_k50": 6.0,
+    "speedup_k200": 10.0,
+    "fp32_peak_fraction_fp32_basis": 0.6,
+    "fp32_peak_fraction_bf16_basis": 0.8,
+}
+
+
+@dataclass
+class Result:
+    """One method's timing at one K."""
+
+    k: int
+    method: str
+    images: int
+    seconds: float
+    useful_flops_per_image: float
+    peak_memory_bytes: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def ms_per_image(self) -> float:
+        return 1e3 * self.seconds / self.images
+
+    @property
+    def useful_gflops(self) -> float:
+        return self.useful_flops_per_image * self.images_per_s / 1e9
+
+
+# -- machine and reference rates -------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, core count, torch version and (on cuda) the GPU name."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, run: Callable[..., T], *args, **kwargs) -> tuple[float, T]:
+    """Seconds of ``run(*args, **kwargs)``, with the device idle at both ends, and its value."""
+    synchronise(device)
+    start = time.perf_counter()
+    value = run(*args, **kwargs)
+    synchronise(device)
+    return time.perf_counter() - start, value
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the device's peak allocation since the last reset on cuda, else the process's
+    peak resident set size so far."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, reps: int = 8) -> float:
+    """Best FLOP/s of a square ``torch.mm`` (size³ multiply-adds) in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = min(timed(device, torch.mm, a, b, out=out)[0] for _ in range(reps))
+    return 2.0 * size**3 / best
+
+
+def forward_flops(model: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass of one image (1, C, H, W)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(image)
+    return int(counter.get_total_flops())
+
+
+# -- normalisation and basis -----------------------------------------------------------------
+
+
+def calibrated_normalisation(
+    model: nn.Module, params: list[nn.Parameter], images: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random gradient mean (P,) and positive scale (P,), float32 on the CPU, on the scale of
+    the model's own gradients.
+
+    Per parameter tensor, with ``ḡ`` the batch-mean gradient of ``images`` and ``m`` its RMS:
+    mean = ``ḡ + 0.1·m·N(0, 1)``, scale = ``m·U(0.5, 2)``. Centred and scaled gradients then
+    differ from image to image by O(1), so comparing reduced gradients tests the gradients
+    themselves rather than a constant offset.
+    """
+    with torch.enable_grad():
+        total = energy(model(images)).sum()
+        grads = torch.autograd.grad(total, params)
+    flat = [g.detach().reshape(-1).cpu().double() / images.shape[0] for g in grads]
+    overall = torch.cat(flat).square().mean().sqrt().clamp_min(1e-30)
+    gen = torch.Generator().manual_seed(seed)
+    means, scales = [], []
+    for g in flat:
+        rms = g.square().mean().sqrt().clamp_min(1e-3 * overall)
+        means.append(g + 0.1 * rms * torch.randn(g.shape, generator=gen, dtype=torch.float64))
+        scales.append(rms * torch.empty_like(g).uniform_(0.5, 2.0, generator=gen))
+    return torch.cat(means).float(), torch.cat(scales).float()
+
+
+def orthonormal_basis_blocks(size: int, k: int, seed: int) -> list[tuple[int, torch.Tensor]]:
+    """The Q factor of a seeded Gaussian (P, K), as row blocks [(first_row, (rows, K) float32)].
+
+    Blockwise Cholesky QR: ``A = QR`` with ``RᵀR = AᵀA`` (accumulated in float64), then
+    ``Q = A R⁻¹`` block by block, replacing each block, so no second P×K copy is ever held.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(1, BLOCK_BYTES // (4 * k))
+    blocks, gram = [], torch.zeros(k, k, dtype=torch.float64)
+    for start in range(0, size, rows):
+        block = torch.randn(min(rows, size - start), k, generator=gen)
+        gram += (block.T @ block).double()
+        blocks.append((start, block))
+    upper = torch.linalg.cholesky(gram).mT
+    inverse = torch.linalg.inv(upper).float()
+    for i, (start, block) in enumerate(blocks):
+        blocks[i] = (start, block @ inverse)
+        del block
+    return blocks
+
+
+class BlockedProjection:
+    """Projectors over consecutive row blocks, fed engine tiles that may straddle blocks."""
+
+    def __init__(self, projectors: list[Projector], ranges: list[tuple[int, int]]) -> None:
+        self.projectors = projectors
+        self.ranges = ranges
+        self.starts = [first for first, _ in ranges]
+
+    def add(self, start: int, tile: torch.Tensor, z: torch.Tensor, gnorm2: torch.Tensor) -> None:
+        """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64."""
+        stop = start + tile.shape[1]
+        index = bisect.bisect_right(self.starts, start) - 1
+        while index < len(self.projectors) and self.starts[index] < stop:
+            block_start, block_stop = self.ranges[index]
+            first, last = max(start, block_start), min(stop, block_stop)
+            whole = (first, last) == (start, stop)
+            piece = tile if whole else tile[:, first - start : last - start]
+            self.projectors[index].add(first, piece, z, gnorm2)
+            index += 1
+
+
+def blocked_projection(
+    blocks: list[tuple[int, torch.Tensor]],
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    consume: bool = False,
+) -> BlockedProjection:
+    """One :class:`Projector` per basis block, holding the basis in ``dtype`` on ``device``.
+
+    With ``consume`` the blocks are taken out of the list as they are converted, so a basis
+    converted to bfloat16 never coexists whole with its float32 original.
+    """
+    projectors, ranges = [], []
+    for _ in range(len(blocks)):
+        start, block = blocks.pop(0) if consume else blocks[len(projectors)]
+        rows = slice(start, start + block.shape[0])
+        projectors.append(
+            Projector(mean[rows], scale[rows], block, start=start, dtype=dtype, device=device)
+        )
+        ranges.append((rows.start, rows.stop))
+        del block
+    return BlockedProjection(projectors, ranges)
+
+
+# -- the three methods -----------------------------------------------------------------------
+
+
+def loop_embed(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    blocks: list[tuple[int, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image at a time: (n, K) float64 reduced gradients and (n,) ``‖G‖²``."""
+    k = blocks[0][1].shape[1]
+    z = torch.zeros(images.shape[0], k, dtype=torch.float64, device=images.device)
+    gnorm2 = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+    for i in range(images.shape[0]):
+        model.zero_grad(set_to_none=True)
+        energy(model(images[i : i + 1])).sum().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        normalised = (grad - mean) / scale
+        gnorm2[i] = normalised.square().sum(dtype=torch.float64)
+        for start, block in blocks:
+            z[i] += (normalised[start : start + block.shape[0]] @ block).double()
+    model.zero_grad(set_to_none=True)
+    return z, gnorm2
+
+
+def exact_reference(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    blocks: list[tuple[int, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop's gradients normalised and projected in float64 (untimed): (n, K), (n,)."""
+    grads = []
+    for i in range(images.shape[0]):
+        model.zero_grad(set_to_none=True)
+        energy(model(images[i : i + 1])).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).cpu())
+    model.zero_grad(set_to_none=True)
+    grads = torch.stack(grads)
+    k = blocks[0][1].shape[1]
+    z = torch.zeros(images.shape[0], k, dtype=torch.float64)
+    gnorm2 = torch.zeros(images.shape[0], dtype=torch.float64)
+    for start, block in blocks:
+        rows = slice(start, start + block.shape[0])
+        normalised = (grads[:, rows].double() - mean[rows].double()) / scale[rows].double()
+        gnorm2 += normalised.square().sum(dim=1)
+        z += normalised @ block.cpu().double()
+    return z, gnorm2
+
+
+def floor_pass(model: nn.Module, params: list[nn.Parameter], images: torch.Tensor, batch: int):
+    """Batched forward and backward of ``Σ E`` with nothing per sample."""
+    for i in range(0, images.shape[0], batch):
+        with torch.enable_grad():
+            total = energy(model(images[i : i + batch])).sum()
+            torch.autograd.grad(total, params)
+
+
+def engine_embed(
+    engine: LayerGradients, projection: BlockedProjection, images: torch.Tensor, batch: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine batch by batch: (N, K) float64 reduced gradients and (N,) ``‖G‖²``."""
+    z = torch.zeros(images.shape[0], k, dtype=torch.float64, device=images.device)
+    gnorm2 = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+    for i in range(0, images.shape[0], batch):
+        engine.capture(images[i : i + batch])
+        z_batch, gnorm2_batch = z[i : i + batch], gnorm2[i : i + batch]
+        for start, tile in engine.tiles():
+            projection.add(start, tile, z_batch, gnorm2_batch)
+    return z, gnorm2
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value - reference| / max |reference|."""
+    return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def format_table(results: list[Result], fp32_peak: float) -> str:
+    header = (
+        f"{'K':>4}  {'method':<14}{'images/s':>10}{'ms/image':>11}{'x loop':>9}{'x floor':>9}"
+        f"{'useful GFLOP/s':>16}{'of fp32 peak':>14}{'peak mem MiB':>14}"
+    )
+    lines = [header, "-" * len(header)]
+    for k in sorted({r.k for r in results}):
+        group = {r.method: r for r in results if r.k == k}
+        loop, floor = group["loop"], group["floor"]
+        for r in group.values():
+            lines.append(
+                f"{k:>4}  {r.method:<14}{r.images_per_s:>10.2f}{r.ms_per_image:>11.2f}"
+                f"{r.images_per_s / loop.images_per_s:>9.2f}"
+                f"{r.images_per_s / floor.images_per_s:>9.2f}"
+                f"{r.useful_gflops:>16.1f}{r.useful_gflops * 1e9 / fp32_peak:>14.2f}"
+                f"{r.peak_memory_bytes / 2**20:>14.0f}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def goal_checks(results: list[Result], fp32_peak: float) -> list[dict]:
+    """Each goal, per basis dtype and K, with the measured value and whether it is met."""
+    by = {(r.k, r.method): r for r in results}
+    checks = []
+    for dtype in ("fp32", "bf16"):
+        method = f"engine {dtype}"
+        for k, goal in ((50, GOALS["speedup_k50"]), (200, GOALS["speedup_k200"])):
+            if (k, method) in by:
+                value = by[k, method].images_per_s / by[k, "loop"].images_per_s
+                checks.append(
+                    {
+                        "goal": f"engine ({dtype} basis) / loop at K={k}",
+                        "target": goal,
+                        "value": value,
+                        "met": value >= goal,
+                    }
+                )
+    for dtype, key in (
+        ("fp32", "fp32_peak_fraction_fp32_basis"),
+        ("bf16", "fp32_peak_fraction_bf16_basis"),
+    ):
+        for k in sorted({r.k for r in results}):
+            value = by[k, f"engine {dtype}"].useful_gflops * 1e9 / fp32_peak
+            checks.append(
+                {
+                    "goal": f"useful rate / fp32 peak, {dtype} basis, K={k}",
+                    "target": GOALS[key],
+                    "value": value,
+                    "met": value >= GOALS[key],
+                }
+            )
+    return checks
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--images", type=int, default=128, help="images for the batched methods")
+    parser.add_argument("--loop-images", type=int, default=16, help="images for the loop")
+    parser.add_argument("--ks", default="10,50,200", help="comma-separated basis widths K")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of (b) and (c)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if min(args.images, args.loop_images, args.batch_size, *args.ks) < 1:
+        parser.error("--images, --loop-images, --batch-size and --ks must be positive")
+    args.loop_images = min(args.loop_images, args.images)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    began = time.perf_counter()
+    info = machine_info(device)
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"torch {info['torch']}, python {info['python']}"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+    )
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f} (other busy processes skew the timings)")
+
+    fp32_peak = matmul_peak(torch.float32, device)
+    bf16_peak = matmul_peak(torch.bfloat16, device)
+    print(
+        f"matmul peak (2048x2048 @ 2048x2048, best of 8): fp32 {fp32_peak / 1e9:.1f} GFLOP/s, "
+        f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s (reference)"
+    )
+
+    torch.manual_seed(args.seed)
+    model = load_model("cifar_resnet18", device=device).module.eval()
+    selection = select_parameters(model)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in selection.names]
+    size = selection.size
+    images = torch.randn(
+        args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1)
+    ).to(device)
+    loop_images = images[: args.loop_images]
+    flops = forward_flops(model, images[:1])
+    batch = args.batch_size
+    print(
+        f"model: cifar_resnet18, P = {size:,} parameters, forward {flops / 1e9:.3f} GFLOP/image; "
+        f"{args.images} images in batches of {batch}, loop on {args.loop_images}, "
+        f"device {device}"
+    )
+    calibration = torch.randn(
+        8, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 2)
+    ).to(device)
+    mean_cpu, scale_cpu = calibrated_normalisation(model, params, calibration, args.seed + 3)
+    mean, scale = mean_cpu.to(device), scale_cpu.to(device)
+    engine = LayerGradients(model, selection)
+
+    results: list[Result] = []
+    errors: dict[int, dict] = {}
+
+    def record(k: int, method: str, n: int, seconds: float, useful: float) -> Result:
+        result = Result(k, method, n, seconds, useful, peak_memory(device))
+        results.append(result)
+        print(
+            f"  K={k:<4} {method:<12} {result.ms_per_image:9.2f} ms/image  "
+            f"(peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)",
+            flush=True,
+        )
+        return result
+
+    reset_peak_memory(device)
+    floor_pass(model, params, images[:batch], batch)
+    floor_seconds, _ = timed(device, floor_pass, model, params, images, batch)
+    floor_memory = peak_memory(device)
+    engine.capture(images[:batch])
+    sample_bytes = engine.sample_bytes()
+    print(
+        f"engine working memory (its own estimate): {sample_bytes / 2**20:.1f} MiB per image, "
+        f"{batch * sample_bytes / 2**20:,.0f} MiB per batch of {batch}"
+    )
+
+    for k in args.ks:
+        project_flops = 2.0 * size * k
+        useful = 3.0 * flops + project_flops
+        seconds, blocks = timed(device, orthonormal_basis_blocks, size, k, args.seed + 100 + k)
+        print(f"  K={k:<4} basis {size:,} x {k} built in {seconds:.1f} s", flush=True)
+        results.append(Result(k, "floor", args.images, floor_seconds, 3.0 * flops, floor_memory))
+
+        reset_peak_memory(device)
+        device_blocks = [(s, b.to(device)) for s, b in blocks]
+        loop_embed(model, params, loop_images[:1], mean, scale, device_blocks)
+        seconds, (z_loop, gnorm2_loop) = timed(
+            device, loop_embed, model, params, loop_images, mean, scale, device_blocks
+        )
+        del device_blocks
+        record(k, "loop", args.loop_images, seconds, useful)
+        z_exact, gnorm2_exact = exact_reference(
+            model, params, loop_images, mean_cpu, scale_cpu, blocks
+        )
+
+        outputs = {}
+        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            # The bfloat16 copy consumes the float32 blocks: one whole basis at a time.
+            projection = blocked_projection(
+                blocks, mean_cpu, scale_cpu, torch_dtype, device, consume=dtype == "bf16"
+            )
+            reset_peak_memory(device)
+            engine_embed(engine, projection, images[:batch], batch, k)
+            seconds, outputs[dtype] = timed(
+                device, engine_embed, engine, projection, images, batch, k
+            )
+            record(k, f"engine {dtype}", args.images, seconds, useful)
+            del projection
+
+        n = args.loop_images
+        z32, gnorm2_32 = outputs["fp32"]
+        z16 = outputs["bf16"][0]
+        errors[k] = {
+            "engine_fp32_vs_exact_z": relative_error(z32[:n].cpu(), z_exact),
+            "engine_fp32_vs_exact_gnorm2": relative_error(gnorm2_32[:n].cpu(), gnorm2_exact),
+            "engine_fp32_vs_loop_z": relative_error(z32[:n], z_loop),
+            "engine_fp32_vs_loop_gnorm2": relative_error(gnorm2_32[:n], gnorm2_loop),
+            "loop_vs_exact_z": relative_error(z_loop.cpu(), z_exact),
+            "engine_bf16_vs_fp32_z": relative_error(z16, z32),
+            "engine_bf16_vs_exact_z": relative_error(z16[:n].cpu(), z_exact),
+            "z_spread": float(z_exact.std(dim=0).max() / z_exact.abs().max()),
+        }
+        print(
+            f"  K={k:<4} check: engine fp32 vs exact {errors[k]['engine_fp32_vs_exact_z']:.1e}, "
+            f"vs loop {errors[k]['engine_fp32_vs_loop_z']:.1e}; "
+            f"bf16 vs fp32 {errors[k]['engine_bf16_vs_fp32_z']:.1e}",
+            flush=True,
+        )
+
+    print()
+    print(format_table(results, fp32_peak))
+    print(
+        "useful work per image = 3 x forward FLOPs + 2·P·K (the floor: 3 x forward FLOPs);\n"
+        "x loop, x floor = images/s over that method's images/s; peak memory = "
+        + (
+            "max allocated on the GPU during the method"
+            if device.type == "cuda"
+            else "the process's peak RSS so far"
+        )
+    )
+
+    print(
+        f"\ncorrectness on the loop's {args.loop_images} images: relative max error "
+        "max|Δ|/max|reference|; 'exact' = the loop's gradients normalised and projected in "
+        "float64"
+    )
+    correct = True
+    for k, err in errors.items():
+        verdicts = [
+            ("engine fp32 vs exact: z", err["engine_fp32_vs_exact_z"], EXACT_TOLERANCE),
+            ("engine fp32 vs exact: |G|^2", err["engine_fp32_vs_exact_gnorm2"], EXACT_TOLERANCE),
+            ("engine fp32 vs loop: z", err["engine_fp32_vs_loop_z"], LOOP_TOLERANCE),
+            ("engine fp32 vs loop: |G|^2", err["engine_fp32_vs_loop_gnorm2"], LOOP_TOLERANCE),
+            ("engine bf16 vs fp32: z (all images)", err["engine_bf16_vs_fp32_z"], BF16_TOLERANCE),
+            ("loop vs exact: z (for reference)", err["loop_vs_exact_z"], None),
+            ("engine bf16 vs exact: z (for reference)", err["engine_bf16_vs_exact_z"], None),
+            ("image-to-image spread of z (std/max)", err["z_spread"], None),
+        ]
+        print(f"  K={k}")
+        for label, value, tolerance in verdicts:
+            verdict = ""
+            if tolerance is not None:
+                ok = value <= tolerance
+                correct &= ok
+                verdict = f"{'ok' if ok else 'FAIL'} (tolerance {tolerance:.0e})"
+            print(f"    {label:<42}{value:10.2e}  {verdict}")
+
+    checks = goal_checks(results, fp32_peak)
+    print("\ngoals")
+    for check in checks:
+        print(
+            f"  {check['goal']:<44} {check['value']:7.2f}  (goal >= {check['target']:.1f})  "
+            f"{'met' if check['met'] else 'NOT met'}"
+        )
+
+    total_seconds = time.perf_counter() - began
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_after = os.getloadavg()
+    print(
+        f"\npeak RSS {rss / 2**30:.2f} GiB; total run time {total_seconds:.0f} s; "
+        f"load average after: {load_after[0]:.2f}"
+    )
+
+    report = {
+        "machine": info,
+        "settings": {
+            "model": "cifar_resnet18",
+            "parameters": size,
+            "images": args.images,
+            "loop_images": args.loop_images,
+            "batch_size": batch,
+            "ks": args.ks,
+            "seed": args.seed,
+        },
+        "engine_sample_bytes": sample_bytes,
+        "forward_flops_per_image": flops,
+        "matmul_peak_flops": {"float32": fp32_peak, "bfloat16": bf16_peak},
+        "results": [
+            {
+                **asdict(r),
+                "images_per_s": r.images_per_s,
+                "ms_per_image": r.ms_per_image,
+                "useful_gflops": r.useful_gflops,
+                "fraction_of_fp32_peak": r.useful_gflops * 1e9 / fp32_peak,
+            }
+            for r in results
+        ],
+        "errors": {str(k): v for k, v in errors.items()},
+        "correct": correct,
+        "goals": checks,
+        "peak_rss_bytes": rss,
+        "load_average": {"before": load_before, "after": load_after},
+        "total_seconds": total_seconds,
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"results written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    report = main()
+    sys.exit(0 if report["correct"] else 1)
