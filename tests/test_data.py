@@ -218,7 +218,9 @@ def test_unreadable_image_names_the_file_and_the_fix(tmp_path: Path, content: by
     write_image(tmp_path / "good.png", np.zeros((4, 4), np.uint8))
     (tmp_path / "bad.png").write_bytes(content)
     source = resolve_dataset(f"folder:{tmp_path}")
-    with pytest.raises(BadInputError, match=r"cannot read image .*bad\.png: .*; remove or replace it") as err:
+    with pytest.raises(
+        BadInputError, match=r"cannot read image .*bad\.png: .*; remove or replace it"
+    ) as err:
         source.load(0)  # bad.png sorts first
     assert "\n" not in str(err.value)
     source.load(1)
