@@ -74,6 +74,7 @@ class Result:
     seconds: float
     useful_flops_per_image: float
     peak_memory_bytes: int
+    cpu_share: float  # process CPU time / (wall time × torch threads): low when others compete
 
     @property
     def images_per_s(self) -> float:
@@ -120,13 +121,16 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, run: Callable[..., T], *args, **kwargs) -> tuple[float, T]:
-    """Seconds of ``run(*args, **kwargs)``, with the device idle at both ends, and its value."""
+def timed(device: torch.device, run: Callable[..., T], *args, **kwargs) -> tuple[float, float, T]:
+    """Run ``run(*args, **kwargs)`` with the device idle at both ends: (wall seconds, CPU
+    share, value), the share being this process's CPU time over wall time × torch threads."""
     synchronise(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = run(*args, **kwargs)
     synchronise(device)
-    return time.perf_counter() - start, value
+    seconds = time.perf_counter() - start
+    cpu_share = (time.process_time() - cpu_start) / (seconds * torch.get_num_threads())
+    return seconds, cpu_share, value
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -349,7 +353,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 def format_table(results: list[Result], fp32_peak: float) -> str:
     header = (
         f"{'K':>4}  {'method':<14}{'images/s':>10}{'ms/image':>11}{'x loop':>9}{'x floor':>9}"
-        f"{'useful GFLOP/s':>16}{'of fp32 peak':>14}{'peak mem MiB':>14}"
+        f"{'useful GFLOP/s':>16}{'of fp32 peak':>14}{'peak mem MiB':>14}{'CPU use':>9}"
     )
     lines = [header, "-" * len(header)]
     for k in sorted({r.k for r in results}):
@@ -361,7 +365,7 @@ def format_table(results: list[Result], fp32_peak: float) -> str:
                 f"{r.images_per_s / loop.images_per_s:>9.2f}"
                 f"{r.images_per_s / floor.images_per_s:>9.2f}"
                 f"{r.useful_gflops:>16.1f}{r.useful_gflops * 1e9 / fp32_peak:>14.2f}"
-                f"{r.peak_memory_bytes / 2**20:>14.0f}"
+                f"{r.peak_memory_bytes / 2**20:>14.0f}{100 * r.cpu_share:>8.0f}%"
             )
         lines.append("")
     return "\n".join(lines)
@@ -470,19 +474,20 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[Result] = []
     errors: dict[int, dict] = {}
 
-    def record(k: int, method: str, n: int, seconds: float, useful: float) -> Result:
-        result = Result(k, method, n, seconds, useful, peak_memory(device))
+    def record(k: int, method: str, n: int, seconds: float, share: float, useful: float) -> Result:
+        result = Result(k, method, n, seconds, useful, peak_memory(device), share)
         results.append(result)
         print(
             f"  K={k:<4} {method:<12} {result.ms_per_image:9.2f} ms/image  "
-            f"(peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)",
+            f"(CPU use {100 * share:.0f}%, "
+            f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)",
             flush=True,
         )
         return result
 
     reset_peak_memory(device)
     floor_pass(model, params, images[:batch], batch)
-    floor_seconds, _ = timed(device, floor_pass, model, params, images, batch)
+    floor_seconds, floor_share, _ = timed(device, floor_pass, model, params, images, batch)
     floor_memory = peak_memory(device)
     reference_grads = single_image_gradients(model, params, loop_images)
     engine.capture(images[:batch])
@@ -495,18 +500,20 @@ def main(argv: list[str] | None = None) -> dict:
     for k in args.ks:
         project_flops = 2.0 * size * k
         useful = 3.0 * flops + project_flops
-        seconds, blocks = timed(device, orthonormal_basis_blocks, size, k, args.seed + 100 + k)
+        seconds, _, blocks = timed(device, orthonormal_basis_blocks, size, k, args.seed + 100 + k)
         print(f"  K={k:<4} basis {size:,} x {k} built in {seconds:.1f} s", flush=True)
-        results.append(Result(k, "floor", args.images, floor_seconds, 3.0 * flops, floor_memory))
+        results.append(
+            Result(k, "floor", args.images, floor_seconds, 3.0 * flops, floor_memory, floor_share)
+        )
 
         reset_peak_memory(device)
         device_blocks = [(s, b.to(device)) for s, b in blocks]
         loop_embed(model, params, loop_images[:1], mean, scale, device_blocks)
-        seconds, (z_loop, gnorm2_loop) = timed(
+        seconds, share, (z_loop, gnorm2_loop) = timed(
             device, loop_embed, model, params, loop_images, mean, scale, device_blocks
         )
         del device_blocks
-        record(k, "loop", args.loop_images, seconds, useful)
+        record(k, "loop", args.loop_images, seconds, share, useful)
         z_exact, gnorm2_exact = exact_projection(reference_grads, mean_cpu, scale_cpu, blocks)
 
         outputs = {}
@@ -517,10 +524,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
             reset_peak_memory(device)
             engine_embed(engine, projection, images[:batch], batch, k)
-            seconds, outputs[dtype] = timed(
+            seconds, share, outputs[dtype] = timed(
                 device, engine_embed, engine, projection, images, batch, k
             )
-            record(k, f"engine {dtype}", args.images, seconds, useful)
+            record(k, f"engine {dtype}", args.images, seconds, share, useful)
             if dtype == "fp32":  # untimed: the loop's images one at a time, as the loop sees them
                 single = engine_embed(engine, projection, loop_images, 1, k)
             del projection
@@ -551,7 +558,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results, fp32_peak))
     print(
         "useful work per image = 3 x forward FLOPs + 2·P·K (the floor: 3 x forward FLOPs);\n"
-        "x loop, x floor = images/s over that method's images/s; peak memory = "
+        "x loop, x floor = images/s over that method's images/s; CPU use = process CPU time "
+        "over wall time x torch threads (well below 100% when other processes compete);\n"
+        "peak memory = "
         + (
             "max allocated on the GPU during the method"
             if device.type == "cuda"
