@@ -243,6 +243,43 @@ def test_engine_matches_loop_on_resnet_with_inplace_relu():
     assert error < 1e-5
 
 
+class LargeOutputs(nn.Module):
+    """Convolutions with many output positions (the grouped-backward path) and a shared layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strided = nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2)
+        self.plain = nn.Conv2d(4, 5, 1, bias=False)
+        self.conv1d = nn.Conv1d(5, 3, 3, padding=1, dilation=2)
+        self.shared = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        x = torch.tanh(self.plain(torch.tanh(self.strided(x))))  # (B, 5, 20, 20)
+        x = torch.tanh(self.conv1d(x.flatten(2)))  # (B, 3, 396): a long Conv1d output
+        x = self.shared(torch.tanh(self.shared(x.mean(dim=2))))  # one module, called twice
+        return self.head(x)
+
+
+def test_large_convolutions_and_shared_layers_match_loop():
+    from gradcli import grads
+
+    torch.manual_seed(5)
+    model = LargeOutputs()
+    x = torch.randn(3, 3, 40, 40)
+    engine, error = _engine_vs_loop(model, x, tile_bytes=1 << 14)
+    assert error < 1e-5
+    assert engine.fallback_names == ("shared.weight", "shared.bias")
+    grouped = engine(x)
+    old = grads.GROUPED_MIN_LENGTH
+    grads.GROUPED_MIN_LENGTH = 10**9  # every convolution through unfold + bmm instead
+    try:
+        unfolded = engine(x)
+    finally:
+        grads.GROUPED_MIN_LENGTH = old
+    torch.testing.assert_close(grouped, unfolded, rtol=1e-5, atol=1e-7)
+
+
 def test_engine_matches_loop_on_vit():
     """Attention projections are used without calling their module: torch.func covers them."""
     import torchvision
