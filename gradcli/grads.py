@@ -221,20 +221,33 @@ class Projector:
             setattr(self, key, ws)
         return ws[:numel].view(shape)
 
-    def normalise(self, start: int, tile: torch.Tensor) -> torch.Tensor:
+    def normalise(
+        self, start: int, tile: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """G for rows [start, start + r) of a batch: (tile - M) / sqrt(var), float32 (B, r).
 
-        The result lives in a workspace reused by the next call: consume it first.
+        Written to ``out`` when given, else to a workspace reused by the next call (consume
+        the result first).
         """
         local = slice(start - self.start, start - self.start + tile.shape[1])
-        work = self._workspace(tile.shape, torch.float32, tile.device)
+        work = self._workspace(tile.shape, torch.float32, tile.device) if out is None else out
         torch.sub(tile, self.mean[local], out=work)
         return work.mul_(self.inv_scale[local])
 
-    def add(self, start: int, tile: torch.Tensor, z: torch.Tensor, gnorm2: torch.Tensor) -> None:
-        """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64."""
+    def add(
+        self,
+        start: int,
+        tile: torch.Tensor,
+        z: torch.Tensor,
+        gnorm2: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> None:
+        """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64.
+
+        ``out`` (B, r) float32, when given, keeps the normalised tile.
+        """
         local = slice(start - self.start, start - self.start + tile.shape[1])
-        normalised = self.normalise(start, tile)
+        normalised = self.normalise(start, tile, out)
         gnorm2 += torch.linalg.vector_norm(normalised, dim=1).double().square()
         if self.dtype != torch.float32:
             low = self._workspace(tile.shape, self.dtype, tile.device)
@@ -505,6 +518,13 @@ class LayerGradients:
                 * 3
             )
         return per_sample
+
+    def release(self) -> None:
+        """Drop the last capture and the tile workspace (a finished block keeps no memory)."""
+        for layer in self.layers:
+            layer.inputs = layer.grad_output = None
+        self._x = None
+        self._workspace = None
 
     # -- tiles -------------------------------------------------------------------------
     def _buffer(self, numel: int, device: torch.device) -> torch.Tensor:

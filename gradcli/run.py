@@ -9,6 +9,7 @@ when the stored result is complete and still valid.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 from gradcli import data as data_mod
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
+    TILE_BYTES,
     GradientStatistics,
     LayerGradients,
     ParameterSelection,
@@ -52,6 +54,11 @@ DOWNSTREAM_OF_SUBSPACE = ("embed", "head", "detectors", "scores", "results")
 BASIS_CHUNK_ROWS = 1 << 20
 DEFAULT_CHUNK_ROWS = 512
 BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# PCA keeps a batch's normalised gradients (B×P float32) for its second product when the budget
+# allows at least this many samples per batch (a smaller batch would cost more than it saves).
+PCA_KEEP_MIN_BATCH = 32
+PCA_KEEP_MAX_BATCH = 128
+PCA_ROW_CHUNK = 1 << 17  # rows of Y updated per product in that mode
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 
 
@@ -458,82 +465,146 @@ class Run:
         state = "subspace/state"
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
         model = self.model
-        engine = LayerGradients(model.module, selection)
+        engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
         # Arrays are written to alternating slots and only then named in the state's attrs, so
         # a kill while writing one leaves the previous checkpoint intact.
         if attrs.get("width") == width and "iteration" in attrs:
             iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
+            keep = bool(attrs.get("keep", False))
             block = torch.from_numpy(self.store.read(f"{state}/V{iteration % 2}"))
         else:
             block = random_start(p, width, seed)
             iteration, cursor = 0, 0
-            batch = batch_size or self._batch_size(engine, source, indices, need)
+            batch, keep = self._pca_batch(engine, source, indices, need, batch_size)
             self.store.delete(state)
             self.store.write(f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-            self.store.set_attrs(state, width=width, iteration=0, cursor=0, batch=batch, slot=0)
+            self.store.set_attrs(
+                state, width=width, iteration=0, cursor=0, batch=batch, keep=keep, slot=0
+            )
+        kept = torch.empty(batch, p, device=self.device) if keep else None
+        writer = _BackgroundWriter()
         n_batches = -(-len(indices) // batch)
         label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
-        with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
-            advance(iteration * n_batches + cursor)
-            while iteration <= iterations:
-                ritz = iteration == iterations
-                projector = Projector(mean, scale, block, device=self.device)
-                if cursor:
-                    slot = self.store.group_attrs(state)["slot"]
-                    saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
-                    accumulator = saved if ritz else saved.to(self.device)
-                elif ritz:
-                    accumulator = torch.zeros(width, width, dtype=torch.float64)
-                else:
-                    accumulator = torch.zeros(p, width, device=self.device)
-                rest = indices[cursor * batch :]
-                for x, _ in self._loader(source, rest, batch):
-                    logits, _ = engine.capture(x.to(self.device))
-                    _check_finite(logits, "logits", source.spec)
-                    u = torch.zeros(x.shape[0], width, dtype=torch.float64, device=self.device)
-                    unused = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
-                    for start, tile in engine.tiles():
-                        projector.add(start, tile, u, unused)
-                    _check_finite(u, "gradients", source.spec)
-                    if ritz:
-                        accumulator += (u.T @ u).cpu()
+        try:
+            with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
+                advance(iteration * n_batches + cursor)
+                while iteration <= iterations:
+                    ritz = iteration == iterations
+                    projector = Projector(mean, scale, block, device=self.device)
+                    if cursor:
+                        slot = self.store.group_attrs(state)["slot"]
+                        saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
+                        accumulator = saved if ritz else saved.to(self.device)
+                    elif ritz:
+                        accumulator = torch.zeros(width, width, dtype=torch.float64)
                     else:
-                        u32 = u.float()
-                        for start, tile in engine.tiles():
-                            rows = slice(start, start + tile.shape[1])
-                            accumulator[rows].addmm_(projector.normalise(start, tile).T, u32)
-                    cursor += 1
-                    advance(1)
-                    stop = self.should_stop()
-                    if (cursor % checkpoint_every == 0 or stop) and cursor < n_batches:
-                        slot = 1 - self.store.group_attrs(state).get("slot", 0)
-                        self.store.write(
-                            f"{state}/partial{slot}",
-                            accumulator.cpu().numpy(),
-                            chunk_rows=BASIS_CHUNK_ROWS,
+                        accumulator = torch.zeros(p, width, device=self.device)
+                    rest = indices[cursor * batch :]
+                    for x, _ in self._loader(source, rest, batch):
+                        self._pca_batch_step(
+                            engine, projector, x, accumulator, ritz, kept, source.spec
                         )
-                        self.store.set_attrs(state, cursor=cursor, slot=slot)
-                    if stop:
-                        raise Interrupted(
-                            "stopped after saving PCA progress; rerun the same command to resume"
+                        cursor += 1
+                        advance(1)
+                        stop = self.should_stop()
+                        if (cursor % checkpoint_every == 0 or stop) and cursor < n_batches:
+                            writer.wait()  # this iteration's block must be named first
+                            slot = 1 - self.store.group_attrs(state).get("slot", 0)
+                            self.store.write(
+                                f"{state}/partial{slot}",
+                                accumulator.cpu().numpy(),
+                                chunk_rows=BASIS_CHUNK_ROWS,
+                            )
+                            self.store.set_attrs(state, cursor=cursor, slot=slot)
+                        if stop:
+                            writer.wait()
+                            raise Interrupted(
+                                "stopped after saving PCA progress; rerun the same command to "
+                                "resume"
+                            )
+                    if ritz:
+                        writer.wait()
+                        basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
+                        return Subspace(
+                            basis=basis.numpy(), method="pca", eigenvalues=values.numpy()
                         )
-                if ritz:
-                    basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
-                    return Subspace(basis=basis.numpy(), method="pca", eigenvalues=values.numpy())
-                block = accumulator.cpu()
-                orthonormalise_(block)
-                iteration, cursor = iteration + 1, 0
-                self.store.write(
-                    f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS
-                )
-                self.store.set_attrs(state, iteration=iteration, cursor=0)
+                    writer.wait()
+                    block = accumulator.cpu()
+                    del accumulator
+                    orthonormalise_(block)
+                    iteration, cursor = iteration + 1, 0
+                    # The next pass starts at once; the block is named in the state only
+                    # after its write has finished (a kill before that resumes one iteration
+                    # earlier, from the intact previous slot).
+                    writer.start(self._save_block, state, iteration, block)
+        finally:
+            writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
+
+    def _pca_batch(
+        self, engine: LayerGradients, source, indices, fixed: int, batch_size: int | None
+    ) -> tuple[int, bool]:
+        """PCA batch size, and whether a batch's normalised gradients (B×P float32) are kept
+        between the two products so the second needs no second sweep of the engine."""
+        probe, _ = next(iter(self._loader(source, indices[:1], 1)))
+        engine.capture(probe.to(self.device))
+        model_bytes = sum(q.numel() * q.element_size() for q in self.model.module.parameters())
+        workspaces = 3 * self._tile_bytes()
+        free = self.memory_budget - fixed - 2 * model_bytes - workspaces - (16 << 20)
+        per_sample = engine.sample_bytes()
+        kept_bytes = 4 * engine.selection.size
+        if batch_size is not None:
+            return batch_size, batch_size * (per_sample + kept_bytes) <= free
+        keep_batch = auto_batch_size(per_sample + kept_bytes, free, cap=PCA_KEEP_MAX_BATCH)
+        if keep_batch >= PCA_KEEP_MIN_BATCH:
+            return keep_batch, True
+        return auto_batch_size(per_sample, free), False
+
+    def _pca_batch_step(
+        self,
+        engine: LayerGradients,
+        projector: Projector,
+        x: torch.Tensor,
+        accumulator: torch.Tensor,
+        ritz: bool,
+        kept: torch.Tensor | None,
+        spec: str,
+    ) -> None:
+        """One batch of one PCA pass: ``U = G_b V``, then ``Y += G_bᵀ U`` (or, in the
+        Rayleigh–Ritz pass, ``UᵀU``) into ``accumulator``."""
+        logits, _ = engine.capture(x.to(self.device))
+        _check_finite(logits, "logits", spec)
+        n = x.shape[0]
+        u = torch.zeros(n, projector.k, dtype=torch.float64, device=self.device)
+        unused = torch.zeros(n, dtype=torch.float64, device=self.device)
+        normalised = None if ritz or kept is None else kept[:n]
+        for start, tile in engine.tiles():
+            out = None if normalised is None else normalised[:, start : start + tile.shape[1]]
+            projector.add(start, tile, u, unused, out=out)
+        _check_finite(u, "gradients", spec)
+        if ritz:
+            accumulator += (u.T @ u).cpu()
+            return
+        u32 = u.float()
+        if normalised is not None:
+            for start in range(0, normalised.shape[1], PCA_ROW_CHUNK):
+                rows = slice(start, start + PCA_ROW_CHUNK)
+                accumulator[rows].addmm_(normalised[:, rows].T, u32)
+        else:
+            for start, tile in engine.tiles():
+                rows = slice(start, start + tile.shape[1])
+                accumulator[rows].addmm_(projector.normalise(start, tile).T, u32)
+
+    def _save_block(self, state: str, iteration: int, block: torch.Tensor) -> None:
+        """Checkpoint the block of ``iteration`` (runs in the background writer)."""
+        self.store.write(f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+        self.store.set_attrs(state, iteration=iteration, cursor=0)
 
     def _compute_statistics(
         self, source, indices: np.ndarray, selection: ParameterSelection, batch_size: int | None
     ) -> None:
         model = self.model
-        engine = LayerGradients(model.module, selection)
+        engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
         stats = GradientStatistics(selection.size, model.num_classes)
         fixed = 8 * selection.size * (3 + model.num_classes)  # float64 mean, m2, class sums
         batch = batch_size or self._batch_size(engine, source, indices, fixed)
@@ -577,12 +648,18 @@ class Run:
             return mean, torch.ones_like(mean)
         return mean, torch.from_numpy(self.store.read("stats/var")).sqrt()
 
+    def _tile_bytes(self) -> int:
+        """Per-sample gradient tile: large enough for fast products, a small share of the
+        budget (the engine and the projection each hold one)."""
+        return int(min(TILE_BYTES, max(1 << 20, self.memory_budget // 16)))
+
     def _batch_size(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
         """Batch size from the memory budget, measured on one sample."""
         probe, _ = next(iter(self._loader(source, indices[:1], 1)))
         engine.capture(probe.to(self.device))
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.module.parameters())
-        free = self.memory_budget - fixed_bytes - 2 * model_bytes - (64 << 20)
+        workspaces = 3 * self._tile_bytes()  # engine tile, normalised tile, bf16 copy
+        free = self.memory_budget - fixed_bytes - 2 * model_bytes - workspaces - (16 << 20)
         return auto_batch_size(engine.sample_bytes(), free)
 
     def _row_blocks(
@@ -670,6 +747,7 @@ class Run:
                 selection,
                 only=names,
                 feature_module=feature_module if i == 0 else None,
+                tile_bytes=self._tile_bytes(),
             )
             for i, (_, _, names) in enumerate(blocks)
         ]
@@ -695,6 +773,8 @@ class Run:
         batch = batch_size or min(
             self._batch_size(engine, source, indices, fixed) for engine in engines
         )
+        for engine in engines:
+            engine.release()
         if len(blocks) > 1:
             self.progress.note(
                 f"the basis ({selection.size:,} rows x {k}) exceeds the memory budget: "
@@ -738,6 +818,8 @@ class Run:
                             f"stopped after a finished chunk of '{name}'; rerun the same "
                             "command to resume"
                         )
+                engine.release()
+                del projector
         for leftover in ("partial0", "partial1", "partial_gnorm2_0", "partial_gnorm2_1"):
             self.store.delete(f"{path}/{leftover}")
         self.store.delete(f"{path}/block_done")
@@ -1110,3 +1192,31 @@ def _test_split_of(spec: str) -> str | None:
         return None
     name = spec.split(":", 1)[0]
     return f"{name}:test"
+
+
+class _BackgroundWriter:
+    """At most one store write running beside the computation; its errors surface on wait."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, function, *args) -> None:
+        self.wait()
+
+        def target() -> None:
+            try:
+                function(*args)
+            except BaseException as error:  # handed to the caller's thread in wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=target, name="gradcli-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_errors:
+            raise error

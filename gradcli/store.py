@@ -29,6 +29,10 @@ FORMAT_VERSION = 1
 PROVENANCE = "provenance"
 DIGEST = "digest"
 COMPLETE = "complete"
+# Whole-array writes cap a chunk at this many bytes (a basis row block of any width stays a
+# modest object), and reads and writes move a few chunks at a time.
+MAX_CHUNK_BYTES = 32 << 20
+SLAB_CHUNKS = 4
 
 
 def _member_names(group: zarr.Group) -> list[str]:
@@ -221,13 +225,27 @@ class RunStore:
 
     def read(self, path: str) -> np.ndarray:
         """The whole array at ``path``."""
-        return np.asarray(self.root[path][...])
+        array = self.root[path]
+        if array.ndim == 0:
+            return np.asarray(array[...])
+        return self.read_rows(path, 0, array.shape[0])
 
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self.root[path].shape)
 
     def read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.root[path][start:stop])
+        """Rows [start, stop), decoded a few chunks at a time into one output array, so a
+        large read holds little beyond its result."""
+        array = self.root[path]
+        stop = min(stop, array.shape[0])
+        out = np.empty((max(0, stop - start), *array.shape[1:]), dtype=array.dtype)
+        step = int(array.chunks[0]) * SLAB_CHUNKS
+        first = start
+        while first < stop:
+            last = min(stop, (first // step + 1) * step)
+            out[first - start : last - start] = array[first:last]
+            first = last
+        return out
 
     @_writes
     def write(
@@ -242,12 +260,19 @@ class RunStore:
         data = np.ascontiguousarray(data)
         chunks = None
         if data.ndim >= 1:
+            row_bytes = max(1, data[:1].nbytes)
             rows = max(1, min(data.shape[0], chunk_rows or data.shape[0] or 1))
+            rows = min(rows, max(1, MAX_CHUNK_BYTES // row_bytes))
             chunks = (rows, *data.shape[1:])
         array = self.root.create_array(
             path, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True, fill_value=0
         )
-        array[...] = data
+        if data.ndim == 0:
+            array[...] = data
+        else:
+            step = chunks[0] * SLAB_CHUNKS  # a few chunks in flight at a time: bounded memory
+            for first in range(0, data.shape[0], step):
+                array[first : first + step] = data[first : first + step]
         if attrs:  # last: attrs such as a provenance record vouch for data already written
             array.attrs.update(dict(attrs))
 

@@ -106,29 +106,40 @@ def random_start(num_params: int, width: int, seed: int) -> torch.Tensor:
     return block
 
 
-def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 18) -> None:
+def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 16) -> None:
     """Orthonormalise the columns of a tall (P, w) float32 block in place.
 
-    Cholesky-QR applied twice (CholeskyQR2): the Gram matrix is formed in float64 over row
-    chunks and the triangular solve runs chunk by chunk, so no second P×w array is needed.
-    A numerically rank-deficient block falls back to Householder QR.
+    Cholesky-QR applied twice (CholeskyQR2), chunk by chunk so no second P×w array is needed.
+    The first Gram matrix is formed in float64 (the block may be ill-conditioned); after one
+    round the block is nearly orthonormal, so the second Gram sums float32 chunk products in
+    float64, and both triangular solves are applied in float32 (four times faster, and the
+    second round removes what the first one's rounding left). A numerically rank-deficient
+    block falls back to Householder QR.
     """
-    for _ in range(2):
-        gram = torch.zeros(block.shape[1], block.shape[1], dtype=torch.float64)
+    width = block.shape[1]
+    buffer = torch.empty(min(row_chunk, block.shape[0]), width, dtype=block.dtype)
+    for round_ in range(2):
+        gram = torch.zeros(width, width, dtype=torch.float64)
         for start in range(0, block.shape[0], row_chunk):
-            rows = block[start : start + row_chunk].double()
-            gram += rows.T @ rows
+            rows = block[start : start + row_chunk]
+            if round_ == 0:
+                wide = rows.double()
+                gram.addmm_(wide.T, wide)
+            else:
+                gram += (rows.T @ rows).double()
         factor, info = torch.linalg.cholesky_ex(gram, upper=True)
         if int(info) != 0:
             q, _ = torch.linalg.qr(block.double())
             block.copy_(q)
             return
         inverse = torch.linalg.solve_triangular(
-            factor, torch.eye(block.shape[1], dtype=torch.float64), upper=True
-        )
+            factor, torch.eye(width, dtype=torch.float64), upper=True
+        ).to(block.dtype)
         for start in range(0, block.shape[0], row_chunk):
             rows = block[start : start + row_chunk]
-            rows.copy_((rows.double() @ inverse).float())
+            product = buffer[: rows.shape[0]]
+            torch.mm(rows, inverse, out=product)
+            rows.copy_(product)
 
 
 def rayleigh_ritz(
@@ -147,8 +158,7 @@ def rayleigh_ritz(
     signs = torch.sign(rotation[rotation.abs().argmax(dim=0), torch.arange(k)])
     rotation = rotation * torch.where(signs == 0, 1.0, signs)[None, :]
     basis = torch.empty(block.shape[0], k)
-    for start in range(0, block.shape[0], 1 << 18):
-        basis[start : start + (1 << 18)] = (
-            block[start : start + (1 << 18)].double() @ rotation
-        ).float()
+    rotation32 = rotation.float()  # orthogonal: applying it in float32 loses nothing visible
+    for start in range(0, block.shape[0], 1 << 16):
+        torch.mm(block[start : start + (1 << 16)], rotation32, out=basis[start : start + (1 << 16)])
     return basis, values[order].clamp_min(0)

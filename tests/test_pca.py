@@ -137,3 +137,31 @@ def test_interrupted_pca_resumes_to_the_same_basis(pca_data, tiny, tmp_path, mon
         resumed.store.read("subspace/eigenvalues"), clean.store.read("subspace/eigenvalues")
     )
     assert not resumed.store.has("subspace/state")
+
+
+def test_kept_batch_and_second_sweep_give_the_same_basis(pca_data, tiny, tmp_path, monkeypatch):
+    """Keeping a batch's normalised gradients for Gᵀ U changes the speed, not the result."""
+    spec = f"npz:{pca_data / 'train.npz'}"
+    results, modes = {}, []
+    original = Run._pca_batch
+
+    def recorded(self, *args):
+        modes.append(original(self, *args))
+        return modes[-1] if len(modes) == 1 else (modes[-1][0], False)
+
+    monkeypatch.setattr(Run, "_pca_batch", recorded)
+    for keep in (True, False):
+        run = Run(tmp_path / f"run-{keep}")
+        run.set_model(f"{pca_data / 'resnet.py'}:make", **PREPROCESS)
+        run.extract_subspace(spec, method="pca", k=10, batch_size=32, iterations=2)
+        assert run.store.group_attrs("subspace")["k"] == 10
+        results[keep] = (
+            run.store.read("subspace/basis").astype(np.float64),
+            run.store.read("subspace/eigenvalues"),
+        )
+    assert modes == [(32, True), (32, True)]  # the budget allows keeping; the second run declines
+    (kept_basis, kept_values), (swept_basis, swept_values) = results[True], results[False]
+    np.testing.assert_allclose(kept_values, swept_values, rtol=1e-5)
+    # Same subspace: the projector of one onto the other is the identity on it.
+    overlap = kept_basis.T @ swept_basis
+    np.testing.assert_allclose(np.abs(np.diag(overlap)), 1.0, atol=1e-4)

@@ -8,7 +8,7 @@ import torch
 
 from gradcli.grads import energy
 from gradcli.models import load_model
-from gradcli.run import Run
+from gradcli.run import BASIS_SHARE, Run
 
 
 def test_embedding_equals_normalised_projected_loop_gradients(tiny, tmp_path):
@@ -103,3 +103,82 @@ def test_bfloat16_embedding_close_to_float32(tiny, tmp_path):
     exact, approx = run.load_embedding("f32")["grad"], bf16.load_embedding("bf16")["grad"]
     assert np.linalg.norm(approx - exact) / np.linalg.norm(exact) < 1e-2
     assert not np.array_equal(approx, exact)
+
+
+WIDE_MLP = """
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(192, 1024), nn.ReLU()]
+    for _ in range(5):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(1024, 10))
+"""
+
+PEAK_CHILD = """
+import json, sys
+from gradcli.run import Run
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+store, budget, model, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+run = Run(store, memory_budget=budget)
+run.set_model(model, input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+run.embed(data, name="warm", batch_size=4, max_samples=2)  # imports, thread pools, caches
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size
+run.embed(data, name="measured", batch_size=4)
+print(json.dumps({"over_base": status("VmHWM") - base, "blocks": len(run._row_blocks(
+    run.selection, int(run.store.group_attrs("subspace")["k"])))}))
+"""
+
+
+def test_peak_memory_stays_within_the_budget(tmp_path):
+    """A 5.4 M-parameter MLP, K = 9: a 96 MiB budget splits the 196 MB basis into blocks and
+    the embedding's peak resident memory stays within budget + model + allocator slack, while
+    an unsplit run's does not (so the bound means something)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as error:
+        pytest.skip(f"peak resident memory cannot be reset here ({error})")
+    (tmp_path / "mlp.py").write_text(WIDE_MLP)
+    (tmp_path / "child.py").write_text(PEAK_CHILD)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(20, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 10)
+    model, data = f"{tmp_path / 'mlp.py'}:make", f"npz:{tmp_path / 'd.npz'}"
+    run = Run(tmp_path / "store")
+    run.set_model(model, input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+    run.extract_subspace(data, method="avg", batch_size=10)
+    num_params, k = run.selection.size, int(run.store.group_attrs("subspace")["k"])
+    model_bytes = 4 * num_params
+    slack = 48 << 20  # allocator and interpreter noise
+    results = {}
+    for budget in (96 << 20, 4 << 30):
+        store = tmp_path / f"store-{budget}"
+        shutil.copytree(tmp_path / "store", store)
+        out = subprocess.run(
+            [sys.executable, str(tmp_path / "child.py"), str(store), str(budget), model, data],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results[budget] = json.loads(out.stdout.strip().splitlines()[-1])
+    small, large = results[96 << 20], results[4 << 30]
+    print(f"peak over base: {small} with 96 MiB, {large} unsplit")
+    assert small["blocks"] >= 3 and large["blocks"] == 1
+    assert num_params * k * 4 > 2 * (96 << 20) * BASIS_SHARE  # far over its share
+    assert small["over_base"] <= (96 << 20) + model_bytes + slack, small
+    assert large["over_base"] > (96 << 20) + model_bytes + slack, large
