@@ -579,7 +579,7 @@ def score(
             items = [f"{name}#{row}" for row in range(len(next(iter(scores.values()), [])))]
         export_scores(target, items, scores, flags)
     if as_json:
-        _emit({"name": name, "scores": summary, "export": str(target) if target else None}, True)
+        _emit(summary, True)
         return
     table = Table(title=f"scores of {dataset}")
     columns = ["score", "n", "mean", "std"] + (["λ", "flagged OOD"] if flags else [])

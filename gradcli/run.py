@@ -1047,7 +1047,13 @@ class Run:
         arrays = self.load_embedding(name)
         embed_digest = self.store.stage_digest(f"embed/{name}")
         bases = [e for e in EMBEDDINGS if e in embeddings or "ensemble" in embeddings]
-        pairs = [(m, k) for m in methods for k in bases if k in classes[m].kinds]
+        pairs = [  # a method's embedding, when asked for or needed by an ensemble it can form
+            (m, k)
+            for m in methods
+            for k in bases
+            if k in classes[m].kinds
+            and (k in embeddings or set(EMBEDDINGS) <= set(classes[m].kinds))
+        ]
         self._fit_missing_detectors([(k, m) for m, k in pairs if m in DETECTORS])
         calibrations: dict[str, dict] = {}
         if write_flags:  # checked before anything is computed or written
