@@ -80,6 +80,16 @@ BasisDtypeOpt = Annotated[
 BatchOpt = Annotated[
     int | None, typer.Option(help="Images per gradient batch (default: from memory).")
 ]
+OdinTemperatureOpt = Annotated[
+    float, typer.Option(help="ODIN temperature T (odin runs only when named in --method).")
+]
+OdinEpsilonOpt = Annotated[
+    float, typer.Option(help="ODIN input perturbation ε, in [0, 1] pixel units.")
+]
+METHOD_HELP = (
+    "msp, energy, maxlogit, react, bats, maha, knn, vim, gradnorm, residual, gnorm, odin, "
+    "ensemble or all (comma-separated; all = every method but odin, which needs the images)."
+)
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -187,18 +197,19 @@ def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
 
 
 def _methods(value: str) -> list[str]:
-    from gradcli.scores import BASE_METHODS
+    """Method names from --method; "all" is every embedding-based method (odin only by name)."""
+    from gradcli.scores import BASE_METHODS, METHODS
 
     items = _csv(value) or ["all"]
-    if "all" in items:
-        return list(BASE_METHODS)
-    chosen = [m for m in items if m != "ensemble"]
-    unknown = [m for m in chosen if m not in BASE_METHODS]
+    unknown = [m for m in items if m not in (*METHODS, "ensemble", "all")]
     if unknown:
         raise BadInputError(
-            f"unknown --method {', '.join(unknown)}; choose from {', '.join(BASE_METHODS)}, "
-            "ensemble or all"
+            f"unknown --method {', '.join(unknown)}; choose from {', '.join(METHODS)}, "
+            "ensemble or all (see gradcli methods)"
         )
+    chosen = [m for m in items if m not in ("ensemble", "all")]
+    if "all" in items:
+        return list(dict.fromkeys([*BASE_METHODS, *chosen]))
     return chosen or list(BASE_METHODS)
 
 
@@ -401,6 +412,11 @@ def fit_head(
         int, typer.Option(help="KNN: the k-th neighbour's distance is the score.")
     ] = 50,
     temperature: Annotated[float, typer.Option(help="Energy temperature T.")] = 1.0,
+    vim_dim: Annotated[
+        int | None,
+        typer.Option(help="ViM principal dimension (default: 1000, 512 or half the features)."),
+    ] = None,
+    gradnorm_temperature: Annotated[float, typer.Option(help="GradNorm temperature T.")] = 1.0,
     batch_size: BatchOpt = None,
     overwrite: OverwriteOpt = False,
     store: StoreOpt = DEFAULT_STORE,
@@ -440,7 +456,15 @@ def fit_head(
         train=train,
         test=test,
         head=HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed),
-        detectors=DetectorOptions(react_percentile, bats_lambda, clip_dims, knn_k, temperature),
+        detectors=DetectorOptions(
+            react_percentile,
+            bats_lambda,
+            clip_dims,
+            knn_k,
+            temperature,
+            vim_dim,
+            gradnorm_temperature,
+        ),
         batch_size=batch_size,
         overwrite=overwrite,
     )
@@ -454,24 +478,38 @@ def fit_head(
     _emit(summary, as_json, text)
 
 
-@app.command(epilog="Example: gradcli score --dataset places --method knn --embedding both")
+@app.command(
+    epilog="Example: gradcli score --dataset places --method knn --embedding both "
+    "--calibrate-on cifar10:test --tpr 0.95 --export places.csv"
+)
 def score(
     dataset: Annotated[
         str, typer.Option(help="Dataset spec or the name of an embedding in the store.")
     ],
-    method: Annotated[
-        str,
-        typer.Option(
-            help="msp, energy, react, bats, maha, knn, residual, gnorm, ensemble or all "
-            "(comma-separated)."
-        ),
-    ] = "all",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
     embedding: Annotated[
         str, typer.Option(help="grad, feat or both (both adds the ensemble).")
     ] = "both",
     alpha: Annotated[
         float, typer.Option(help="Ensemble weight: feature score + alpha * gradient score.")
     ] = 1.0,
+    calibrate_on: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out ID data: store the threshold λ that accepts --tpr of it, then flag "
+            "every sample scoring below λ as OOD."
+        ),
+    ] = None,
+    tpr: Annotated[
+        float | None,
+        typer.Option(help="Share of --calibrate-on data accepted as ID at λ (default 0.95)."),
+    ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(help="Write one row per input (item, scores, OOD flags) to a .csv/.parquet."),
+    ] = None,
+    odin_temperature: OdinTemperatureOpt = 1000.0,
+    odin_epsilon: OdinEpsilonOpt = 0.0014,
     batch_size: BatchOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
@@ -484,7 +522,19 @@ def score(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>."""
+    """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>.
+
+    With a calibrated threshold λ (--calibrate-on, now or before) each score also gets
+    per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>.
+    """
+    from gradcli.export import check_export_path, export_scores
+    from gradcli.metrics import check_tpr
+
+    target = check_export_path(export) if export else None
+    if tpr is not None and calibrate_on is None:
+        raise BadInputError("--tpr sets the calibration target: give --calibrate-on SPEC too")
+    tpr_value = check_tpr(0.95 if tpr is None else tpr)
+    methods, embeddings = _methods(method), _embeddings(embedding, method)
     run = _open_run(
         store,
         device,
@@ -495,29 +545,67 @@ def score(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
     )
-    scores = run.score(
-        dataset,
-        methods=_methods(method),
-        embeddings=_embeddings(embedding, method),
-        alpha=alpha,
-        batch_size=batch_size,
-    )
-    summary = {
-        key: {"n": len(v), "mean": float(v.mean()), "std": float(v.std())}
-        for key, v in scores.items()
+    options = {
+        "methods": methods,
+        "embeddings": embeddings,
+        "alpha": alpha,
+        "batch_size": batch_size,
+        "odin_temperature": odin_temperature,
+        "odin_epsilon": odin_epsilon,
     }
-    table = Table(title=f"scores of {dataset}")
-    for column in ("score", "n", "mean", "std"):
-        table.add_column(column, justify="left" if column == "score" else "right")
-    for key, s in summary.items():
-        table.add_row(key, str(s["n"]), f"{s['mean']:.4g}", f"{s['std']:.4g}")
+    if calibrate_on:
+        run.calibrate(calibrate_on, tpr=tpr_value, **options)
+    scores = run.score(dataset, **options)
+    name = run.embedding_for(dataset)
+    flags = run.flags(name, list(scores))
+    summary: dict = {}
+    for key, values in scores.items():
+        summary[key] = {"n": len(values), "mean": float(values.mean()), "std": float(values.std())}
+        if key in flags:
+            record = run.calibration(key)
+            summary[key].update(
+                threshold=record["threshold"],
+                tpr=record["tpr"],
+                calibrated_on=record["dataset"],
+                flagged_ood=int(flags[key].sum()),
+            )
+    if target is not None:
+        items = run.item_ids(name)
+        if items is None:
+            err.print(
+                f"note: the images of '{name}' are not at hand; rows are named {name}#<row>",
+                highlight=False,
+            )
+            items = [f"{name}#{row}" for row in range(len(next(iter(scores.values()), [])))]
+        export_scores(target, items, scores, flags)
     if as_json:
         _emit(summary, True)
-    else:
-        _out().print(table)
+        return
+    table = Table(title=f"scores of {dataset}")
+    columns = ["score", "n", "mean", "std"] + (["λ", "flagged OOD"] if flags else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "score" else "right")
+    for key, s in summary.items():
+        row = [key, str(s["n"]), f"{s['mean']:.4g}", f"{s['std']:.4g}"]
+        if flags:
+            row += (
+                [
+                    f"{s['threshold']:.4g}",
+                    f"{s['flagged_ood']} ({100 * s['flagged_ood'] / max(1, s['n']):.1f}%)",
+                ]
+                if "threshold" in s
+                else ["-", "-"]
+            )
+        table.add_row(*row)
+    _out().print(table)
+    if target is not None:
+        _out().print(f"wrote {target}", highlight=False)
 
 
-@app.command(epilog="Example: gradcli evaluate --ood places --ood textures --json")
+@app.command(
+    epilog="Example: gradcli evaluate --ood places --ood textures --sweep k=1,5,10,50 "
+    "--report report/ --json"
+)
 def evaluate(
     ood: Annotated[
         list[str],
@@ -526,7 +614,7 @@ def evaluate(
     id_dataset: Annotated[
         str | None, typer.Option("--id", help="ID test set (default: the subspace's test split).")
     ] = None,
-    method: Annotated[str, typer.Option(help="Methods, comma-separated, or all.")] = "all",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
     embedding: Annotated[
         str, typer.Option(help="grad, feat or both (both adds the ensemble).")
     ] = "both",
@@ -537,6 +625,22 @@ def evaluate(
     results_dir: Annotated[
         str | None, typer.Option(help="Where results.json/.csv go (default: the store folder).")
     ] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(help="Write report.md, report.html and PNG plots into this folder."),
+    ] = None,
+    density_dim: Annotated[
+        int, typer.Option(help="Report: reduced-gradient dimension of the density plot.")
+    ] = 0,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PARAMETER=V1,V2,... over stored embeddings: k (knn), percentile (react), "
+            "lambda (bats), temperature (energy), d (clipped dims); repeat for several."
+        ),
+    ] = None,
+    odin_temperature: OdinTemperatureOpt = 1000.0,
+    odin_epsilon: OdinEpsilonOpt = 0.0014,
     batch_size: BatchOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",
@@ -551,10 +655,26 @@ def evaluate(
 ) -> None:
     """FPR95, AUROC, AUPR-In and AUPR-Out of every method, running any missing stage first."""
     from gradcli.metrics import CONVENTIONS
-    from gradcli.report import results_csv, results_json, results_table
+    from gradcli.report import (
+        check_density_dim,
+        results_csv,
+        results_json,
+        results_table,
+        sweep_tables,
+        write_report,
+    )
+    from gradcli.sweep import check_sweeps, parse_sweep
 
     if fpr_convention not in CONVENTIONS:
         raise BadInputError(f"--fpr-convention must be one of {', '.join(CONVENTIONS)}")
+    sweeps: dict[str, list[float]] = {}
+    for text in sweep or []:
+        name, values = parse_sweep(text)
+        sweeps.setdefault(name, []).extend(values)
+    plan = check_sweeps(sweeps)
+    methods, embeddings = _methods(method), _embeddings(embedding, method)
+    if report is not None and Path(report).exists() and not Path(report).is_dir():
+        raise BadInputError(f"--report {report} is a file; name a folder for the report")
     run = _open_run(
         store,
         device,
@@ -565,20 +685,63 @@ def evaluate(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
     )
+    if report is not None:
+        check_density_dim(run, density_dim)
     results = run.evaluate(
         ood,
         id_dataset=id_dataset,
-        methods=_methods(method),
-        embeddings=_embeddings(embedding, method),
+        methods=methods,
+        embeddings=embeddings,
         alpha=alpha,
         convention=fpr_convention,
         batch_size=batch_size,
+        odin_temperature=odin_temperature,
+        odin_epsilon=odin_epsilon,
+        sweeps=plan,
     )
     _write_results(results, results_dir, store, results_json, results_csv)
+    written = write_report(run, results, report, density_dim=density_dim) if report else []
     if as_json:
         print(results_json(results))
-    else:
-        _out().print(results_table(results))
+        return
+    console = _out()
+    console.print(results_table(results))
+    for table in sweep_tables(results.sweeps):
+        console.print(table)
+    if written:
+        plotted = any(p.suffix == ".png" for p in written)
+        console.print(
+            f"wrote the report to {report} ({len(written)} files)"
+            + ("" if plotted else "; for plots: pip install 'gradcli[plot]'"),
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command(epilog="Example: gradcli methods --json")
+def methods(
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The OOD scores gradcli knows: embeddings, options, what they need, and their papers."""
+    from gradcli.scores import describe_methods
+
+    rows = describe_methods()
+    if as_json:
+        _emit({"methods": rows}, True)
+        return
+    table = Table(title="methods (scores: higher = more in-distribution)")
+    for column in ("name", "embeddings", "options", "needs", "summary"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            ",".join(row["embeddings"]),
+            ",".join(row["options"]) or "-",
+            row["needs"] + (", fitted" if row["fitted"] else ""),
+            row["summary"],
+        )
+    _out().print(table)
 
 
 def _write_results(results, results_dir, store, to_json, to_csv) -> None:
@@ -746,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         prefix = "interrupted" if isinstance(problem, Interrupted) else "error"
-        err.print(f"{prefix}: {problem}", highlight=False, soft_wrap=True)
+        err.print(f"{prefix}: {problem}", highlight=False, soft_wrap=True, markup=False)
         return problem.exit_code
     except Exception as problem:  # an internal error: one line unless --debug
         if debug:

@@ -44,14 +44,26 @@ def _check_scores(scores: ArrayLike, which: str) -> np.ndarray:
     return array
 
 
-def _check_tpr(tpr: float) -> float:
+def check_tpr(tpr: float) -> float:
+    """``tpr`` as a float, or a one-line error when it is not in (0, 1]."""
     if not 0.0 < tpr <= 1.0:
-        raise BadInputError(f"the target TPR must be in (0, 1], got {tpr}")
+        raise BadInputError(
+            f"the target TPR must be in (0, 1], got {tpr}: e.g. --tpr 0.95 accepts 95% of ID data"
+        )
     return float(tpr)
 
 
 def _paper_threshold(id_scores: np.ndarray, tpr: float) -> float:
     return float(np.percentile(id_scores, 100.0 * (1.0 - tpr)))
+
+
+def threshold_at_tpr(id_scores: ArrayLike, tpr: float = 0.95) -> float:
+    """The paper's threshold λ: the score at or above which ``tpr`` of the ID samples lie.
+
+    ``np.percentile(id_scores, 100·(1 − tpr))`` (linear interpolation), the threshold FPR95
+    uses; a sample with score ``>= λ`` is accepted as ID, one below is flagged OOD.
+    """
+    return _paper_threshold(_check_scores(id_scores, "ID"), check_tpr(tpr))
 
 
 def _openood_threshold(ood_scores: np.ndarray, tpr: float) -> float:
@@ -64,7 +76,7 @@ def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -
     threshold = ``np.percentile(id_scores, 100·(1 − tpr))`` (linear interpolation);
     FPR = share of OOD scores ``>=`` threshold.
     """
-    tpr = _check_tpr(tpr)
+    tpr = check_tpr(tpr)
     id_array = _check_scores(id_scores, "ID")
     ood_array = _check_scores(ood_scores, "OOD")
     threshold = _paper_threshold(id_array, tpr)
@@ -77,7 +89,7 @@ def fpr_at_tpr_openood(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float =
     threshold = ``np.percentile(ood_scores, 100·tpr)``; a score ``<=`` threshold flags OOD;
     FPR = share of ID scores ``<=`` threshold.
     """
-    tpr = _check_tpr(tpr)
+    tpr = check_tpr(tpr)
     id_array = _check_scores(id_scores, "ID")
     ood_array = _check_scores(ood_scores, "OOD")
     threshold = _openood_threshold(ood_array, tpr)

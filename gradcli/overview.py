@@ -25,6 +25,26 @@ def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(1.0 - ratio, 0.0, None))
 
 
+def spectrum_of(run: Run) -> dict | None:
+    """The subspace's method and K and, for PCA, its eigenvalues with the explained and
+    cumulative variance shares; ``None`` before the subspace is complete."""
+    store = run.store
+    if not store.stage_complete("subspace"):
+        return None
+    sub = store.group_attrs("subspace")
+    spectrum = {"method": sub["provenance"]["method"], "k": sub.get("k")}
+    if store.has("subspace/eigenvalues"):
+        values = store.read("subspace/eigenvalues").astype(np.float64)
+        total = float(sub.get("total_variance") or values.sum())
+        spectrum.update(
+            eigenvalues=values.tolist(),
+            explained=(values / total).tolist(),
+            cumulative=(np.cumsum(values) / total).tolist(),
+            total_variance=total,
+        )
+    return spectrum
+
+
 def describe(run: Run) -> dict:
     """Everything ``inspect`` reports, as plain data."""
     store = run.store
@@ -59,18 +79,8 @@ def describe(run: Run) -> dict:
             "iteration": state.get("iteration"),
             "batch": state.get("cursor"),
         }
-    if store.stage_complete("subspace"):
-        sub = store.group_attrs("subspace")
-        spectrum = {"method": sub["provenance"]["method"], "k": sub.get("k")}
-        if store.has("subspace/eigenvalues"):
-            values = store.read("subspace/eigenvalues").astype(np.float64)
-            total = float(sub.get("total_variance") or values.sum())
-            spectrum.update(
-                eigenvalues=values.tolist(),
-                explained=(values / total).tolist(),
-                cumulative=(np.cumsum(values) / total).tolist(),
-                total_variance=total,
-            )
+    spectrum = spectrum_of(run)
+    if spectrum is not None:
         report["spectrum"] = spectrum
     for name in run.embedding_names():
         path = f"embed/{name}"

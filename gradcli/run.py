@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +31,12 @@ from gradcli.grads import (
     select_parameters,
 )
 from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_arrays, train_head
-from gradcli.metrics import evaluate_scores
+from gradcli.metrics import check_tpr, evaluate_scores, threshold_at_tpr
 from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress
-from gradcli.scores import BASE_METHODS, DETECTORS, get_detector
+from gradcli.scores import BASE_METHODS, DETECTORS, INPUT_DETECTORS, get_detector, method_class
 from gradcli.scores.base import Embedding, Readout
+from gradcli.scores.baselines import ODIN
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.store import RunStore
 from gradcli.subspace import (
@@ -60,6 +61,7 @@ PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
 PCA_ROW_CHUNK = 1 << 17  # rows of Y updated per product in that mode
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
+INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class DetectorOptions:
     clip_dims: int | None = None
     knn_k: int = 50
     temperature: float = 1.0
+    vim_dim: int | None = None
+    gradnorm_temperature: float = 1.0
 
     def for_method(self, method: str) -> dict:
         table = {
@@ -90,6 +94,8 @@ class DetectorOptions:
             "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},
             "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims},
             "knn": {"k": self.knn_k},
+            "vim": {"dim": self.vim_dim},
+            "gradnorm": {"temperature": self.gradnorm_temperature},
         }
         return table.get(method, {})
 
@@ -106,6 +112,11 @@ class Results:
     rows: dict[tuple[str, str], dict[str, dict[str, float]]] = field(default_factory=dict)
     convention: str = "paper"
     head_accuracy: float | None = None
+    # "<method>-<embedding>" -> calibrated threshold λ and the realised acceptance at it
+    calibration: dict[str, dict] = field(default_factory=dict)
+    sweeps: list[dict] = field(default_factory=list)  # flat records, see gradcli.sweep
+    id_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    ood_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def average(self, key: tuple[str, str]) -> dict[str, float]:
         per_set = self.rows[key]
@@ -888,6 +899,11 @@ class Run:
             for key in ("grad", "gnorm", "feat", "logits", "labels")
         }
 
+    def embedding_for(self, spec_or_name: str, *, batch_size: int | None = None) -> str:
+        """The store name of a dataset's embedding (a stored name is kept), embedding it first
+        when it is not there yet."""
+        return self._ensure_embedded(spec_or_name, batch_size=batch_size)
+
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         if spec_or_name in self.embedding_names() and self.store.stage_complete(
             f"embed/{spec_or_name}"
@@ -1001,38 +1017,56 @@ class Run:
             gnorm=arrays["gnorm"] if kind == "grad" else None,
         )
 
-    def _fit_detectors(self, train_name, train_data, options: DetectorOptions) -> None:
+    def _fit_detectors(
+        self,
+        train_name: str,
+        train_data: dict[str, np.ndarray],
+        options: DetectorOptions,
+        only: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """Fit every detector, or the (embedding, method) pairs in ``only``, on the ID
+        training embedding; a detector already fitted with the same record is kept."""
         head_digest = self.store.stage_digest("head")
-        with self.progress.task("fit detectors", total=len(EMBEDDINGS) * len(BASE_METHODS)) as adv:
-            for kind in EMBEDDINGS:
-                readout = self.readout(kind)
-                train = self._as_embedding(train_data, kind)
-                for method in BASE_METHODS:
-                    if kind not in DETECTORS[method].kinds:
-                        adv(1)
-                        continue
-                    path = f"detectors/{kind}/{method}"
-                    config = options.for_method(method)
-                    record = {"train": train_name, "head": head_digest, **config}
-                    adv(1)
-                    if self.store.open_stage(path, record, overwrite=True):
-                        continue
-                    detector = get_detector(method, **config)
-                    if readout is None and method in ("react", "bats"):
-                        self.store.complete_stage(path, available=False)
-                        continue
-                    detector.fit(train, readout)
-                    scalars = {}
-                    for key, value in detector.state().items():
-                        if isinstance(value, np.ndarray) and value.ndim > 0:
-                            self.store.write(f"{path}/{key}", value)
-                        else:
-                            scalars[key] = (
-                                value.item()
-                                if isinstance(value, np.generic | np.ndarray)
-                                else value
-                            )
-                    self.store.complete_stage(path, available=True, scalars=scalars)
+        pairs = [(k, m) for k in EMBEDDINGS for m in BASE_METHODS if k in DETECTORS[m].kinds]
+        if only is not None:
+            pairs = [pair for pair in pairs if pair in set(only)]
+        readouts: dict[str, Readout | None] = {}
+        trains: dict[str, Embedding] = {}
+        with self.progress.task("fit detectors", total=len(pairs)) as adv:
+            for kind, method in pairs:
+                if kind not in readouts:
+                    readouts[kind] = self.readout(kind)
+                    trains[kind] = self._as_embedding(train_data, kind)
+                readout = readouts[kind]
+                path = f"detectors/{kind}/{method}"
+                config = options.for_method(method)
+                record = {"train": train_name, "head": head_digest, **config}
+                adv(1)
+                if self.store.open_stage(path, record, overwrite=True):
+                    continue
+                detector = get_detector(method, **config)
+                if readout is None and DETECTORS[method].needs_readout:
+                    self.store.complete_stage(path, available=False)
+                    continue
+                detector.fit(trains[kind], readout)
+                scalars = {}
+                for key, value in detector.state().items():
+                    if isinstance(value, np.ndarray) and value.ndim > 0:
+                        self.store.write(f"{path}/{key}", value)
+                    else:
+                        scalars[key] = (
+                            value.item() if isinstance(value, np.generic | np.ndarray) else value
+                        )
+                self.store.complete_stage(path, available=True, scalars=scalars)
+
+    def _fit_missing_detectors(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Fit, with default options, detectors of methods that fit-head did not fit (a store
+        made before they existed); those fit-head fitted are left as they are."""
+        missing = [p for p in pairs if not self.store.stage_complete(f"detectors/{p[0]}/{p[1]}")]
+        if missing:
+            train_name = self.store.group_attrs("head")["provenance"]["train"]
+            train_data = self.load_embedding(train_name)
+            self._fit_detectors(train_name, train_data, DetectorOptions(), only=missing)
 
     def _detector(self, kind: str, method: str):
         path = f"detectors/{kind}/{method}"
@@ -1049,6 +1083,22 @@ class Run:
         config = {k: v for k, v in attrs["provenance"].items() if k not in ("train", "head")}
         return get_detector(method, **config).__class__.from_state(state, **config)
 
+    def _source(self, key: str, alpha: float, odin: ODIN) -> dict:
+        """What scores ``key`` ('<method>-<embedding>') are computed with, apart from the data:
+        the fitted detector's digest; ODIN's options and the model's weights; for an ensemble
+        both parts and α. Recorded with stored scores and calibrated thresholds."""
+        method, kind = key.rsplit("-", 1)
+        if kind == "ensemble":
+            return {
+                "feat": self._source(f"{method}-feat", alpha, odin),
+                "grad": self._source(f"{method}-grad", alpha, odin),
+                "alpha": float(alpha),
+            }
+        if method in INPUT_DETECTORS:
+            weights = (self.store.attrs.get("model") or {}).get("weights_sha256")
+            return {"model": weights, method: odin.config()}
+        return {"detector": self.store.stage_digest(f"detectors/{kind}/{method}")}
+
     # -- score -------------------------------------------------------------------------
     def score(
         self,
@@ -1058,47 +1108,247 @@ class Run:
         embeddings: Sequence[str] = SCORE_EMBEDDINGS,
         alpha: float = 1.0,
         batch_size: int | None = None,
+        odin_temperature: float = 1000.0,
+        odin_epsilon: float = 0.0014,
+        write_flags: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Scores (higher = more ID) keyed '<method>-<embedding>'; written to scores/<name>/."""
+        """Scores (higher = more ID) keyed '<method>-<embedding>'; written to scores/<name>/.
+
+        Methods that need the images (``odin``) run one batched model pass over the dataset
+        the embedding was made from, only when named. Stored scores are reused while their
+        recorded provenance (embedding, fitted detector, ODIN's T and ε, α) matches, else
+        recomputed. With ``write_flags``, every score with a calibrated threshold λ (see
+        :meth:`calibrate`) also gets its OOD flags (score < λ) in flags/<name>/<key>; a
+        threshold calibrated with other settings is an error.
+        """
+        odin = ODIN(odin_temperature, odin_epsilon)
+        classes = {method: method_class(method) for method in methods}  # unknown names fail
         if not self.store.stage_complete("head"):
             self.fit_head(batch_size=batch_size)
         name = self._ensure_embedded(dataset, batch_size=batch_size)
         arrays = self.load_embedding(name)
         embed_digest = self.store.stage_digest(f"embed/{name}")
-        computed: dict[str, np.ndarray] = {}
         bases = [e for e in EMBEDDINGS if e in embeddings or "ensemble" in embeddings]
+        pairs = [  # a method's embedding, when asked for or needed by an ensemble it can form
+            (m, k)
+            for m in methods
+            for k in bases
+            if k in classes[m].kinds
+            and (k in embeddings or set(EMBEDDINGS) <= set(classes[m].kinds))
+        ]
+        self._fit_missing_detectors([(k, m) for m, k in pairs if m in DETECTORS])
+        calibrations: dict[str, dict] = {}
+        if write_flags:  # checked before anything is computed or written
+            wanted = [f"{m}-{k}" for m, k in pairs if k in embeddings]
+            if "ensemble" in embeddings:
+                wanted += [f"{m}-ensemble" for m in methods]
+            calibrations = self._calibrations(wanted, alpha, odin)
+        computed: dict[str, np.ndarray] = {}
+        readouts: dict[str, Readout | None] = {}
+        data: dict[str, Embedding] = {}
         for method in methods:
-            for kind in bases:
-                if kind not in DETECTORS[method].kinds:
-                    continue
-                detector = self._detector(kind, method)
-                if detector is None:
-                    continue
+            for kind in (k for m, k in pairs if m == method):
                 key = f"{method}-{kind}"
                 path = f"scores/{name}/{key}"
-                record = {
-                    "embedding": embed_digest,
-                    "detector": self.store.stage_digest(f"detectors/{kind}/{method}"),
-                }
+                record = {"embedding": embed_digest, **self._source(key, alpha, odin)}
                 if (
                     self.store.has(path)
                     and self.store.group_attrs(path).get("provenance") == record
                 ):
                     computed[key] = self.store.read(path)
                     continue
-                with torch.inference_mode():
-                    scores = detector.score(self._as_embedding(arrays, kind), self.readout(kind))
+                if method in INPUT_DETECTORS:
+                    scores = self._input_scores(name, odin, batch_size)
+                else:
+                    detector = self._detector(kind, method)
+                    if detector is None:
+                        continue
+                    if kind not in readouts:
+                        readouts[kind] = self.readout(kind)
+                        data[kind] = self._as_embedding(arrays, kind)
+                    with torch.inference_mode():
+                        scores = detector.score(data[kind], readouts[kind])
                 _check_finite(torch.from_numpy(np.asarray(scores)), f"{key} scores", name)
                 self.store.write(path, scores, attrs={"provenance": record})
                 computed[key] = scores
             feat, grad = computed.get(f"{method}-feat"), computed.get(f"{method}-grad")
             if "ensemble" in embeddings and feat is not None and grad is not None:
+                key = f"{method}-ensemble"
                 combined = ensemble_scores(feat, grad, alpha)
+                record = {"embedding": embed_digest, **self._source(key, alpha, odin)}
                 self.store.write(
-                    f"scores/{name}/{method}-ensemble", combined, attrs={"alpha": alpha}
+                    f"scores/{name}/{key}", combined, attrs={"alpha": alpha, "provenance": record}
                 )
-                computed[f"{method}-ensemble"] = combined
-        return {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
+                computed[key] = combined
+        result = {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
+        for key, record in calibrations.items():
+            if key in result:
+                self.store.write(
+                    f"flags/{name}/{key}",
+                    np.asarray(result[key]) < record["threshold"],
+                    attrs={
+                        "threshold": record["threshold"],
+                        "tpr": record["tpr"],
+                        "calibrated_on": record["dataset"],
+                        "provenance": self.store.group_attrs(f"scores/{name}/{key}")["provenance"],
+                    },
+                )
+        return result
+
+    def _embedded_source(
+        self, name: str, needed_by: str
+    ) -> tuple[data_mod.ImageSource, np.ndarray]:
+        """The image source and row indices an embedding was made from, checked against its
+        recorded fingerprint, for work that needs the images themselves."""
+        provenance = self.store.group_attrs(f"embed/{name}").get("provenance") or {}
+        spec = provenance.get("dataset")
+        if not spec:
+            raise BadInputError(
+                f"embedding '{name}' records no dataset, so {needed_by} cannot find its images; "
+                "re-embed it with 'gradcli embed --dataset SPEC --overwrite'"
+            )
+        try:
+            source = self.resolve(spec)
+        except BadInputError as err:
+            raise BadInputError(
+                f"{needed_by} needs the images of '{name}', but its dataset {spec} cannot be "
+                f"opened: {err}"
+            ) from None
+        if source.fingerprint() != provenance.get("fingerprint"):
+            raise StaleStoreError(
+                f"the images of {spec} changed since '{name}' was embedded, so {needed_by} "
+                f"would score other images; re-embed it (gradcli embed --dataset {spec} "
+                "--overwrite) or restore the files"
+            )
+        indices = self._subset(len(source), provenance.get("max_samples"), provenance.get("seed"))
+        if len(indices) != provenance.get("rows"):
+            raise StaleStoreError(
+                f"'{name}' has {provenance.get('rows')} rows but {spec} now gives {len(indices)}; "
+                f"re-embed it (gradcli embed --dataset {spec} --overwrite)"
+            )
+        return source, indices
+
+    def _input_scores(self, name: str, detector, batch_size: int | None) -> np.ndarray:
+        """Scores (N,) of a detector that needs the model and the images, batch by batch over
+        the rows of embedding ``name``."""
+        source, indices = self._embedded_source(name, detector.name)
+        model = self.model
+        scores = np.empty(len(indices))
+        offset = 0
+        with self.progress.task(f"{detector.name} {name}", total=len(indices)) as advance:
+            for x, _ in self._loader(source, indices, batch_size or INPUT_BATCH):
+                batch = detector.score_inputs(model.module, x.to(self.device), model.preprocess.std)
+                scores[offset : offset + len(batch)] = batch
+                offset += len(batch)
+                advance(len(batch))
+                if self.should_stop():
+                    raise Interrupted(
+                        f"stopped during the {detector.name} pass over '{name}'; rerun the same "
+                        "command to score it again"
+                    )
+        return scores
+
+    def item_ids(self, name: str) -> list[str] | None:
+        """Per-row names of embedding ``name``: file paths (``spec#index`` for arrays), or
+        ``None`` when its dataset cannot be opened or has changed since."""
+        try:
+            source, indices = self._embedded_source(name, "naming the rows")
+        except GradcliError:
+            return None
+        return [source.item_id(int(i)) for i in indices]
+
+    # -- decisions ---------------------------------------------------------------------
+    def calibration(self, key: str) -> dict | None:
+        """The stored calibration of scores ``key``: threshold λ, tpr, dataset, source."""
+        path = f"calibration/{key}"
+        return self.store.group_attrs(path) if self.store.has(path) else None
+
+    def _calibrations(self, keys: Sequence[str], alpha: float, odin: ODIN) -> dict[str, dict]:
+        """Stored calibrations of ``keys``; one made with other settings is an error."""
+        found = {}
+        for key in keys:
+            record = self.calibration(key)
+            if record is None:
+                continue
+            source = self._source(key, alpha, odin)
+            if record.get("source") != source:
+                changed = sorted(
+                    k
+                    for k in set(source) | set(record.get("source") or {})
+                    if source.get(k) != (record.get("source") or {}).get(k)
+                )
+                raise StaleStoreError(
+                    f"the threshold of {key} was calibrated on '{record.get('dataset')}' with "
+                    f"other settings ({', '.join(changed)} differ); rerun score with "
+                    "--calibrate-on SPEC to recalibrate, or score with the calibrated settings"
+                )
+            found[key] = record
+        return found
+
+    def calibrate(
+        self,
+        dataset: str,
+        *,
+        tpr: float = 0.95,
+        methods: Sequence[str] = BASE_METHODS,
+        embeddings: Sequence[str] = SCORE_EMBEDDINGS,
+        alpha: float = 1.0,
+        batch_size: int | None = None,
+        odin_temperature: float = 1000.0,
+        odin_epsilon: float = 0.0014,
+    ) -> dict[str, dict]:
+        """Store the paper's threshold λ for each score on held-out ID data ``dataset``.
+
+        λ is the score at or above which a ``tpr`` share of ``dataset`` lies (the threshold
+        FPR95 uses); afterwards ``score`` flags samples with score < λ as OOD. Kept in
+        calibration/<key> with the settings it was made with.
+        """
+        tpr = check_tpr(tpr)
+        odin = ODIN(odin_temperature, odin_epsilon)
+        scores = self.score(
+            dataset,
+            methods=methods,
+            embeddings=embeddings,
+            alpha=alpha,
+            batch_size=batch_size,
+            odin_temperature=odin_temperature,
+            odin_epsilon=odin_epsilon,
+            write_flags=False,
+        )
+        name = self._ensure_embedded(dataset)
+        if name == (self.store.group_attrs("head").get("provenance") or {}).get("train"):
+            self.progress.note(
+                f"calibrating on the ID training set '{name}' gives optimistic thresholds; "
+                "use held-out ID data such as the ID test split"
+            )
+        calibrations = {}
+        for key, values in scores.items():
+            record = {
+                "threshold": threshold_at_tpr(values, tpr),
+                "tpr": tpr,
+                "dataset": name,
+                "samples": int(len(values)),
+                "embedding": self.store.stage_digest(f"embed/{name}"),
+                "source": self._source(key, alpha, odin),
+            }
+            self.store.put_group(f"calibration/{key}", **record)
+            calibrations[key] = record
+        return calibrations
+
+    def flags(self, name: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored OOD flags (N,) bool of embedding ``name`` for those ``keys`` whose flags match
+        the stored scores and the current calibration (as ``score`` leaves them)."""
+        out = {}
+        for key in keys:
+            path = f"flags/{name}/{key}"
+            record = self.calibration(key)
+            if not self.store.has(path) or record is None:
+                continue
+            attrs = self.store.group_attrs(path)
+            scores = self.store.group_attrs(f"scores/{name}/{key}").get("provenance")
+            if attrs.get("threshold") == record["threshold"] and attrs.get("provenance") == scores:
+                out[key] = self.store.read(path)
+        return out
 
     # -- evaluate ----------------------------------------------------------------------
     def evaluate(
@@ -1111,24 +1361,46 @@ class Run:
         alpha: float = 1.0,
         convention: str = "paper",
         batch_size: int | None = None,
+        odin_temperature: float = 1000.0,
+        odin_epsilon: float = 0.0014,
+        sweeps: Mapping[str, Sequence[float]] | None = None,
     ) -> Results:
-        """Every missing stage, then metrics of ID test scores against each OOD set."""
+        """Every missing stage, then metrics of ID test scores against each OOD set.
+
+        Scores with a calibrated threshold λ also report the realised acceptance at λ of the
+        ID test set and of each OOD set (``Results.calibration``). ``sweeps`` maps a detector
+        option (see :data:`gradcli.sweep.SWEEP_PARAMETERS`) to values tried on the stored
+        embeddings (``Results.sweeps``).
+        """
+        from gradcli.sweep import check_sweep_dims, check_sweeps, run_sweeps
+
         if not ood:
             raise BadInputError("give at least one --ood dataset")
+        plan = check_sweeps(sweeps or {})
+        odin = ODIN(odin_temperature, odin_epsilon)
+        options = {
+            "methods": methods,
+            "embeddings": embeddings,
+            "alpha": alpha,
+            "batch_size": batch_size,
+            "odin_temperature": odin_temperature,
+            "odin_epsilon": odin_epsilon,
+            "write_flags": False,
+        }
         if not self.store.stage_complete("head"):
             self.fit_head(batch_size=batch_size)
         id_spec = id_dataset or self._id_spec("test")
-        id_scores = self.score(
-            id_spec, methods=methods, embeddings=embeddings, alpha=alpha, batch_size=batch_size
-        )
+        id_scores = self.score(id_spec, **options)
         id_name = self._ensure_embedded(id_spec)
+        kinds = [k for k in EMBEDDINGS if k in embeddings or "ensemble" in embeddings]
+        check_sweep_dims(plan, {k: self.store.shape(f"embed/{id_name}/{k}")[1] for k in kinds})
         results = Results(id_name=id_name, ood_names=[], convention=convention)
+        results.id_scores = id_scores
         for spec in ood:
-            ood_scores = self.score(
-                spec, methods=methods, embeddings=embeddings, alpha=alpha, batch_size=batch_size
-            )
+            ood_scores = self.score(spec, **options)
             ood_name = self._ensure_embedded(spec)
             results.ood_names.append(ood_name)
+            results.ood_scores[ood_name] = ood_scores
             table = {}
             for key, scores in ood_scores.items():
                 method, emb = key.rsplit("-", 1)
@@ -1137,6 +1409,29 @@ class Run:
                 table[key] = metrics
             self.store.put_group(
                 f"results/{ood_name}", id=id_name, convention=convention, metrics=table
+            )
+        for key, scores in id_scores.items():
+            record = self.calibration(key)
+            if record is None:
+                continue
+            threshold = record["threshold"]
+            entry = {
+                "threshold": threshold,
+                "tpr": record["tpr"],
+                "calibrated_on": record["dataset"],
+            }
+            if record.get("source") != self._source(key, alpha, odin):
+                entry["stale"] = True  # calibrated with other settings: no acceptance to report
+            else:
+                entry["id_acceptance"] = float(np.mean(scores >= threshold))
+                entry["ood_acceptance"] = {
+                    name: float(np.mean(results.ood_scores[name][key] >= threshold))
+                    for name in results.ood_names
+                }
+            results.calibration[key] = entry
+        if plan:
+            results.sweeps = run_sweeps(
+                self, id_name, results.ood_names, plan, embeddings, alpha, convention
             )
         return results
 

@@ -229,6 +229,7 @@ def test_help_has_examples(cli):
         "evaluate",
         "datasets",
         "demo",
+        "methods",
     ):
         outcome = cli(command, "--help")
         assert outcome.code == 0

@@ -8,13 +8,16 @@ from gradcli.scores import (
     BASE_METHODS,
     BATS,
     DETECTORS,
+    INPUT_DETECTORS,
     KNN,
+    METHODS,
     MSP,
     Embedding,
     Energy,
     Mahalanobis,
     ReAct,
     Readout,
+    describe_methods,
     ensemble_scores,
     get_detector,
 )
@@ -80,15 +83,33 @@ def _round_trip(detector, data, readout):
 
 
 def test_registry():
-    assert BASE_METHODS == ("msp", "energy", "react", "bats", "maha", "knn", "residual", "gnorm")
+    assert BASE_METHODS == (
+        "msp",
+        "energy",
+        "maxlogit",
+        "react",
+        "bats",
+        "maha",
+        "knn",
+        "vim",
+        "gradnorm",
+        "residual",
+        "gnorm",
+    )
+    assert (*BASE_METHODS, "odin") == METHODS  # odin needs images: never part of "all"
     assert all(DETECTORS[name].name == name for name in BASE_METHODS)
     assert get_detector("react", percentile=80).config() == {"percentile": 80.0, "clip_dims": None}
-    with pytest.raises(BadInputError, match="msp, energy, react, bats, maha, knn"):
-        get_detector("odin")
+    assert get_detector("odin", epsilon=0.0).config() == {"temperature": 1000.0, "epsilon": 0.0}
+    with pytest.raises(BadInputError, match="msp, energy, maxlogit, react, .*, odin"):
+        get_detector("mahalanobis")
     with pytest.raises(BadInputError, match="its options are k, normalise"):
         get_detector("knn", percentile=3)
-    for cls in DETECTORS.values():
+    for cls in [*DETECTORS.values(), *INPUT_DETECTORS.values()]:
         assert "20" in cls.__doc__  # every docstring cites its paper's year
+    listed = {row["name"]: row for row in describe_methods()}
+    assert list(listed) == list(METHODS)
+    assert listed["vim"]["embeddings"] == ["feat"] and listed["vim"]["fitted"]
+    assert listed["odin"]["needs"] == "model + images" and "ICLR 2018" in listed["odin"]["details"]
 
 
 def test_msp_and_energy_closed_form(features):

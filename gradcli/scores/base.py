@@ -43,7 +43,9 @@ class Readout:
 
     ``normalise``/``classify`` take and return float32 tensors (B, D) → (B, D) → (B, C).
     ``bn_weight``/``bn_bias`` (D,) are the BatchNorm's affine parameters γ, β, set for gradient
-    readouts (BATS needs them) and ``None`` for features.
+    readouts (BATS needs them) and ``None`` for features. ``weight`` (C, D) and ``bias`` (C,)
+    float64 are the last Linear layer's parameters, set for feature readouts (ViM needs them;
+    ``bias`` is ``None`` for a layer without one).
     """
 
     normalise: Callable[[torch.Tensor], torch.Tensor]
@@ -51,6 +53,8 @@ class Readout:
     kind: str
     bn_weight: np.ndarray | None = None
     bn_bias: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EMBEDDING_KINDS:
@@ -73,7 +77,13 @@ class Readout:
         def classify(h: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.linear(h, weight_t, bias_t)
 
-        return cls(normalise=identity, classify=classify, kind="feat")
+        return cls(
+            normalise=identity,
+            classify=classify,
+            kind="feat",
+            weight=weight_t.numpy().astype(np.float64),
+            bias=None if bias_t is None else bias_t.numpy().astype(np.float64),
+        )
 
     @classmethod
     def from_head(cls, head: Any) -> Readout:
@@ -237,6 +247,7 @@ class Detector:
     option_names: ClassVar[tuple[str, ...]] = ()
     fit_option_names: ClassVar[tuple[str, ...]] = ()
     needs_fit: ClassVar[bool] = True
+    needs_readout: ClassVar[bool] = False  # unavailable when the model has no last Linear layer
     kinds: ClassVar[tuple[str, ...]] = EMBEDDING_KINDS  # embeddings the method applies to
 
     def __init__(self) -> None:

@@ -57,6 +57,7 @@ class ReAct(Detector):
     name = "react"
     option_names = ("percentile", "clip_dims")
     fit_option_names = ("percentile",)
+    needs_readout = True
 
     def __init__(self, percentile: float = 90.0, clip_dims: int | None = None) -> None:
         super().__init__()
@@ -117,6 +118,7 @@ class BATS(Detector):
 
     name = "bats"
     option_names = ("lam", "clip_dims")
+    needs_readout = True
 
     def __init__(self, lam: float = 1.0, clip_dims: int | None = None) -> None:
         super().__init__()
