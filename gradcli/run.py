@@ -43,10 +43,13 @@ from gradcli.subspace import (
     Subspace,
     average_gradient_basis,
     check_method,
+    gram_,
+    inverse_factor,
     orthonormalise_,
     pca_width,
     random_start,
     rayleigh_ritz,
+    ritz_rotation,
 )
 
 EMBEDDINGS = ("grad", "feat")
@@ -60,6 +63,7 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
 PCA_ROW_CHUNK = 1 << 17  # rows of Y updated per product in that mode
+PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
 
@@ -407,7 +411,8 @@ class Run:
                 self.store.write(
                     "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
                 )
-            self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
+            if subspace.basis is not None:  # else written block by block already
+                self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
             if subspace.eigenvalues is not None:
                 stats = self.store.group_attrs("stats")
                 total = (
@@ -465,13 +470,9 @@ class Run:
         """
         p = selection.size
         need = p * width * 8 + p * 8
-        budget = int(self.memory_budget * BASIS_SHARE)
-        if need > budget:
-            raise BadInputError(
-                f"PCA with K + p = {width} over {p:,} parameters needs "
-                f"{need / 2**30:.1f} GiB for its block and accumulator, over the memory budget "
-                f"share of {budget / 2**30:.1f} GiB; raise --memory-budget, lower --k or "
-                "--oversample, or select fewer --params"
+        if need > int(self.memory_budget * PCA_SHARE):
+            return self._pca_blocked(
+                source, indices, selection, mean, scale, k, width, iterations, seed, batch_size
             )
         state = "subspace/state"
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
@@ -488,7 +489,9 @@ class Run:
             iteration, cursor = 0, 0
             batch, keep = self._pca_batch(engine, source, indices, need, batch_size)
             self.store.delete(state)
-            self.store.write(f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write(
+                f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS, compress=False
+            )
             self.store.set_attrs(
                 state, width=width, iteration=0, cursor=0, batch=batch, keep=keep, slot=0
             )
@@ -525,6 +528,7 @@ class Run:
                                 f"{state}/partial{slot}",
                                 accumulator.cpu().numpy(),
                                 chunk_rows=BASIS_CHUNK_ROWS,
+                                compress=False,
                             )
                             self.store.set_attrs(state, cursor=cursor, slot=slot)
                         if stop:
@@ -551,6 +555,245 @@ class Run:
         finally:
             writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
+
+    def _pca_blocks(self, selection: ParameterSelection, width: int, n: int) -> list:
+        """Layer blocks for PCA whose V or Y rows (float32) fit the budget beside U (n, w)."""
+        u_bytes = n * width * 8  # U (n, w) float64, saved chunk by chunk
+        budget = int(self.memory_budget * BASIS_SHARE) - u_bytes
+        if budget < self.memory_budget // 8:
+            raise BadInputError(
+                f"PCA over {n:,} samples keeps U = G V ({n:,} x {width}, "
+                f"{u_bytes / 2**30:.1f} GiB) in memory, too much of the memory budget; raise "
+                "--memory-budget or lower --max-samples"
+            )
+        plan = plan_row_blocks(selection.sizes, selection.names, width * 4 + 8, budget)
+        starts = np.concatenate([[0], np.cumsum(selection.sizes)]).astype(int)
+        return [(int(starts[a]), int(starts[b]), list(selection.names[a:b])) for a, b in plan]
+
+    def _pca_blocked(
+        self,
+        source,
+        indices: np.ndarray,
+        selection: ParameterSelection,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        k: int,
+        width: int,
+        iterations: int,
+        seed: int,
+        batch_size: int | None,
+    ) -> Subspace:
+        """Subspace iteration when the P×(K+p) block and accumulator exceed the budget.
+
+        V and Y live in the store; the parameters are split into layer blocks whose rows fit,
+        and one iteration is two passes over the data per block (``U = Σ_b G_b V_b``, then
+        ``Y_b = G_bᵀ U``) and a CholeskyQR2 read and written block by block. Every phase
+        reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
+        saved after each block pass, so a killed run redoes at most one block pass.
+        """
+        p, n = selection.size, len(indices)
+        blocks = self._pca_blocks(selection, width, n)
+        state = "subspace/state"
+        attrs = self.store.group_attrs(state) if self.store.has(state) else {}
+        model = self.model
+        tile_bytes = self._tile_bytes()
+        engines = [
+            LayerGradients(model.module, selection, only=names, tile_bytes=tile_bytes)
+            for _, _, names in blocks
+        ]
+        self.progress.note(
+            f"the PCA block and accumulator ({2 * p * width * 4 / 2**30:.1f} GiB) exceed the "
+            f"memory budget: layer-block form, {len(blocks)} blocks, "
+            f"{2 * len(blocks)} passes over the data per iteration"
+        )
+        layout = {"form": "blocks", "width": width, "blocks": len(blocks)}
+        if any(attrs.get(key) != value for key, value in layout.items()):
+            self.store.delete(state)
+            for slot in ("S0", "S1"):
+                self.store.create_rows(
+                    f"{state}/{slot}",
+                    (p, width),
+                    "float32",
+                    chunk_rows=BASIS_CHUNK_ROWS,
+                    compress=False,
+                )
+            for start, stop, _ in blocks:  # the seeded Gaussian start, orthonormalised below
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+                rows = torch.randn(stop - start, width, generator=generator)
+                self.store.write_rows(f"{state}/S1", start, rows.numpy())
+            fixed = max(b - a for a, b, _ in blocks) * (width * 4 + 8) + 2 * n * width * 8
+            batch = batch_size or min(
+                self._batch_size(engine, source, indices, fixed) for engine in engines
+            )
+            for engine in engines:
+                engine.release()
+            attrs = dict(layout, iteration=0, phase="orth1", starting=True, v=0, block=0, uslot=0)
+            attrs["batch"] = batch
+            self.store.set_attrs(state, **attrs)
+        batch = attrs["batch"]
+        n_batches = -(-n // batch)
+        per_iteration = 2 * len(blocks) * n_batches
+        with self.progress.task("PCA (layer blocks)", total=(iterations + 1) * per_iteration) as (
+            advance
+        ):
+            done_in_iteration = {
+                "u": attrs["block"],
+                "y": len(blocks) + attrs["block"],
+            }.get(attrs["phase"], 0 if attrs["starting"] else 2 * len(blocks))
+            advance(attrs["iteration"] * per_iteration + done_in_iteration * n_batches)
+            while True:
+                attrs = self.store.group_attrs(state)
+                phase, v = attrs["phase"], attrs["v"]
+                if phase in ("orth1", "orth2"):
+                    first = phase == "orth1"
+                    source_slot, target_slot = (1 - v, v) if first else (v, 1 - v)
+                    self._orthonormalise_rows(
+                        f"{state}/S{source_slot}", f"{state}/S{target_slot}", blocks, width, first
+                    )
+                    if first:
+                        self.store.set_attrs(state, phase="orth2")
+                    else:
+                        iteration = attrs["iteration"] + (0 if attrs["starting"] else 1)
+                        self.store.set_attrs(
+                            state, phase="u", v=1 - v, iteration=iteration, starting=False, block=0
+                        )
+                    continue
+                if phase == "u":
+                    u = self._pca_blocked_u(
+                        state,
+                        attrs,
+                        blocks,
+                        engines,
+                        mean,
+                        scale,
+                        source,
+                        indices,
+                        batch,
+                        width,
+                        advance,
+                    )
+                    if attrs["iteration"] == iterations:
+                        return self._pca_blocked_ritz(state, attrs, blocks, u, k, n)
+                    self.store.set_attrs(state, phase="y", block=0)
+                    continue
+                self._pca_blocked_y(
+                    state,
+                    attrs,
+                    blocks,
+                    engines,
+                    mean,
+                    scale,
+                    source,
+                    indices,
+                    batch,
+                    width,
+                    advance,
+                )
+                self.store.set_attrs(state, phase="orth1")
+
+    def _blocked_pass(self, engine, projector, source, indices, batch, each) -> None:
+        """One pass over the data for one layer block: ``each(rows, start, tile)`` per tile."""
+        offset = 0
+        for x, _ in self._loader(source, indices, batch):
+            logits, _ = engine.capture(x.to(self.device))
+            _check_finite(logits, "logits", source.spec)
+            rows = slice(offset, offset + x.shape[0])
+            for start, tile in engine.tiles():
+                each(rows, start, tile)
+            offset += x.shape[0]
+            if self.should_stop():
+                raise Interrupted(
+                    "stopped during a PCA block pass; rerun the same command to resume at the "
+                    "start of that block"
+                )
+
+    def _pca_blocked_u(
+        self, state, attrs, blocks, engines, mean, scale, source, indices, batch, width, advance
+    ) -> torch.Tensor:
+        """``U = Σ_b G_b V_b`` (n, w) float64, saved after every block."""
+        n, v, uslot = len(indices), attrs["v"], attrs["uslot"]
+        if attrs["block"]:
+            u = torch.from_numpy(self.store.read(f"{state}/U{uslot}")).to(self.device)
+        else:
+            u = torch.zeros(n, width, dtype=torch.float64, device=self.device)
+        unused = torch.zeros(n, dtype=torch.float64, device=self.device)
+        n_batches = -(-n // batch)
+        for b in range(attrs["block"], len(blocks)):
+            start, stop, _ = blocks[b]
+            rows_v = torch.from_numpy(self.store.read_rows(f"{state}/S{v}", start, stop))
+            projector = Projector(
+                mean[start:stop], scale[start:stop], rows_v, start=start, device=self.device
+            )
+
+            def add(rows, first, tile, projector=projector):
+                projector.add(first, tile, u[rows], unused[rows])
+
+            self._blocked_pass(engines[b], projector, source, indices, batch, add)
+            engines[b].release()
+            _check_finite(u, "gradients", source.spec)
+            uslot = 1 - uslot
+            self.store.write(f"{state}/U{uslot}", u.cpu().numpy(), compress=False)
+            self.store.set_attrs(state, uslot=uslot, block=b + 1)
+            advance(n_batches)
+        return u
+
+    def _pca_blocked_y(
+        self, state, attrs, blocks, engines, mean, scale, source, indices, batch, width, advance
+    ) -> None:
+        """``Y_b = G_bᵀ U`` for every block, written to the slot V does not hold."""
+        n_batches = -(-len(indices) // batch)
+        u32 = torch.from_numpy(self.store.read(f"{state}/U{attrs['uslot']}")).float()
+        u32 = u32.to(self.device)
+        for b in range(attrs["block"], len(blocks)):
+            start, stop, _ = blocks[b]
+            y = torch.zeros(stop - start, width, device=self.device)
+            projector = Projector(
+                mean[start:stop],
+                scale[start:stop],
+                torch.zeros(stop - start, 0),
+                start=start,
+                device=self.device,
+            )
+
+            def accumulate(rows, first, tile, projector=projector, y=y, start=start):
+                local = slice(first - start, first - start + tile.shape[1])
+                y[local].addmm_(projector.normalise(first, tile).T, u32[rows])
+
+            self._blocked_pass(engines[b], projector, source, indices, batch, accumulate)
+            engines[b].release()
+            self.store.write_rows(f"{state}/S{1 - attrs['v']}", start, y.cpu().numpy())
+            self.store.set_attrs(state, block=b + 1)
+            advance(n_batches)
+
+    def _orthonormalise_rows(
+        self, source: str, target: str, blocks: list, width: int, first: bool
+    ) -> None:
+        """One CholeskyQR round over a stored (P, w) array, block by block: target = source R⁻¹."""
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        for start, stop, _ in blocks:
+            gram_(gram, torch.from_numpy(self.store.read_rows(source, start, stop)), wide=first)
+        inverse = inverse_factor(gram)
+        if inverse is None:
+            raise BadInputError(
+                "the PCA block lost rank (the gradients span fewer than K + p directions); "
+                "lower --k or --oversample"
+            )
+        inverse = inverse.float()
+        for start, stop, _ in blocks:
+            rows = torch.from_numpy(self.store.read_rows(source, start, stop))
+            self.store.write_rows(target, start, (rows @ inverse).numpy())
+
+    def _pca_blocked_ritz(self, state, attrs, blocks, u, k, n) -> Subspace:
+        """Rayleigh–Ritz from U = G V: eigenvalues, and the rotated basis written block by
+        block to ``subspace/basis``."""
+        rotation, values = ritz_rotation((u.T @ u).cpu(), k, n)
+        rotation = rotation.float()
+        p = blocks[-1][1]
+        self.store.create_rows("subspace/basis", (p, k), "float32", chunk_rows=BASIS_CHUNK_ROWS)
+        for start, stop, _ in blocks:
+            rows = torch.from_numpy(self.store.read_rows(f"{state}/S{attrs['v']}", start, stop))
+            self.store.write_rows("subspace/basis", start, (rows @ rotation).numpy())
+        return Subspace(basis=None, method="pca", eigenvalues=values.numpy())
 
     def _pca_batch(
         self, engine: LayerGradients, source, indices, fixed: int, batch_size: int | None
@@ -608,7 +851,9 @@ class Run:
 
     def _save_block(self, state: str, iteration: int, block: torch.Tensor) -> None:
         """Checkpoint the block of ``iteration`` (runs in the background writer)."""
-        self.store.write(f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+        self.store.write(
+            f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS, compress=False
+        )
         self.store.set_attrs(state, iteration=iteration, cursor=0)
 
     def _compute_statistics(

@@ -255,8 +255,12 @@ class RunStore:
         *,
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int | None = None,
+        compress: bool = True,
     ) -> None:
-        """Write a whole array (replacing one at ``path``), chunked along rows."""
+        """Write a whole array (replacing one at ``path``), chunked along rows.
+
+        ``compress=False`` for short-lived checkpoints of noise-like floats, which compression
+        would only slow down."""
         data = np.ascontiguousarray(data)
         chunks = None
         if data.ndim >= 1:
@@ -265,7 +269,13 @@ class RunStore:
             rows = min(rows, max(1, MAX_CHUNK_BYTES // row_bytes))
             chunks = (rows, *data.shape[1:])
         array = self.root.create_array(
-            path, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True, fill_value=0
+            path,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            overwrite=True,
+            fill_value=0,
+            **({} if compress else {"compressors": None}),
         )
         if data.ndim == 0:
             array[...] = data
@@ -275,6 +285,39 @@ class RunStore:
                 array[first : first + step] = data[first : first + step]
         if attrs:  # last: attrs such as a provenance record vouch for data already written
             array.attrs.update(dict(attrs))
+
+    @_writes
+    def create_rows(
+        self,
+        path: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        *,
+        chunk_rows: int,
+        compress: bool = True,
+    ) -> None:
+        """An empty row-chunked array at ``path`` (replacing one), filled by :meth:`write_rows`."""
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        rows = max(1, min(chunk_rows, MAX_CHUNK_BYTES // max(1, row_bytes)))
+        self.root.create_array(
+            path,
+            shape=shape,
+            dtype=dtype,
+            chunks=(rows, *shape[1:]),
+            overwrite=True,
+            fill_value=0,
+            **({} if compress else {"compressors": None}),
+        )
+
+    @_writes
+    def write_rows(self, path: str, start: int, data: np.ndarray) -> None:
+        """Overwrite rows [start, start + len(data)) of an existing array, a few chunks at a
+        time (writing the same rows again gives the same array: safe to redo)."""
+        array = self.root[path]
+        step = int(array.chunks[0]) * SLAB_CHUNKS
+        for first in range(0, data.shape[0], step):
+            last = min(first + step, data.shape[0])
+            array[start + first : start + last] = data[first:last]
 
     def write_bytes(
         self, path: str, payload: bytes, *, attrs: Mapping[str, Any] | None = None

@@ -27,14 +27,14 @@ RANK_TOLERANCE = 1e-5
 class Subspace:
     """A basis V (P, K) float32 with orthonormal columns, plus what it came from."""
 
-    basis: np.ndarray
+    basis: np.ndarray | None  # None when it was written to the store block by block
     method: str
     class_means: np.ndarray | None = None  # (P, C) float32 raw AG columns
     eigenvalues: np.ndarray | None = None  # (K,) for PCA
 
     @property
     def k(self) -> int:
-        return int(self.basis.shape[1])
+        return int(self.basis.shape[1] if self.basis is not None else len(self.eigenvalues))
 
 
 def check_method(method: str, k: int | None, num_classes: int) -> None:
@@ -106,6 +106,28 @@ def random_start(num_params: int, width: int, seed: int) -> torch.Tensor:
     return block
 
 
+def gram_(gram: torch.Tensor, rows: torch.Tensor, wide: bool, row_chunk: int = 1 << 16) -> None:
+    """Add ``rowsᵀ rows`` to the float64 (w, w) ``gram``: in float64 when ``wide`` (an
+    ill-conditioned block), else float32 chunk products summed in float64."""
+    for start in range(0, rows.shape[0], row_chunk):
+        part = rows[start : start + row_chunk]
+        if wide:
+            part = part.double()
+            gram.addmm_(part.T, part)
+        else:
+            gram += (part.T @ part).double()
+
+
+def inverse_factor(gram: torch.Tensor) -> torch.Tensor | None:
+    """R⁻¹ (w, w) float64 for the Cholesky factor R of ``gram``, or None if it is singular."""
+    factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if int(info) != 0:
+        return None
+    return torch.linalg.solve_triangular(
+        factor, torch.eye(gram.shape[0], dtype=torch.float64), upper=True
+    )
+
+
 def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 16) -> None:
     """Orthonormalise the columns of a tall (P, w) float32 block in place.
 
@@ -120,26 +142,32 @@ def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 16) -> None:
     buffer = torch.empty(min(row_chunk, block.shape[0]), width, dtype=block.dtype)
     for round_ in range(2):
         gram = torch.zeros(width, width, dtype=torch.float64)
-        for start in range(0, block.shape[0], row_chunk):
-            rows = block[start : start + row_chunk]
-            if round_ == 0:
-                wide = rows.double()
-                gram.addmm_(wide.T, wide)
-            else:
-                gram += (rows.T @ rows).double()
-        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
-        if int(info) != 0:
+        gram_(gram, block, wide=round_ == 0, row_chunk=row_chunk)
+        inverse = inverse_factor(gram)
+        if inverse is None:
             q, _ = torch.linalg.qr(block.double())
             block.copy_(q)
             return
-        inverse = torch.linalg.solve_triangular(
-            factor, torch.eye(width, dtype=torch.float64), upper=True
-        ).to(block.dtype)
+        inverse = inverse.to(block.dtype)
         for start in range(0, block.shape[0], row_chunk):
             rows = block[start : start + row_chunk]
             product = buffer[: rows.shape[0]]
             torch.mm(rows, inverse, out=product)
             rows.copy_(product)
+
+
+def ritz_rotation(
+    gram: torch.Tensor, k: int, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation (w, k) float64 to the top-k Ritz vectors and their eigenvalues (k,) of
+    ``GᵀG / N``, from ``gram = (G V)ᵀ(G V)`` of an orthonormal V; signs fixed so the
+    largest-magnitude entry of each column is positive."""
+    values, vectors = torch.linalg.eigh(gram / num_samples)
+    order = torch.argsort(values, descending=True)[:k]
+    rotation = vectors[:, order]
+    signs = torch.sign(rotation[rotation.abs().argmax(dim=0), torch.arange(k)])
+    rotation = rotation * torch.where(signs == 0, 1.0, signs)[None, :]
+    return rotation, values[order].clamp_min(0)
 
 
 def rayleigh_ritz(
@@ -151,14 +179,9 @@ def rayleigh_ritz(
     eigenvalue, descending, and the eigenvalues (k,) float64 of ``GᵀG / N`` (the variance of
     the normalised gradients along each basis vector).
     """
-    values, vectors = torch.linalg.eigh(gram / num_samples)
-    order = torch.argsort(values, descending=True)[:k]
-    rotation = vectors[:, order]
-    # Fix the sign of each eigenvector: largest-magnitude entry of the rotation positive.
-    signs = torch.sign(rotation[rotation.abs().argmax(dim=0), torch.arange(k)])
-    rotation = rotation * torch.where(signs == 0, 1.0, signs)[None, :]
+    rotation, values = ritz_rotation(gram, k, num_samples)
     basis = torch.empty(block.shape[0], k)
     rotation32 = rotation.float()  # orthogonal: applying it in float32 loses nothing visible
     for start in range(0, block.shape[0], 1 << 16):
         torch.mm(block[start : start + (1 << 16)], rotation32, out=basis[start : start + (1 << 16)])
-    return basis, values[order].clamp_min(0)
+    return basis, values
