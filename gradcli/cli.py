@@ -90,6 +90,35 @@ METHOD_HELP = (
     "msp, energy, maxlogit, react, bats, maha, knn, vim, gradnorm, residual, gnorm, odin, "
     "ensemble or all (comma-separated; all = every method but odin, which needs the images)."
 )
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute only shard I of N (I/N, 0-based) of the rows; N processes started at "
+        "once on one store fill it together."
+    ),
+]
+ShardEnvOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Take I and N from the environment: 'slurm' (SLURM_ARRAY_TASK_ID, "
+        "SLURM_ARRAY_TASK_COUNT) or two variable names ID_VAR,COUNT_VAR."
+    ),
+]
+
+
+def _shard(shard: str | None, shard_from_env: str | None) -> tuple[int, int] | None:
+    from gradcli.distributed import parse_shard
+    from gradcli.distributed import shard_from_env as from_env
+
+    if shard is not None and shard_from_env is not None:
+        raise BadInputError("give --shard or --shard-from-env, not both")
+    if shard is not None:
+        return parse_shard(shard)
+    if shard_from_env is not None:
+        return from_env(None if shard_from_env.lower() == "slurm" else shard_from_env)
+    return None
+
+
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -332,7 +361,8 @@ def extract_subspace(
 
 
 @app.command(
-    epilog="Example: gradcli embed --dataset svhn --data-root ~/data --store artifacts/r18"
+    epilog="Example: gradcli embed --dataset svhn --data-root ~/data --store artifacts/r18  "
+    "(array job: add --shard-from-env slurm, or --shard 3/8)"
 )
 def embed(
     dataset: Annotated[
@@ -357,11 +387,14 @@ def embed(
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
+    shard: ShardOpt = None,
+    shard_from_env: ShardEnvOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Reduced gradients, features, logits and labels of a dataset, in resumable row chunks."""
+    part = _shard(shard, shard_from_env)
     run = _open_run(
         store,
         device,
@@ -380,12 +413,22 @@ def embed(
         seed=seed,
         chunk_rows=chunk_rows,
         overwrite=overwrite,
+        shard=part,
     )
     shape = run.store.shape(f"embed/{stored}/grad")
+    complete = run.store.stage_complete(f"embed/{stored}")
     summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
-    _emit(
-        summary, as_json, f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
-    )
+    text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
+    if part is not None:
+        done = run.store.read(f"embed/{stored}/done") if not complete else None
+        n_done = int(done.sum()) if done is not None else None
+        summary.update(shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done)
+        if not complete:
+            text = (
+                f"shard {part[0]}/{part[1]} of '{stored}' finished; {n_done}/{len(done)} chunks "
+                "done in all, the last shard to finish completes the embedding"
+            )
+    _emit(summary, as_json, text)
 
 
 @app.command("fit-head", epilog="Example: gradcli fit-head --epochs 10 --store artifacts/r18")
@@ -826,12 +869,13 @@ def inspect(
     for name, info in report["embeddings"].items():
         error = info.get("reconstruction_error") or {}
         text = f"{error['mean']:.3f} ± {error['std']:.3f}" if error.get("mean") is not None else "-"
+        chunks = info.get("chunks_done", "-")
+        shards = info.get("shards")
+        if shards:
+            owed = ", ".join(shards["pending"])
+            chunks += f" (shards done {len(shards['complete'])}/{shards['count']}; rerun {owed})"
         embeddings.add_row(
-            name,
-            str(info["dataset"]),
-            str(tuple(info.get("shape", ()))),
-            info.get("chunks_done", "-"),
-            text,
+            name, str(info["dataset"]), str(tuple(info.get("shape", ()))), chunks, text
         )
     console.print(embeddings)
     for path in report.get("plots", []):

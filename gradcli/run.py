@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
+from gradcli.distributed import check_shard, shard_range
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
     TILE_BYTES,
@@ -718,15 +719,29 @@ class Run:
         seed: int = 0,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         overwrite: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> str:
         """Reduced gradients, features, logits and labels of a dataset; returns the name.
 
         When the basis does not fit the memory budget, the parameters are split into row
         blocks and the data is passed once per block; partial sums are kept in the store so
         the result equals the unsplit run and an interrupted run resumes per block and chunk.
+
+        ``shard=(i, n)``: compute only the chunks :func:`gradcli.distributed.shard_range`
+        gives shard ``i`` of ``n`` (processes started at once on one store write disjoint
+        chunks); the stage is completed by whichever process finds every chunk done, so check
+        ``store.stage_complete(f"embed/{name}")`` afterwards.
         """
         if chunk_rows < 1:
             raise BadInputError("--chunk-rows must be at least 1")
+        shared = shard is not None
+        if shared:
+            check_shard(*shard, "shard")
+            if overwrite:
+                raise BadInputError(
+                    "--overwrite cannot be combined with --shard (one shard would delete rows "
+                    "another wrote); recompute once without --shard, or use a new --name"
+                )
         source = self.resolve(dataset)
         name = name or source.slug
         _check_name(name)
@@ -747,9 +762,12 @@ class Run:
             "basis_dtype": self.basis_dtype,
         }
         path = f"embed/{name}"
-        if self.store.open_stage(path, record, overwrite=overwrite, what=f"embedding '{name}'"):
+        if self.store.open_stage(
+            path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
+        ):
             return name
-        self.store.delete(f"scores/{name}")
+        if not shared:  # a shard never deletes; stored scores name the embedding they came from
+            self.store.delete(f"scores/{name}")
         blocks = self._row_blocks(selection, k)
         feature_module = model.module.get_submodule(model.feature_layer)
         engines = [
@@ -777,7 +795,6 @@ class Run:
             for slot in (0, 1):
                 arrays.update({f"partial{slot}": ((k,), "float64")})
                 arrays.update({f"partial_gnorm2_{slot}": ((), "float64")})
-        chunks = self.store.row_chunks(path, len(indices), chunk_rows, arrays)
         bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8
         block_rows = max(stop - start for start, stop, _ in blocks)
         fixed = block_rows * bytes_per_row
@@ -786,13 +803,26 @@ class Run:
         )
         for engine in engines:
             engine.release()
+        # The first writer records its batch size; later shards and resumes use it, so every
+        # chunk is computed in the same batches whoever computes it (bitwise-equal arrays).
+        meta = {"batch_size": int(batch), "shards": shard[1] if shared else 1}
+        chunks = self.store.row_chunks(
+            path, len(indices), chunk_rows, arrays, shared=shared, meta=meta
+        )
+        if batch_size is None:
+            batch = int(chunks.meta.get("batch_size", batch))
         if len(blocks) > 1:
             self.progress.note(
                 f"the basis ({selection.size:,} rows x {k}) exceeds the memory budget: "
                 f"{len(blocks)} passes over the data, one per parameter block"
             )
-        block_done = self.store.flags(path, "block_done", len(blocks) * chunks.n_chunks)
+        block_done = self.store.flags(
+            path, "block_done", len(blocks) * chunks.n_chunks, shared=shared
+        )
         pending = chunks.pending()
+        if shared:
+            own = shard_range(chunks.n_chunks, *shard)
+            pending = [chunk for chunk in pending if chunk in own]
         total = len(blocks) * sum(len(chunks.chunk_range(i)) for i in pending)
         with self.progress.task(f"embed {name}", total=total) as advance:
             for b, ((start, stop, _), engine) in enumerate(zip(blocks, engines, strict=True)):
@@ -831,6 +861,8 @@ class Run:
                         )
                 engine.release()
                 del projector
+        if shared and not chunks.done().all():
+            return name  # other shards are still at work; the last to finish completes it
         for leftover in ("partial0", "partial1", "partial_gnorm2_0", "partial_gnorm2_1"):
             self.store.delete(f"{path}/{leftover}")
         self.store.delete(f"{path}/block_done")

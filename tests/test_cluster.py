@@ -1,0 +1,160 @@
+"""Beyond one machine: sharded embeds, torchrun reductions, stores at fsspec URLs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradcli.distributed import parse_shard, shard_from_env, shard_range
+from gradcli.errors import BadInputError
+from gradcli.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MY_ID": "1", "MY_N": "2"}
+KEYS = ("grad", "gnorm", "feat", "logits", "labels")
+
+
+def _one_line_error(outcome, code: int, *needles: str) -> None:
+    assert outcome.code == code, (outcome.code, outcome.err)
+    lines = [line for line in outcome.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, outcome.err
+    for needle in needles:
+        assert needle in outcome.err, (needle, outcome.err)
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny, tmp_path_factory) -> Path:
+    """A store holding the tiny model's AG subspace (copied by each test)."""
+    from gradcli.cli import main
+
+    store = tmp_path_factory.mktemp("cluster") / "base"
+    assert main([str(a) for a in tiny.extract_args(store)]) == 0
+    return store
+
+
+def _copy(extracted: Path, target: Path) -> Path:
+    shutil.copytree(extracted, target)
+    return target
+
+
+def _embed_args(tiny, store: Path, name: str, *extra: str) -> list[str]:
+    args = ["embed", "--dataset", tiny.test, "--name", name, "--chunk-rows", "8"]
+    return [*args, "--batch-size", "4", "--store", str(store), "-q", *extra]
+
+
+def _arrays(store: Path, name: str) -> dict[str, np.ndarray]:
+    run = RunStore(str(store))
+    return {key: run.read(f"embed/{name}/{key}") for key in KEYS}
+
+
+def test_shard_arithmetic_covers_every_chunk_once():
+    for n_chunks in (0, 1, 5, 6, 17):
+        for count in (1, 2, 3, 8):
+            ranges = [shard_range(n_chunks, i, count) for i in range(count)]
+            assert [c for r in ranges for c in r] == list(range(n_chunks))
+    assert parse_shard("2/3") == (2, 3)
+    assert shard_from_env(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}) == (
+        1,
+        4,
+    )
+    assert shard_from_env("A,B", {"A": "0", "B": "1"}) == (0, 1)
+
+
+@pytest.mark.parametrize("budget", [None, "3500"])
+def test_concurrent_shards_equal_one_process_bitwise(tiny, extracted, tmp_path, budget):
+    """Two shard processes started at once on one store (with and without parameter row
+    blocks from a small memory budget) give the single-process arrays bit for bit."""
+    extra = ["--memory-budget", budget] if budget else []
+    single, sharded = _copy(extracted, tmp_path / "single"), _copy(extracted, tmp_path / "sh")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gradcli", *_embed_args(tiny, sharded, "t", *extra), *shard],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        # the second process takes its shard (1/2) from the environment
+        for shard in (["--shard", "0/2"], ["--shard-from-env", "MY_ID,MY_N"])
+    ]
+    from gradcli.cli import main
+
+    assert main(_embed_args(tiny, single, "t", *extra)) == 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    assert RunStore(str(sharded)).stage_complete("embed/t")
+    a, b = _arrays(single, "t"), _arrays(sharded, "t")
+    for key in KEYS:
+        assert a[key].dtype == b[key].dtype
+        np.testing.assert_array_equal(a[key], b[key])
+    leftovers = RunStore(str(sharded)).children("embed/t")
+    assert "block_done" not in leftovers and "partial0" not in leftovers
+
+
+def test_one_shard_then_the_other_completes_and_inspect_shows_it(tiny, extracted, tmp_path, cli):
+    store = _copy(extracted, tmp_path / "s")
+    first = cli(*_embed_args(tiny, store, "t", "--shard", "1/2", "--json"))
+    assert first.code == 0, first.err
+    summary = first.json()
+    assert summary["complete"] is False and summary["chunks_done"] == 3  # 6 chunks of 8 rows
+    report = cli("inspect", "--store", store, "--json", "-q").json()
+    info = report["embeddings"]["t"]
+    assert info["chunks_done"] == "3/6" and info["complete"] is False
+    assert info["shards"] == {"count": 2, "complete": [1], "pending": {"0": [0, 1, 2]}}
+    table = cli("inspect", "--store", store, "-q")
+    assert "shards done 1/2" in table.out
+    # the failed shard 0 is rerun: the store completes
+    assert cli(*_embed_args(tiny, store, "t", "--shard", "0/2")).code == 0
+    single = _copy(extracted, tmp_path / "single")
+    assert cli(*_embed_args(tiny, single, "t")).code == 0
+    a, b = _arrays(single, "t"), _arrays(store, "t")
+    for key in KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert RunStore(str(store)).stage_complete("embed/t")
+
+
+def test_plain_rerun_finalises_a_sharded_store(tiny, extracted, tmp_path, cli):
+    store = _copy(extracted, tmp_path / "s")
+    for shard in ("0/2", "1/2"):
+        assert cli(*_embed_args(tiny, store, "t", "--shard", shard)).code == 0
+    run = RunStore(str(store))
+    run.set_attrs("embed/t", complete=False)  # as if the last shard died before completing
+    assert cli(*_embed_args(tiny, store, "t")).code == 0
+    assert RunStore(str(store)).stage_complete("embed/t")
+
+
+def test_bad_shards_are_one_line_errors(tiny, extracted, tmp_path, cli, monkeypatch):
+    store = _copy(extracted, tmp_path / "s")
+    for bad, needle in (
+        ("2/2", "outside 0..1"),
+        ("1/0", "at least 1"),
+        ("a/b", "I/N"),
+        ("3", "I/N"),
+        ("-1/2", "outside"),
+    ):
+        _one_line_error(cli(*_embed_args(tiny, store, "t", "--shard", bad)), 2, needle)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    _one_line_error(
+        cli(*_embed_args(tiny, store, "t", "--shard-from-env", "slurm")),
+        2,
+        "SLURM_ARRAY_TASK_ID is not set",
+    )
+    monkeypatch.setenv("MY_ID", "0")
+    monkeypatch.delenv("MY_COUNT", raising=False)
+    _one_line_error(
+        cli(*_embed_args(tiny, store, "t", "--shard-from-env", "MY_ID,MY_COUNT")),
+        2,
+        "MY_COUNT is not set",
+    )
+    _one_line_error(
+        cli(*_embed_args(tiny, store, "t", "--shard", "0/2", "--overwrite")), 2, "--overwrite"
+    )
+    with pytest.raises(BadInputError, match="not an integer"):
+        shard_from_env("A,B", {"A": "x", "B": "2"})
+    assert not RunStore(str(store)).has("embed/t")  # nothing written by a refused command
