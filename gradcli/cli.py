@@ -29,6 +29,7 @@ from gradcli.errors import (
 )
 
 STORE_ENV = "GRADCLI_STORE"
+STORAGE_OPTIONS_ENV = "GRADCLI_STORAGE_OPTIONS"  # JSON object for the fsspec filesystem
 DEFAULT_STORE = "artifacts/default"
 
 app = typer.Typer(
@@ -196,11 +197,13 @@ def _open_run(
     memory_budget: str | None = None,
     basis_dtype: str = "float32",
     on_bad_image: str = "fail",
+    group=None,
 ):
     from gradcli.grads import parse_size
     from gradcli.progress import NullProgress, RichProgress
     from gradcli.run import Run
 
+    quiet = quiet or (group is not None and not group.is_writer)  # one progress bar per job
     progress = NullProgress() if quiet else RichProgress(err)
     stop = StopRequests()
     stop.install()
@@ -215,7 +218,22 @@ def _open_run(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
         should_stop=stop,
+        group=group,
+        storage_options=_storage_options(),
     )
+
+
+def _storage_options() -> dict | None:
+    text = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadInputError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise BadInputError(f'{STORAGE_OPTIONS_ENV} must be a JSON object, e.g. {{"anon": true}}')
+    return options
 
 
 def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
@@ -254,7 +272,8 @@ def _embeddings(value: str, methods_value: str) -> list[str]:
 @app.command(
     "extract-subspace",
     epilog="Example: gradcli extract-subspace --model cifar_resnet18 "
-    "--weights r18.pt --dataset cifar10:train --data-root ~/data --store artifacts/r18",
+    "--weights r18.pt --dataset cifar10:train --data-root ~/data --store artifacts/r18  "
+    "(on N processes: torchrun --nproc-per-node N -m gradcli extract-subspace ...)",
 )
 def extract_subspace(
     model: Annotated[
@@ -313,51 +332,63 @@ def extract_subspace(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Gradient statistics (mean, variance) and the subspace basis from ID training data."""
-    run = _open_run(
-        store,
-        device,
-        data_root,
-        quiet,
-        workers,
-        create=True,
-        memory_budget=memory_budget,
-        on_bad_image=on_bad_image,
-    )
-    loaded = run.set_model(
-        model,
-        weights,
-        feature_layer=feature_layer,
-        input_size=_input_size(input_size),
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        num_classes=num_classes,
-        trust_checkpoint=trust_checkpoint,
-        overwrite=overwrite,
-    )
-    summary = run.extract_subspace(
-        dataset,
-        method=method,
-        k=k,
-        params=_csv(params),
-        max_samples=max_samples,
-        no_variance=no_variance,
-        batch_size=batch_size,
-        seed=seed,
-        oversample=oversample,
-        iterations=iterations,
-        checkpoint_every=checkpoint_every,
-        overwrite=overwrite,
-    )
-    summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
-    text = (
-        f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
-        f"parameters from {summary['samples']:,} samples "
-        f"({summary['variance_replaced']} zero-variance entries replaced)"
-        + (" [reused from store]" if summary["reused"] else "")
-        + f" -> {store}"
-    )
-    _emit(summary, as_json, text)
+    """Gradient statistics (mean, variance) and the subspace basis from ID training data.
+
+    Under torchrun (WORLD_SIZE, RANK set) every rank passes over a slice of the data, sums are
+    all-reduced (gloo on CPU, nccl on CUDA) and rank 0 alone writes the store and prints.
+    """
+    from gradcli.distributed import from_env
+
+    group = from_env(device)
+    try:
+        run = _open_run(
+            store,
+            device,
+            data_root,
+            quiet,
+            workers,
+            create=True,
+            memory_budget=memory_budget,
+            on_bad_image=on_bad_image,
+            group=group,
+        )
+        loaded = run.set_model(
+            model,
+            weights,
+            feature_layer=feature_layer,
+            input_size=_input_size(input_size),
+            mean=_floats(mean, "--mean"),
+            std=_floats(std, "--std"),
+            num_classes=num_classes,
+            trust_checkpoint=trust_checkpoint,
+            overwrite=overwrite,
+        )
+        summary = run.extract_subspace(
+            dataset,
+            method=method,
+            k=k,
+            params=_csv(params),
+            max_samples=max_samples,
+            no_variance=no_variance,
+            batch_size=batch_size,
+            seed=seed,
+            oversample=oversample,
+            iterations=iterations,
+            checkpoint_every=checkpoint_every,
+            overwrite=overwrite,
+        )
+        summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
+        text = (
+            f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
+            f"parameters from {summary['samples']:,} samples "
+            f"({summary['variance_replaced']} zero-variance entries replaced)"
+            + (" [reused from store]" if summary["reused"] else "")
+            + f" -> {store}"
+        )
+        if group.is_writer:
+            _emit(summary, as_json, text)
+    finally:
+        group.close()
 
 
 @app.command(

@@ -158,6 +158,12 @@ class ProcessGroup:
             return indices
         return np.array_split(indices, self.world)[self.rank]
 
+    def steps(self, n: int, batch: int) -> int:
+        """Batches of the longest rank slice of ``n`` rows: the steps every rank takes so
+        their collectives pair up (a rank with a shorter slice idles through its last)."""
+        longest = -(-n // self.world)
+        return -(-longest // batch)
+
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
-from gradcli.distributed import check_shard, shard_range
+from gradcli.distributed import ProcessGroup, check_shard, shard_range
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
     TILE_BYTES,
@@ -156,6 +156,8 @@ class Run:
         basis_dtype: str = "float32",
         on_bad_image: str = "fail",
         should_stop=None,
+        group: ProcessGroup | None = None,
+        storage_options: Mapping | None = None,
     ) -> None:
         if basis_dtype not in BASIS_DTYPES:
             raise BadInputError(
@@ -169,8 +171,17 @@ class Run:
         # Polled at chunk and batch boundaries; the CLI sets it from SIGINT/SIGTERM.
         self.should_stop = should_stop or (lambda: False)
         self.memory_budget = memory_budget or default_memory_budget()
-        self.store = RunStore(str(store), create=create)
-        self.device = torch.device(device)
+        # Under torchrun (``group``), rank 0 alone writes to the store; it opens (creates) it
+        # first and the others follow.
+        self.group = group or ProcessGroup(device=torch.device(device))
+
+        def open_store() -> RunStore:
+            return RunStore(str(store), create=create, storage_options=storage_options)
+
+        self.store = self._on_writer(open_store, value=False)
+        if not self.group.is_writer:
+            self.store = RunStore(str(store), create=False, storage_options=storage_options)
+        self.device = self.group.device if self.group.active else torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BadInputError("--device cuda was asked for but no CUDA GPU is available")
         root = (
@@ -181,6 +192,22 @@ class Run:
         self.progress = progress or NullProgress()
         self.num_workers = num_workers
         self._model: LoadedModel | None = None
+
+    def _on_writer(self, function, *args, value: bool = True):
+        """``function(*args)`` on rank 0 alone; its result (with ``value``) or its one-line
+        error reaches every rank, so no rank waits for one that failed. Also a barrier."""
+        if not self.group.active:
+            return function(*args)
+        result = error = None
+        if self.group.is_writer:
+            try:
+                result = function(*args)
+            except GradcliError as problem:
+                error = problem
+        shared = self.group.broadcast_object((result if value else None, error))
+        if shared[1] is not None:
+            raise shared[1]
+        return result if self.group.is_writer else shared[0]
 
     # -- model -------------------------------------------------------------------------
     def set_model(
@@ -211,16 +238,21 @@ class Run:
         args.update(spec=model.spec, weights=model.weights)  # absolute paths: cwd may change
         record = model.describe()
         existing = self.store.attrs.get("model")
-        if existing is not None and existing != record:
-            if not overwrite:
-                what = _model_difference(existing, record)
-                raise StaleStoreError(
-                    f"store {self.store.url} was made with another model ({what}); "
-                    "pass --overwrite to start the run over, or use a new --store"
-                )
-            for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
-                self.store.delete(path)
-        self.store.update_root(model=record, model_args=args)
+        if existing is not None and existing != record and not overwrite:
+            what = _model_difference(existing, record)
+            raise StaleStoreError(
+                f"store {self.store.url} was made with another model ({what}); "
+                "pass --overwrite to start the run over, or use a new --store"
+            )
+
+        def record_model() -> None:
+            if existing is not None and existing != record:
+                for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
+                    self.store.delete(path)
+            self.store.update_root(model=record, model_args=args)
+
+        self.group.barrier()  # every rank has read the root attrs before rank 0 writes them
+        self._on_writer(record_model)
         self._model = model
         return model
 
@@ -276,7 +308,11 @@ class Run:
         source = data_mod.resolve_dataset(
             spec, data_root=self.data_root, default_split=default_split
         )
-        if self._given_data_root and self.store.attrs.get("data_root") != self._given_data_root:
+        if (
+            self._given_data_root
+            and self.group.is_writer
+            and self.store.attrs.get("data_root") != self._given_data_root
+        ):
             self.store.update_root(data_root=self._given_data_root)  # it worked: remember it
         if self.on_bad_image == "skip":
             source, skipped = data_mod.without_unreadable(source)
@@ -360,12 +396,16 @@ class Run:
             "seed": seed,
             "preprocess": model.preprocess.to_dict(),
         }
-        if overwrite:
-            for path in DOWNSTREAM_OF_SUBSPACE:
-                self.store.delete(path)
-        stats_done = self.store.open_stage(
-            "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
-        )
+
+        def open_stats() -> bool:
+            if overwrite:
+                for path in DOWNSTREAM_OF_SUBSPACE:
+                    self.store.delete(path)
+            return self.store.open_stage(
+                "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
+            )
+
+        stats_done = self._on_writer(open_stats)
         if not stats_done:
             self._compute_statistics(source, indices, selection, batch_size)
         subspace_record = {
@@ -380,12 +420,18 @@ class Run:
                 raise BadInputError("--checkpoint-every must be at least 1")
             width = pca_width(k, oversample, selection.size, len(indices))
             subspace_record.update(k=k, width=width, iterations=iterations, seed=seed)
-        sub_done = self.store.open_stage(
-            "subspace", subspace_record, overwrite=overwrite, what="the subspace"
-        )
+
+        def open_subspace() -> bool:
+            done = self.store.open_stage(
+                "subspace", subspace_record, overwrite=overwrite, what="the subspace"
+            )
+            if not done:
+                for path in DOWNSTREAM_OF_SUBSPACE:
+                    self.store.delete(path)
+            return done
+
+        sub_done = self._on_writer(open_subspace)
         if not sub_done:
-            for path in DOWNSTREAM_OF_SUBSPACE:
-                self.store.delete(path)
             mean, scale = self._normalisation(no_variance)
             if method == "pca":
                 subspace = self._pca(
@@ -402,30 +448,39 @@ class Run:
                     checkpoint_every,
                 )
             else:
-                class_means = torch.from_numpy(self.store.read("stats/class_means")).double()
-                counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
-                subspace = average_gradient_basis(class_means, mean, scale, counts)
-                self.store.write(
-                    "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
-                )
-            self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
-            if subspace.eigenvalues is not None:
-                stats = self.store.group_attrs("stats")
-                total = (
-                    stats["raw_variance_sum"]
-                    if no_variance
-                    else float(selection.size - stats["variance_replaced"])
-                )
-                self.store.write("subspace/eigenvalues", subspace.eigenvalues)
-                self.store.set_attrs("subspace", total_variance=total)
-            self.store.delete("subspace/state")
-            self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
-        self.store.update_root(
-            params=selection.describe(),
-            id_train=source.spec,
-            id_test=_test_split_of(source.spec),
-            id_max_samples=max_samples,
-            id_seed=seed,
+                subspace = None  # from the stored class means, by rank 0 below
+
+            def write_subspace() -> None:
+                nonlocal subspace
+                if subspace is None:
+                    means = torch.from_numpy(self.store.read("stats/class_means")).double()
+                    counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
+                    subspace = average_gradient_basis(means, mean, scale, counts)
+                    self.store.write(
+                        "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
+                    )
+                self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
+                if subspace.eigenvalues is not None:
+                    stats = self.store.group_attrs("stats")
+                    total = (
+                        stats["raw_variance_sum"]
+                        if no_variance
+                        else float(selection.size - stats["variance_replaced"])
+                    )
+                    self.store.write("subspace/eigenvalues", subspace.eigenvalues)
+                    self.store.set_attrs("subspace", total_variance=total)
+                self.store.delete("subspace/state")
+                self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
+
+            self._on_writer(write_subspace, value=False)
+        self._on_writer(
+            lambda: self.store.update_root(
+                params=selection.describe(),
+                id_train=source.spec,
+                id_test=_test_split_of(source.spec),
+                id_max_samples=max_samples,
+                id_seed=seed,
+            )
         )
         sub_attrs = self.store.group_attrs("subspace")
         return {
@@ -475,6 +530,7 @@ class Run:
                 "--oversample, or select fewer --params"
             )
         state = "subspace/state"
+        group = self.group
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
         model = self.model
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
@@ -483,27 +539,45 @@ class Run:
         if attrs.get("width") == width and "iteration" in attrs:
             iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
             keep = bool(attrs.get("keep", False))
+            if attrs.get("world", 1) != group.world:
+                cursor = 0  # partial sums of another number of ranks: redo this iteration
             block = torch.from_numpy(self.store.read(f"{state}/V{iteration % 2}"))
         else:
             block = random_start(p, width, seed)
             iteration, cursor = 0, 0
-            batch, keep = self._pca_batch(engine, source, indices, need, batch_size)
-            self.store.delete(state)
-            self.store.write(f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-            self.store.set_attrs(
-                state, width=width, iteration=0, cursor=0, batch=batch, keep=keep, slot=0
+            batch, keep = group.broadcast_object(
+                self._pca_batch(engine, source, indices, need, batch_size)
             )
+
+            def start_state() -> None:
+                self.store.delete(state)
+                self.store.write(f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+                self.store.set_attrs(
+                    state,
+                    width=width,
+                    iteration=0,
+                    cursor=0,
+                    batch=batch,
+                    keep=keep,
+                    slot=0,
+                    world=group.world,
+                )
+
+            self._on_writer(start_state, value=False)
         kept = torch.empty(batch, p, device=self.device) if keep else None
         writer = _BackgroundWriter()
-        n_batches = -(-len(indices) // batch)
+        # Each rank passes over its slice; all take the same number of steps (a rank whose
+        # slice is shorter idles through the last one) so their collectives pair up.
+        mine = group.split(indices)
+        steps = group.steps(len(indices), batch)
         label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
         try:
-            with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
-                advance(iteration * n_batches + cursor)
+            with self.progress.task(label, total=(iterations + 1) * steps) as advance:
+                advance(iteration * steps + cursor)
                 while iteration <= iterations:
                     ritz = iteration == iterations
                     projector = Projector(mean, scale, block, device=self.device)
-                    if cursor:
+                    if cursor and group.is_writer:  # rank 0's checkpoint holds the sum so far
                         slot = self.store.group_attrs(state)["slot"]
                         saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
                         accumulator = saved if ritz else saved.to(self.device)
@@ -511,31 +585,37 @@ class Run:
                         accumulator = torch.zeros(width, width, dtype=torch.float64)
                     else:
                         accumulator = torch.zeros(p, width, device=self.device)
-                    rest = indices[cursor * batch :]
-                    for x, _ in self._loader(source, rest, batch):
-                        self._pca_batch_step(
-                            engine, projector, x, accumulator, ritz, kept, source.spec
-                        )
+                    batches = iter(self._loader(source, mine[cursor * batch :], batch))
+                    while cursor < steps:
+                        item = next(batches, None)
+                        if item is not None:
+                            self._pca_batch_step(
+                                engine, projector, item[0], accumulator, ritz, kept, source.spec
+                            )
                         cursor += 1
                         advance(1)
-                        stop = self.should_stop()
-                        if (cursor % checkpoint_every == 0 or stop) and cursor < n_batches:
+                        stop = group.any(self.should_stop())
+                        if (cursor % checkpoint_every == 0 or stop) and cursor < steps:
+                            # Checkpoints hold sums over all ranks: rank 0 keeps the sum so
+                            # far, the others start again from zero.
+                            group.all_reduce_(accumulator)
+                            if not group.is_writer:
+                                accumulator.zero_()
                             writer.wait()  # this iteration's block must be named first
-                            slot = 1 - self.store.group_attrs(state).get("slot", 0)
-                            self.store.write(
-                                f"{state}/partial{slot}",
-                                accumulator.cpu().numpy(),
-                                chunk_rows=BASIS_CHUNK_ROWS,
+                            self._on_writer(
+                                self._save_partial, state, accumulator, cursor, value=False
                             )
-                            self.store.set_attrs(state, cursor=cursor, slot=slot)
                         if stop:
                             writer.wait()
                             raise Interrupted(
                                 "stopped after saving PCA progress; rerun the same command to "
                                 "resume"
                             )
+                    group.all_reduce_(accumulator)
                     if ritz:
                         writer.wait()
+                        if not group.is_writer:
+                            return None
                         basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
                         return Subspace(
                             basis=basis.numpy(), method="pca", eigenvalues=values.numpy()
@@ -544,14 +624,24 @@ class Run:
                     block = accumulator.cpu()
                     del accumulator
                     orthonormalise_(block)
+                    group.broadcast_(block)  # every rank goes on with rank 0's block
                     iteration, cursor = iteration + 1, 0
                     # The next pass starts at once; the block is named in the state only
                     # after its write has finished (a kill before that resumes one iteration
                     # earlier, from the intact previous slot).
-                    writer.start(self._save_block, state, iteration, block)
+                    if group.is_writer:
+                        writer.start(self._save_block, state, iteration, block)
         finally:
             writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
+
+    def _save_partial(self, state: str, accumulator: torch.Tensor, cursor: int) -> None:
+        """Checkpoint an iteration's partial sum after ``cursor`` steps (rank 0 only)."""
+        slot = 1 - self.store.group_attrs(state).get("slot", 0)
+        self.store.write(
+            f"{state}/partial{slot}", accumulator.cpu().numpy(), chunk_rows=BASIS_CHUNK_ROWS
+        )
+        self.store.set_attrs(state, cursor=cursor, slot=slot, world=self.group.world)
 
     def _pca_batch(
         self, engine: LayerGradients, source, indices, fixed: int, batch_size: int | None
@@ -619,35 +709,48 @@ class Run:
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
         stats = GradientStatistics(selection.size, model.num_classes)
         fixed = 8 * selection.size * (3 + model.num_classes)  # float64 mean, m2, class sums
-        batch = batch_size or self._batch_size(engine, source, indices, fixed)
-        with self.progress.task("gradient statistics", total=len(indices)) as advance:
-            for x, y in self._loader(source, indices, batch):
-                x = x.to(self.device)
-                logits, _ = engine.capture(x)
-                _check_finite(logits, "logits", source.spec)
-                for start, tile in engine.tiles():
-                    _check_finite(tile, "gradients", source.spec)
-                    stats.update_rows(start, tile, y)
-                stats.commit(y)
-                advance(len(y))
-                if self.should_stop():
+        group = self.group
+        batch = group.broadcast_object(
+            batch_size or self._batch_size(engine, source, indices, fixed)
+        )
+        mine = group.split(indices)  # under torchrun: this rank's slice; sums all-reduced below
+        steps = group.steps(len(indices), batch)
+        batches = iter(self._loader(source, mine, batch))
+        with self.progress.task("gradient statistics", total=len(mine)) as advance:
+            for _ in range(steps):
+                item = next(batches, None)
+                if item is not None:
+                    x, y = item[0].to(self.device), item[1]
+                    logits, _ = engine.capture(x)
+                    _check_finite(logits, "logits", source.spec)
+                    for start, tile in engine.tiles():
+                        _check_finite(tile, "gradients", source.spec)
+                        stats.update_rows(start, tile, y)
+                    stats.commit(y)
+                    advance(len(y))
+                if group.any(self.should_stop()):
                     raise Interrupted(
                         "stopped during the statistics pass; rerun the same command to start it "
                         "again"
                     )
+        stats.all_reduce(group)
         raw = stats.variance()
         raw_sum = float(raw[torch.isfinite(raw)].sum())
         var, replaced = sanitise_variance(raw)
-        self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-        self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-        self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
-        self.store.complete_stage(
-            "stats",
-            samples=int(stats.count),
-            variance_replaced=replaced,
-            raw_variance_sum=raw_sum,
-            class_counts=stats.class_counts.tolist(),
-        )
+
+        def write_stats() -> None:
+            self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
+            self.store.complete_stage(
+                "stats",
+                samples=int(stats.count),
+                variance_replaced=replaced,
+                raw_variance_sum=raw_sum,
+                class_counts=stats.class_counts.tolist(),
+            )
+
+        self._on_writer(write_stats, value=False)
         if replaced:
             self.progress.note(
                 f"{replaced} parameters had zero or non-finite gradient variance; "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +160,134 @@ def test_bad_shards_are_one_line_errors(tiny, extracted, tmp_path, cli, monkeypa
     with pytest.raises(BadInputError, match="not an integer"):
         shard_from_env("A,B", {"A": "x", "B": "2"})
     assert not RunStore(str(store)).has("embed/t")  # nothing written by a refused command
+
+
+# -- torchrun -------------------------------------------------------------------------------
+PCA = ["--method", "pca", "--k", "4", "--iterations", "2", "--checkpoint-every", "2"]
+
+
+def _extract_cmd(tiny, store: Path, *extra: str) -> list[str]:
+    return [*map(str, tiny.extract_args(store)), "--batch-size", "8", *extra]
+
+
+def _assert_same_subspace(single: RunStore, dist: RunStore, pca: bool) -> None:
+    """Equal within float32 summation order: statistics to 1e-5 relative, AG basis to 1e-5,
+    PCA eigenvalues to 1e-4 relative, captured variance within 1e-4, and the same top-K
+    subspace (|cos| of matching basis vectors within 1e-4 of 1)."""
+    for path in ("stats/mean", "stats/var", "stats/class_means"):
+        a, b = single.read(path), dist.read(path)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    assert dist.group_attrs("stats")["samples"] == single.group_attrs("stats")["samples"]
+    assert dist.group_attrs("stats")["class_counts"] == single.group_attrs("stats")["class_counts"]
+    a, b = single.read("subspace/basis"), dist.read("subspace/basis")
+    if not pca:
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        return
+    va, vb = single.read("subspace/eigenvalues"), dist.read("subspace/eigenvalues")
+    np.testing.assert_allclose(vb, va, rtol=1e-4)
+    total = single.group_attrs("subspace")["total_variance"]
+    assert abs(va.sum() / total - vb.sum() / total) < 1e-4
+    np.testing.assert_allclose(np.abs((a * b).sum(axis=0)), 1.0, atol=1e-4)
+
+
+def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
+    """`python -m torch.distributed.run --nproc-per-node 2 -m gradcli extract-subspace` (gloo
+    on CPU) against the same command in one process, for PCA and AG."""
+    from gradcli.cli import main
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--standalone", "-m", "gradcli"]  # a free local port for each job
+    procs = {
+        method: subprocess.Popen(
+            [*launch, *_extract_cmd(tiny, tmp_path / f"dist-{method}", *extra)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # the launcher and its workers, to end together
+        )
+        for method, extra in (("pca", PCA), ("avg", []))
+    }
+    try:
+        for method, extra in (("pca", PCA), ("avg", [])):
+            assert main(_extract_cmd(tiny, tmp_path / f"single-{method}", *extra)) == 0
+        outputs = {method: proc.communicate(timeout=120) for method, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for method, proc in procs.items():
+        out, err = outputs[method]
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert out.decode().count("subspace") == 1  # rank 0 alone reports
+        single = RunStore(str(tmp_path / f"single-{method}"))
+        dist = RunStore(str(tmp_path / f"dist-{method}"))
+        assert dist.stage_complete("subspace") and not dist.has("subspace/state")
+        _assert_same_subspace(single, dist, method == "pca")
+
+
+def _rank(rank: int, world: int, port: int, store: str, tiny, stop_at: int | None) -> None:
+    """One rank of a job started as torchrun would (its env), stopping on request."""
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    from gradcli.distributed import from_env
+    from gradcli.errors import Interrupted
+    from gradcli.run import Run
+
+    torch.set_num_threads(1)
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return stop_at is not None and calls["n"] >= stop_at and rank == 1  # one rank asks
+
+    group = from_env("cpu")
+    try:
+        run = Run(store, group=group, should_stop=should_stop)
+        run.set_model(tiny.model, str(tiny.weights), input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+        with contextlib.suppress(Interrupted):
+            run.extract_subspace(
+                tiny.train, method="pca", k=4, iterations=2, checkpoint_every=2, batch_size=8
+            )
+    finally:
+        group.close()
+
+
+def _spawn(world: int, store: Path, tiny, stop_at: int | None = None) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank, args=(world, port, str(store), tiny, stop_at), nprocs=world, join=True)
+
+
+def test_distributed_pca_interrupted_resumes_with_two_or_one_processes(tiny, tmp_path, cli):
+    """A stop asked on one rank only stops both (no deadlock) with a checkpoint of the
+    all-reduced partial sums; resuming with 2 ranks, or with 1 process (which redoes that
+    iteration from its stored block), equals the uninterrupted single-process run."""
+    # stats: 6 steps of 8 rows per rank (45 rows each), PCA: 6 steps per pass; call 15 is
+    # the third batch of the second iteration
+    _spawn(2, tmp_path / "two", tiny, stop_at=15)
+    stopped = RunStore(str(tmp_path / "two"))
+    assert not stopped.stage_complete("subspace")
+    state = stopped.group_attrs("subspace/state")
+    assert (state["iteration"], state["cursor"], state["world"]) == (1, 3, 2)
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    _spawn(2, tmp_path / "two", tiny)
+    assert cli(*_extract_cmd(tiny, tmp_path / "one", *PCA)).code == 0
+    assert cli(*_extract_cmd(tiny, tmp_path / "single", *PCA)).code == 0
+    single = RunStore(str(tmp_path / "single"))
+    for label in ("two", "one"):
+        resumed = RunStore(str(tmp_path / label))
+        assert resumed.stage_complete("subspace")
+        _assert_same_subspace(single, resumed, pca=True)
