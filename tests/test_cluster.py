@@ -291,3 +291,57 @@ def test_distributed_pca_interrupted_resumes_with_two_or_one_processes(tiny, tmp
         resumed = RunStore(str(tmp_path / label))
         assert resumed.stage_complete("subspace")
         _assert_same_subspace(single, resumed, pca=True)
+
+
+# -- stores at fsspec URLs ------------------------------------------------------------------
+def _pipeline(run, tiny) -> dict[str, np.ndarray]:
+    run.set_model(tiny.model, str(tiny.weights), input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+    run.extract_subspace(tiny.train, method="pca", k=3, iterations=1, batch_size=16)
+    run.embed(tiny.test, name="t", batch_size=8, chunk_rows=16)
+    run.embed(tiny.test, name="s", batch_size=8, chunk_rows=16, shard=(1, 2))
+    run.embed(tiny.test, name="s", batch_size=8, chunk_rows=16, shard=(0, 2))
+    results = run.evaluate([tiny.ood], id_dataset="t", methods=["energy", "knn"])
+    out = {
+        f"{m}-{e}-auroc": np.array(r[o]["auroc"])
+        for (m, e), r in results.rows.items()
+        for o in results.ood_names
+    }
+    for key in KEYS:
+        out[f"t/{key}"] = run.load_embedding("t")[key]
+        out[f"s/{key}"] = run.load_embedding("s")[key]
+    out["basis"] = run.store.read("subspace/basis")
+    return out
+
+
+def test_memory_url_store_equals_a_local_store(tiny, tmp_path):
+    """The whole pipeline (with a sharded embed) on memory:// gives the local store's arrays."""
+    from gradcli.run import Run
+
+    local = _pipeline(Run(tmp_path / "local", memory_budget=1 << 30), tiny)
+    url = f"memory://gradcli-test/{tmp_path.name}"  # one in-memory filesystem per process
+    remote_run = Run(url, memory_budget=1 << 30)
+    remote = _pipeline(remote_run, tiny)
+    assert remote_run.store.stage_complete("embed/s")
+    assert not (tmp_path / "memory:").exists() and not Path("memory:").exists()
+    assert local.keys() == remote.keys()
+    for key in local:
+        np.testing.assert_array_equal(remote[key], local[key], err_msg=key)
+    np.testing.assert_array_equal(remote["s/grad"], remote["t/grad"])
+    reopened = Run(url, create=False)
+    assert reopened.store.stage_complete("head")
+
+
+def test_file_url_store_through_the_cli(tiny, tmp_path, cli):
+    url = f"file://{tmp_path / 'viaurl'}"
+    for store in (url, tmp_path / "plain"):
+        args = [*tiny.extract_args(store)]
+        assert cli(*args).code == 0
+        outcome = cli(*_embed_args(tiny, store, "t", "--shard", "0/1", "--json"))
+        assert outcome.code == 0, outcome.err
+        assert outcome.json()["complete"] is True
+    assert (tmp_path / "viaurl" / "embed" / "t" / "done").is_dir()  # a plain Zarr folder
+    a, b = _arrays(tmp_path / "plain", "t"), _arrays(tmp_path / "viaurl", "t")
+    for key in KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+    report = cli("inspect", "--store", url, "--json", "-q")
+    assert report.code == 0 and report.json()["embeddings"]["t"]["chunks_done"] == "6/6"
