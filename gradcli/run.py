@@ -258,7 +258,7 @@ class Run:
 
     def _load(self, args: dict) -> LoadedModel:
         input_size = args.get("input_size")
-        return load_model(
+        loaded = load_model(
             args["spec"],
             args.get("weights"),
             feature_layer=args.get("feature_layer"),
@@ -269,6 +269,11 @@ class Run:
             trust_checkpoint=bool(args.get("trust_checkpoint")),
             device=self.device,
         )
+        if self.group.active:  # without a weights file each rank would draw its own weights
+            with torch.no_grad():
+                for tensor in loaded.module.state_dict().values():
+                    self.group.broadcast_(tensor)
+        return loaded
 
     @property
     def model(self) -> LoadedModel:
