@@ -1,6 +1,6 @@
 """Embed throughput of one process against N concurrent shard processes on one store.
 
-On CIFAR ResNet-18 (random weights) with an AG subspace (K = 9) made from a few random
+On CIFAR ResNet-18 (seeded random weights) with an AG subspace (K = 9) made from a few random
 images, it embeds the same random 32×32 images twice, from copies of one store:
 
 (1) one process using every core (``OMP_NUM_THREADS`` = cores, torch's intra-op threads);
@@ -51,7 +51,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
         "load_average": os.getloadavg()[0],
     }
@@ -94,7 +94,11 @@ def main() -> None:
         base = work / "base"
         extract = ["extract-subspace", "--model", "cifar_resnet18", "--dataset", data]
         extract += ["--max-samples", "20", "--store", str(base)]
-        torch.manual_seed(0)
+        from gradcli.models import load_model
+
+        torch.manual_seed(0)  # one weights file: every process must use the same weights
+        torch.save(load_model("cifar_resnet18").module.state_dict(), work / "r18.pt")
+        extract += ["--weights", str(work / "r18.pt")]
         wait_all([gradcli(extract, cores)])
         embed = ["embed", "--dataset", data, "--name", "x", "--chunk-rows", "32"]
         embed += ["--batch-size", str(args.batch_size)]
@@ -123,7 +127,7 @@ def main() -> None:
         ) and b.stage_complete("embed/x")
     result = {
         "images": args.images,
-        "model": "cifar_resnet18 (random weights), AG K=9",
+        "model": "cifar_resnet18 (seeded random weights), AG K=9",
         "timings": timings,
         "ratio": many["images_per_s"] / one["images_per_s"],
         "bitwise_equal": equal,
