@@ -592,6 +592,8 @@ def score(
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
+    shard: ShardOpt = None,
+    shard_from_env: ShardEnvOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -599,10 +601,18 @@ def score(
     """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>.
 
     With a calibrated threshold λ (--calibrate-on, now or before) each score also gets
-    per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>.
+    per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>. With --shard the
+    model pass of odin is split; the last shard to finish writes every score.
     """
     from gradcli.export import check_export_path, export_scores
     from gradcli.metrics import check_tpr
+
+    part = _shard(shard, shard_from_env)
+    if part is not None and (export or calibrate_on):
+        raise BadInputError(
+            "--export and --calibrate-on need every score: run them without --shard once "
+            "the shards have finished"
+        )
 
     target = check_export_path(export) if export else None
     if tpr is not None and calibrate_on is None:
@@ -629,7 +639,15 @@ def score(
     }
     if calibrate_on:
         run.calibrate(calibrate_on, tpr=tpr_value, **options)
-    scores = run.score(dataset, **options)
+    scores = run.score(dataset, **options, shard=part)
+    if part is not None and not scores:
+        _emit(
+            {"shard": f"{part[0]}/{part[1]}", "complete": False},
+            as_json,
+            f"shard {part[0]}/{part[1]} of {dataset} finished; the last shard to finish writes "
+            "the scores",
+        )
+        return
     name = run.embedding_for(dataset)
     flags = run.flags(name, list(scores))
     summary: dict = {}

@@ -1251,8 +1251,14 @@ class Run:
         odin_temperature: float = 1000.0,
         odin_epsilon: float = 0.0014,
         write_flags: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Scores (higher = more ID) keyed '<method>-<embedding>'; written to scores/<name>/.
+
+        ``shard=(i, n)`` splits the model pass of the methods that need the images (odin)
+        into row chunks of ``scores_parts/<name>/<key>``, shard ``i`` computing its chunks;
+        the process that finds every chunk done writes all the scores as an unsharded run
+        would, the others return ``{}``. Needs a finished embedding and head.
 
         Methods that need the images (``odin``) run one batched model pass over the dataset
         the embedding was made from, only when named. Stored scores are reused while their
@@ -1263,6 +1269,8 @@ class Run:
         """
         odin = ODIN(odin_temperature, odin_epsilon)
         classes = {method: method_class(method) for method in methods}  # unknown names fail
+        if shard is not None:
+            self._check_sharded_score(dataset, methods, shard)
         if not self.store.stage_complete("head"):
             self.fit_head(batch_size=batch_size)
         name = self._ensure_embedded(dataset, batch_size=batch_size)
@@ -1286,6 +1294,18 @@ class Run:
         computed: dict[str, np.ndarray] = {}
         readouts: dict[str, Readout | None] = {}
         data: dict[str, Embedding] = {}
+        sharded: dict[str, np.ndarray] = {}
+        if shard is not None:
+            for method, kind in pairs:
+                key = f"{method}-{kind}"
+                record = {"embedding": embed_digest, **self._source(key, alpha, odin)}
+                path = f"scores/{name}/{key}"
+                stored = self.store.has(path) and self.store.group_attrs(path).get("provenance")
+                if method in INPUT_DETECTORS and stored != record:
+                    part = self._input_scores_shard(name, key, record, odin, batch_size, shard)
+                    if part is None:
+                        return {}  # other shards still at work; the last one writes the scores
+                    sharded[key] = part
         for method in methods:
             for kind in (k for m, k in pairs if m == method):
                 key = f"{method}-{kind}"
@@ -1297,7 +1317,9 @@ class Run:
                 ):
                     computed[key] = self.store.read(path)
                     continue
-                if method in INPUT_DETECTORS:
+                if key in sharded:
+                    scores = sharded[key]
+                elif method in INPUT_DETECTORS:
                     scores = self._input_scores(name, odin, batch_size)
                 else:
                     detector = self._detector(kind, method)
@@ -1320,6 +1342,8 @@ class Run:
                     f"scores/{name}/{key}", combined, attrs={"alpha": alpha, "provenance": record}
                 )
                 computed[key] = combined
+        if sharded:  # every score is written: the parts are no longer needed
+            self.store.delete(f"scores_parts/{name}")
         result = {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
         for key, record in calibrations.items():
             if key in result:
@@ -1368,10 +1392,56 @@ class Run:
             )
         return source, indices
 
-    def _input_scores(self, name: str, detector, batch_size: int | None) -> np.ndarray:
+    def _check_sharded_score(
+        self, dataset: str, methods: Sequence[str], shard: tuple[int, int]
+    ) -> str:
+        """The embedding a sharded score reads; one-line errors for what it cannot do."""
+        check_shard(*shard, "shard")
+        if not any(m in INPUT_DETECTORS for m in methods):
+            raise BadInputError(
+                "--shard splits the model pass of odin; the other scores take seconds from "
+                "the stored embedding: run score without --shard (or add odin to --method)"
+            )
+        name = dataset if dataset in self.embedding_names() else self.resolve(dataset).slug
+        if not self.store.stage_complete(f"embed/{name}") or not self.store.stage_complete("head"):
+            raise BadInputError(
+                f"score --shard needs the finished embedding '{name}' and a fitted head; run "
+                "'gradcli embed' (all shards) and 'gradcli fit-head' first"
+            )
+        return name
+
+    def _input_scores_shard(
+        self, name: str, key: str, record: dict, odin: ODIN, batch_size, shard
+    ) -> np.ndarray | None:
+        """Shard ``shard``'s row chunks of input-detector scores ``key`` (N,) float64 into
+        scores_parts/<name>/<key>; all N scores once every chunk is done, else None. Chunks
+        are whole batches, so every score is computed in the batch an unsharded run uses."""
+        path = f"scores_parts/{name}/{key}"
+        self.store.open_stage(path, record, shared=True, what=f"the {key} scores of '{name}'")
+        n = int(self.store.shape(f"embed/{name}/grad")[0])
+        batch = batch_size or INPUT_BATCH
+        chunks = self.store.row_chunks(
+            path, n, 4 * batch, {"scores": ((), "float64")}, shared=True, meta={"batch": batch}
+        )
+        batch = int(chunks.meta.get("batch", batch))
+        own = shard_range(chunks.n_chunks, *shard)
+        for chunk in (c for c in chunks.pending() if c in own):
+            rows = chunks.chunk_range(chunk)
+            scores = self._input_scores(name, odin, batch, slice(rows.start, rows.stop))
+            chunks.write(chunk, {"scores": scores})
+            chunks.mark_done(chunk)
+        if not chunks.done().all():
+            return None
+        return chunks.read("scores")
+
+    def _input_scores(
+        self, name: str, detector, batch_size: int | None, rows: slice | None = None
+    ) -> np.ndarray:
         """Scores (N,) of a detector that needs the model and the images, batch by batch over
-        the rows of embedding ``name``."""
+        the rows of embedding ``name`` (or those ``rows`` of it)."""
         source, indices = self._embedded_source(name, detector.name)
+        if rows is not None:
+            indices = indices[rows]
         model = self.model
         scores = np.empty(len(indices))
         offset = 0

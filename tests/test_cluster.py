@@ -345,3 +345,34 @@ def test_file_url_store_through_the_cli(tiny, tmp_path, cli):
         np.testing.assert_array_equal(a[key], b[key])
     report = cli("inspect", "--store", url, "--json", "-q")
     assert report.code == 0 and report.json()["embeddings"]["t"]["chunks_done"] == "6/6"
+
+
+# -- sharded score --------------------------------------------------------------------------
+def test_sharded_odin_score_equals_unsharded(tiny, extracted, tmp_path, cli):
+    """odin's model pass split over 2 shards (run one after the other; the second finds
+    every chunk done and writes all scores) gives the unsharded scores bit for bit."""
+    base = _copy(extracted, tmp_path / "base")
+    assert cli(*_embed_args(tiny, base, "id")).code == 0
+    assert cli("fit-head", "--train", tiny.train, "--knn-k", "5", "--store", base, "-q").code == 0
+    assert cli("embed", "--dataset", tiny.ood, "--name", "ood", "--store", base, "-q").code == 0
+    sharded, single = _copy(base, tmp_path / "sharded"), _copy(base, tmp_path / "single")
+    score = ["score", "--dataset", "ood", "--method", "odin,energy", "--batch-size", "4"]
+    first = cli(*score, "--store", sharded, "--shard", "1/2", "--json", "-q")
+    assert first.code == 0, first.err
+    assert first.json() == {"shard": "1/2", "complete": False}
+    assert not RunStore(str(sharded)).has("scores/ood")
+    assert cli(*score, "--store", sharded, "--shard", "0/2", "-q").code == 0
+    assert cli(*score, "--store", single, "-q").code == 0
+    a, b = RunStore(str(single)), RunStore(str(sharded))
+    assert sorted(a.children("scores/ood")) == sorted(b.children("scores/ood"))
+    assert "odin-feat" in a.children("scores/ood")
+    for key in a.children("scores/ood"):
+        np.testing.assert_array_equal(b.read(f"scores/ood/{key}"), a.read(f"scores/ood/{key}"))
+    assert not b.has("scores_parts/ood")
+    # without odin there is no model pass to split; a dataset not embedded yet is refused
+    _one_line_error(cli("score", "--dataset", "ood", "--shard", "0/2", "--store", base), 2, "odin")
+    _one_line_error(
+        cli("score", "--dataset", tiny.test, "--method", "odin", "--shard", "0/2", "--store", base),
+        2,
+        "finished embedding",
+    )
