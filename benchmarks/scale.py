@@ -90,10 +90,11 @@ def main() -> None:
         rng = np.random.default_rng(0)
         x = rng.integers(0, 255, size=(args.images, 32, 32, 3), dtype=np.uint8)
         np.savez(work / "data.npz", x=x, y=np.arange(args.images) % 10)
+        np.savez(work / "train.npz", x=x[:20], y=np.arange(20) % 10)  # two of each class
         data = f"npz:{work / 'data.npz'}"
         base = work / "base"
-        extract = ["extract-subspace", "--model", "cifar_resnet18", "--dataset", data]
-        extract += ["--max-samples", "20", "--store", str(base)]
+        extract = ["extract-subspace", "--model", "cifar_resnet18"]
+        extract += ["--dataset", f"npz:{work / 'train.npz'}", "--store", str(base)]
         from gradcli.models import load_model
 
         torch.manual_seed(0)  # one weights file: every process must use the same weights
