@@ -108,7 +108,7 @@ ShardEnvOpt = Annotated[
 
 
 def _shard(shard: str | None, shard_from_env: str | None) -> tuple[int, int] | None:
-    from gradcli.distributed import parse_shard
+    from gradcli.distributed import parse_shard, torchrun_shard
     from gradcli.distributed import shard_from_env as from_env
 
     if shard is not None and shard_from_env is not None:
@@ -117,7 +117,7 @@ def _shard(shard: str | None, shard_from_env: str | None) -> tuple[int, int] | N
         return parse_shard(shard)
     if shard_from_env is not None:
         return from_env(None if shard_from_env.lower() == "slurm" else shard_from_env)
-    return None
+    return torchrun_shard()  # under torchrun: one shard per rank
 
 
 OverwriteOpt = Annotated[

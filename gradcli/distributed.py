@@ -76,6 +76,16 @@ def shard_from_env(spec: str | None, env: Mapping[str, str] | None = None) -> tu
     return check_shard(values[0], values[1], f"--shard-from-env {names[0]},{names[1]}")
 
 
+def torchrun_shard(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when started by torchrun with more than one process, else None:
+    ``embed`` and ``score`` under torchrun shard by rank instead of all doing everything."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or "RANK" not in env:
+        return None
+    return check_shard(int(env["RANK"]), world, "torchrun's RANK/WORLD_SIZE")
+
+
 def shard_range(n_chunks: int, index: int, count: int) -> range:
     """Chunks of shard ``index`` of ``count``: contiguous, sizes differing by at most one."""
     return range(index * n_chunks // count, (index + 1) * n_chunks // count)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradcli.distributed import parse_shard, shard_from_env, shard_range
+from gradcli.distributed import parse_shard, shard_from_env, shard_range, torchrun_shard
 from gradcli.errors import BadInputError
 from gradcli.store import RunStore
 
@@ -66,6 +66,8 @@ def test_shard_arithmetic_covers_every_chunk_once():
         4,
     )
     assert shard_from_env("A,B", {"A": "0", "B": "1"}) == (0, 1)
+    assert torchrun_shard({"WORLD_SIZE": "2", "RANK": "1"}) == (1, 2)
+    assert torchrun_shard({"WORLD_SIZE": "1", "RANK": "0"}) is None and torchrun_shard({}) is None
 
 
 @pytest.mark.parametrize("budget", [None, "3500"])
