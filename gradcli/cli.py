@@ -29,6 +29,7 @@ from gradcli.errors import (
 )
 
 STORE_ENV = "GRADCLI_STORE"
+STORAGE_OPTIONS_ENV = "GRADCLI_STORAGE_OPTIONS"  # JSON object for the fsspec filesystem
 DEFAULT_STORE = "artifacts/default"
 
 app = typer.Typer(
@@ -90,6 +91,35 @@ METHOD_HELP = (
     "msp, energy, maxlogit, react, bats, maha, knn, vim, gradnorm, residual, gnorm, odin, "
     "ensemble or all (comma-separated; all = every method but odin, which needs the images)."
 )
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute only shard I of N (I/N, 0-based) of the rows; N processes started at "
+        "once on one store fill it together."
+    ),
+]
+ShardEnvOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Take I and N from the environment: 'slurm' (SLURM_ARRAY_TASK_ID, "
+        "SLURM_ARRAY_TASK_COUNT) or two variable names ID_VAR,COUNT_VAR."
+    ),
+]
+
+
+def _shard(shard: str | None, shard_from_env: str | None) -> tuple[int, int] | None:
+    from gradcli.distributed import parse_shard, torchrun_shard
+    from gradcli.distributed import shard_from_env as from_env
+
+    if shard is not None and shard_from_env is not None:
+        raise BadInputError("give --shard or --shard-from-env, not both")
+    if shard is not None:
+        return parse_shard(shard)
+    if shard_from_env is not None:
+        return from_env(None if shard_from_env.lower() == "slurm" else shard_from_env)
+    return torchrun_shard()  # under torchrun: one shard per rank
+
+
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -167,11 +197,13 @@ def _open_run(
     memory_budget: str | None = None,
     basis_dtype: str = "float32",
     on_bad_image: str = "fail",
+    group=None,
 ):
     from gradcli.grads import parse_size
     from gradcli.progress import NullProgress, RichProgress
     from gradcli.run import Run
 
+    quiet = quiet or (group is not None and not group.is_writer)  # one progress bar per job
     progress = NullProgress() if quiet else RichProgress(err)
     stop = StopRequests()
     stop.install()
@@ -186,7 +218,22 @@ def _open_run(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
         should_stop=stop,
+        group=group,
+        storage_options=_storage_options(),
     )
+
+
+def _storage_options() -> dict | None:
+    text = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadInputError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise BadInputError(f'{STORAGE_OPTIONS_ENV} must be a JSON object, e.g. {{"anon": true}}')
+    return options
 
 
 def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
@@ -225,7 +272,8 @@ def _embeddings(value: str, methods_value: str) -> list[str]:
 @app.command(
     "extract-subspace",
     epilog="Example: gradcli extract-subspace --model cifar_resnet18 "
-    "--weights r18.pt --dataset cifar10:train --data-root ~/data --store artifacts/r18",
+    "--weights r18.pt --dataset cifar10:train --data-root ~/data --store artifacts/r18  "
+    "(on N processes: torchrun --nproc-per-node N -m gradcli extract-subspace ...)",
 )
 def extract_subspace(
     model: Annotated[
@@ -284,55 +332,68 @@ def extract_subspace(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Gradient statistics (mean, variance) and the subspace basis from ID training data."""
-    run = _open_run(
-        store,
-        device,
-        data_root,
-        quiet,
-        workers,
-        create=True,
-        memory_budget=memory_budget,
-        on_bad_image=on_bad_image,
-    )
-    loaded = run.set_model(
-        model,
-        weights,
-        feature_layer=feature_layer,
-        input_size=_input_size(input_size),
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        num_classes=num_classes,
-        trust_checkpoint=trust_checkpoint,
-        overwrite=overwrite,
-    )
-    summary = run.extract_subspace(
-        dataset,
-        method=method,
-        k=k,
-        params=_csv(params),
-        max_samples=max_samples,
-        no_variance=no_variance,
-        batch_size=batch_size,
-        seed=seed,
-        oversample=oversample,
-        iterations=iterations,
-        checkpoint_every=checkpoint_every,
-        overwrite=overwrite,
-    )
-    summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
-    text = (
-        f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
-        f"parameters from {summary['samples']:,} samples "
-        f"({summary['variance_replaced']} zero-variance entries replaced)"
-        + (" [reused from store]" if summary["reused"] else "")
-        + f" -> {store}"
-    )
-    _emit(summary, as_json, text)
+    """Gradient statistics (mean, variance) and the subspace basis from ID training data.
+
+    Under torchrun (WORLD_SIZE, RANK set) every rank passes over a slice of the data, sums are
+    all-reduced (gloo on CPU, nccl on CUDA) and rank 0 alone writes the store and prints.
+    """
+    from gradcli.distributed import from_env
+
+    group = from_env(device)
+    try:
+        run = _open_run(
+            store,
+            device,
+            data_root,
+            quiet,
+            workers,
+            create=True,
+            memory_budget=memory_budget,
+            on_bad_image=on_bad_image,
+            group=group,
+        )
+        loaded = run.set_model(
+            model,
+            weights,
+            feature_layer=feature_layer,
+            input_size=_input_size(input_size),
+            mean=_floats(mean, "--mean"),
+            std=_floats(std, "--std"),
+            num_classes=num_classes,
+            trust_checkpoint=trust_checkpoint,
+            overwrite=overwrite,
+        )
+        summary = run.extract_subspace(
+            dataset,
+            method=method,
+            k=k,
+            params=_csv(params),
+            max_samples=max_samples,
+            no_variance=no_variance,
+            batch_size=batch_size,
+            seed=seed,
+            oversample=oversample,
+            iterations=iterations,
+            checkpoint_every=checkpoint_every,
+            overwrite=overwrite,
+        )
+        summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
+        text = (
+            f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
+            f"parameters from {summary['samples']:,} samples "
+            f"({summary['variance_replaced']} zero-variance entries replaced)"
+            + (" [reused from store]" if summary["reused"] else "")
+            + f" -> {store}"
+        )
+        if group.is_writer:
+            _emit(summary, as_json, text)
+    finally:
+        group.close()
 
 
 @app.command(
-    epilog="Example: gradcli embed --dataset svhn --data-root ~/data --store artifacts/r18"
+    epilog="Example: gradcli embed --dataset svhn --data-root ~/data --store artifacts/r18  "
+    "(array job: add --shard-from-env slurm, or --shard 3/8)"
 )
 def embed(
     dataset: Annotated[
@@ -357,11 +418,14 @@ def embed(
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
+    shard: ShardOpt = None,
+    shard_from_env: ShardEnvOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Reduced gradients, features, logits and labels of a dataset, in resumable row chunks."""
+    part = _shard(shard, shard_from_env)
     run = _open_run(
         store,
         device,
@@ -380,12 +444,22 @@ def embed(
         seed=seed,
         chunk_rows=chunk_rows,
         overwrite=overwrite,
+        shard=part,
     )
     shape = run.store.shape(f"embed/{stored}/grad")
+    complete = run.store.stage_complete(f"embed/{stored}")
     summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
-    _emit(
-        summary, as_json, f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
-    )
+    text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
+    if part is not None:
+        done = run.store.read(f"embed/{stored}/done") if not complete else None
+        n_done = int(done.sum()) if done is not None else None
+        summary.update(shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done)
+        if not complete:
+            text = (
+                f"shard {part[0]}/{part[1]} of '{stored}' finished; {n_done}/{len(done)} chunks "
+                "done in all, the last shard to finish completes the embedding"
+            )
+    _emit(summary, as_json, text)
 
 
 @app.command("fit-head", epilog="Example: gradcli fit-head --epochs 10 --store artifacts/r18")
@@ -518,6 +592,8 @@ def score(
     memory_budget: BudgetOpt = None,
     on_bad_image: BadImageOpt = "fail",
     basis_dtype: BasisDtypeOpt = "float32",
+    shard: ShardOpt = None,
+    shard_from_env: ShardEnvOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -525,10 +601,18 @@ def score(
     """Scores (higher = more in-distribution), written to scores/<name>/<method>-<embedding>.
 
     With a calibrated threshold λ (--calibrate-on, now or before) each score also gets
-    per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>.
+    per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>. With --shard the
+    model pass of odin is split; the last shard to finish writes every score.
     """
     from gradcli.export import check_export_path, export_scores
     from gradcli.metrics import check_tpr
+
+    part = _shard(shard, shard_from_env)
+    if part is not None and (export or calibrate_on):
+        raise BadInputError(
+            "--export and --calibrate-on need every score: run them without --shard once "
+            "the shards have finished"
+        )
 
     target = check_export_path(export) if export else None
     if tpr is not None and calibrate_on is None:
@@ -555,7 +639,15 @@ def score(
     }
     if calibrate_on:
         run.calibrate(calibrate_on, tpr=tpr_value, **options)
-    scores = run.score(dataset, **options)
+    scores = run.score(dataset, **options, shard=part)
+    if part is not None and not scores:
+        _emit(
+            {"shard": f"{part[0]}/{part[1]}", "complete": False},
+            as_json,
+            f"shard {part[0]}/{part[1]} of {dataset} finished; the last shard to finish writes "
+            "the scores",
+        )
+        return
     name = run.embedding_for(dataset)
     flags = run.flags(name, list(scores))
     summary: dict = {}
@@ -826,12 +918,13 @@ def inspect(
     for name, info in report["embeddings"].items():
         error = info.get("reconstruction_error") or {}
         text = f"{error['mean']:.3f} ± {error['std']:.3f}" if error.get("mean") is not None else "-"
+        chunks = info.get("chunks_done", "-")
+        shards = info.get("shards")
+        if shards:
+            owed = ", ".join(shards["pending"])
+            chunks += f" (shards done {len(shards['complete'])}/{shards['count']}; rerun {owed})"
         embeddings.add_row(
-            name,
-            str(info["dataset"]),
-            str(tuple(info.get("shape", ()))),
-            info.get("chunks_done", "-"),
-            text,
+            name, str(info["dataset"]), str(tuple(info.get("shape", ()))), chunks, text
         )
     console.print(embeddings)
     for path in report.get("plots", []):

@@ -158,6 +158,23 @@ class GradientStatistics:
         self.update_rows(0, grads, labels)
         self.commit(labels if labels is not None else torch.zeros(grads.shape[0]))
 
+    def all_reduce(self, group) -> None:
+        """Merge the statistics of every rank of ``group`` (a
+        :class:`gradcli.distributed.ProcessGroup`) into each, in float64: counts and sums add;
+        centred sums combine by Chan's parallel formula ``M2 = Σ_r M2_r + n_r (μ_r − μ)²``."""
+        if not group.active:
+            return
+        n_r = torch.tensor([float(self.count)], dtype=torch.float64)
+        total = group.all_reduce_(n_r.clone())
+        mean = group.all_reduce_(self.mean * n_r) / total.clamp_min(1)
+        self.m2 = group.all_reduce_(self.m2 + n_r * (self.mean - mean) ** 2)
+        self.mean = mean
+        self.count = int(total.item())
+        if self.class_sums is not None:
+            group.all_reduce_(self.class_sums)
+            counts = torch.from_numpy(self.class_counts.astype(np.float64))
+            self.class_counts = group.all_reduce_(counts).numpy().round().astype(np.int64)
+
     def variance(self) -> torch.Tensor:
         """(P,) float64 centred variance (divided by N)."""
         return self.m2 / max(self.count, 1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradcli.distributed import shard_range
 from gradcli.errors import BadInputError
 from gradcli.run import Run
 
@@ -23,6 +24,20 @@ def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
     captured = np.square(z.astype(np.float64)).sum(axis=1)
     ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
     return np.sqrt(np.clip(1.0 - ratio, 0.0, None))
+
+
+def shard_status(done: np.ndarray, count: int) -> dict:
+    """Which of ``count`` shards have all their chunks done, and the chunks each other one
+    still owes (keys are shard indices as strings, for JSON)."""
+    complete, pending = [], {}
+    for index in range(count):
+        own = np.asarray(shard_range(len(done), index, count), dtype=np.int64)
+        missing = own[~done[own]] if len(own) else own
+        if len(missing):
+            pending[str(index)] = missing.tolist()
+        else:
+            complete.append(index)
+    return {"count": count, "complete": complete, "pending": pending}
 
 
 def spectrum_of(run: Run) -> dict | None:
@@ -93,6 +108,9 @@ def describe(run: Run) -> dict:
         if store.has(f"{path}/done"):
             done = store.read(f"{path}/done")
             info["chunks_done"] = f"{int(done.sum())}/{len(done)}"
+            count = int(store.group_attrs(f"{path}/done").get("shards", 1))
+            if count > 1 and not info["complete"]:
+                info["shards"] = shard_status(done, count)
         if store.has(f"{path}/grad"):
             info["shape"] = list(store.shape(f"{path}/grad"))
         if info["complete"]:

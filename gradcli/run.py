@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
+from gradcli.distributed import ProcessGroup, check_shard, shard_range
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
     TILE_BYTES,
@@ -159,6 +160,8 @@ class Run:
         basis_dtype: str = "float32",
         on_bad_image: str = "fail",
         should_stop=None,
+        group: ProcessGroup | None = None,
+        storage_options: Mapping | None = None,
     ) -> None:
         if basis_dtype not in BASIS_DTYPES:
             raise BadInputError(
@@ -172,8 +175,17 @@ class Run:
         # Polled at chunk and batch boundaries; the CLI sets it from SIGINT/SIGTERM.
         self.should_stop = should_stop or (lambda: False)
         self.memory_budget = memory_budget or default_memory_budget()
-        self.store = RunStore(str(store), create=create)
-        self.device = torch.device(device)
+        # Under torchrun (``group``), rank 0 alone writes to the store; it opens (creates) it
+        # first and the others follow.
+        self.group = group or ProcessGroup(device=torch.device(device))
+
+        def open_store() -> RunStore:
+            return RunStore(str(store), create=create, storage_options=storage_options)
+
+        self.store = self._on_writer(open_store, value=False)
+        if not self.group.is_writer:
+            self.store = RunStore(str(store), create=False, storage_options=storage_options)
+        self.device = self.group.device if self.group.active else torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BadInputError("--device cuda was asked for but no CUDA GPU is available")
         root = (
@@ -184,6 +196,22 @@ class Run:
         self.progress = progress or NullProgress()
         self.num_workers = num_workers
         self._model: LoadedModel | None = None
+
+    def _on_writer(self, function, *args, value: bool = True):
+        """``function(*args)`` on rank 0 alone; its result (with ``value``) or its one-line
+        error reaches every rank, so no rank waits for one that failed. Also a barrier."""
+        if not self.group.active:
+            return function(*args)
+        result = error = None
+        if self.group.is_writer:
+            try:
+                result = function(*args)
+            except GradcliError as problem:
+                error = problem
+        shared = self.group.broadcast_object((result if value else None, error))
+        if shared[1] is not None:
+            raise shared[1]
+        return result if self.group.is_writer else shared[0]
 
     # -- model -------------------------------------------------------------------------
     def set_model(
@@ -214,22 +242,27 @@ class Run:
         args.update(spec=model.spec, weights=model.weights)  # absolute paths: cwd may change
         record = model.describe()
         existing = self.store.attrs.get("model")
-        if existing is not None and existing != record:
-            if not overwrite:
-                what = _model_difference(existing, record)
-                raise StaleStoreError(
-                    f"store {self.store.url} was made with another model ({what}); "
-                    "pass --overwrite to start the run over, or use a new --store"
-                )
-            for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
-                self.store.delete(path)
-        self.store.update_root(model=record, model_args=args)
+        if existing is not None and existing != record and not overwrite:
+            what = _model_difference(existing, record)
+            raise StaleStoreError(
+                f"store {self.store.url} was made with another model ({what}); "
+                "pass --overwrite to start the run over, or use a new --store"
+            )
+
+        def record_model() -> None:
+            if existing is not None and existing != record:
+                for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
+                    self.store.delete(path)
+            self.store.update_root(model=record, model_args=args)
+
+        self.group.barrier()  # every rank has read the root attrs before rank 0 writes them
+        self._on_writer(record_model)
         self._model = model
         return model
 
     def _load(self, args: dict) -> LoadedModel:
         input_size = args.get("input_size")
-        return load_model(
+        loaded = load_model(
             args["spec"],
             args.get("weights"),
             feature_layer=args.get("feature_layer"),
@@ -240,6 +273,11 @@ class Run:
             trust_checkpoint=bool(args.get("trust_checkpoint")),
             device=self.device,
         )
+        if self.group.active:  # without a weights file each rank would draw its own weights
+            with torch.no_grad():
+                for tensor in loaded.module.state_dict().values():
+                    self.group.broadcast_(tensor)
+        return loaded
 
     @property
     def model(self) -> LoadedModel:
@@ -279,7 +317,11 @@ class Run:
         source = data_mod.resolve_dataset(
             spec, data_root=self.data_root, default_split=default_split
         )
-        if self._given_data_root and self.store.attrs.get("data_root") != self._given_data_root:
+        if (
+            self._given_data_root
+            and self.group.is_writer
+            and self.store.attrs.get("data_root") != self._given_data_root
+        ):
             self.store.update_root(data_root=self._given_data_root)  # it worked: remember it
         if self.on_bad_image == "skip":
             source, skipped = data_mod.without_unreadable(source)
@@ -363,12 +405,16 @@ class Run:
             "seed": seed,
             "preprocess": model.preprocess.to_dict(),
         }
-        if overwrite:
-            for path in DOWNSTREAM_OF_SUBSPACE:
-                self.store.delete(path)
-        stats_done = self.store.open_stage(
-            "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
-        )
+
+        def open_stats() -> bool:
+            if overwrite:
+                for path in DOWNSTREAM_OF_SUBSPACE:
+                    self.store.delete(path)
+            return self.store.open_stage(
+                "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
+            )
+
+        stats_done = self._on_writer(open_stats)
         if not stats_done:
             self._compute_statistics(source, indices, selection, batch_size)
         subspace_record = {
@@ -383,12 +429,18 @@ class Run:
                 raise BadInputError("--checkpoint-every must be at least 1")
             width = pca_width(k, oversample, selection.size, len(indices))
             subspace_record.update(k=k, width=width, iterations=iterations, seed=seed)
-        sub_done = self.store.open_stage(
-            "subspace", subspace_record, overwrite=overwrite, what="the subspace"
-        )
+
+        def open_subspace() -> bool:
+            done = self.store.open_stage(
+                "subspace", subspace_record, overwrite=overwrite, what="the subspace"
+            )
+            if not done:
+                for path in DOWNSTREAM_OF_SUBSPACE:
+                    self.store.delete(path)
+            return done
+
+        sub_done = self._on_writer(open_subspace)
         if not sub_done:
-            for path in DOWNSTREAM_OF_SUBSPACE:
-                self.store.delete(path)
             mean, scale = self._normalisation(no_variance)
             if method == "pca":
                 subspace = self._pca(
@@ -405,31 +457,40 @@ class Run:
                     checkpoint_every,
                 )
             else:
-                class_means = torch.from_numpy(self.store.read("stats/class_means")).double()
-                counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
-                subspace = average_gradient_basis(class_means, mean, scale, counts)
-                self.store.write(
-                    "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
-                )
-            if subspace.basis is not None:  # else written block by block already
-                self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
-            if subspace.eigenvalues is not None:
-                stats = self.store.group_attrs("stats")
-                total = (
-                    stats["raw_variance_sum"]
-                    if no_variance
-                    else float(selection.size - stats["variance_replaced"])
-                )
-                self.store.write("subspace/eigenvalues", subspace.eigenvalues)
-                self.store.set_attrs("subspace", total_variance=total)
-            self.store.delete("subspace/state")
-            self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
-        self.store.update_root(
-            params=selection.describe(),
-            id_train=source.spec,
-            id_test=_test_split_of(source.spec),
-            id_max_samples=max_samples,
-            id_seed=seed,
+                subspace = None  # from the stored class means, by rank 0 below
+
+            def write_subspace() -> None:
+                nonlocal subspace
+                if subspace is None:
+                    means = torch.from_numpy(self.store.read("stats/class_means")).double()
+                    counts = np.asarray(self.store.group_attrs("stats")["class_counts"])
+                    subspace = average_gradient_basis(means, mean, scale, counts)
+                    self.store.write(
+                        "subspace/class_means", subspace.class_means, chunk_rows=BASIS_CHUNK_ROWS
+                    )
+                if subspace.basis is not None:  # else written block by block already
+                    self.store.write("subspace/basis", subspace.basis, chunk_rows=BASIS_CHUNK_ROWS)
+                if subspace.eigenvalues is not None:
+                    stats = self.store.group_attrs("stats")
+                    total = (
+                        stats["raw_variance_sum"]
+                        if no_variance
+                        else float(selection.size - stats["variance_replaced"])
+                    )
+                    self.store.write("subspace/eigenvalues", subspace.eigenvalues)
+                    self.store.set_attrs("subspace", total_variance=total)
+                self.store.delete("subspace/state")
+                self.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
+
+            self._on_writer(write_subspace, value=False)
+        self._on_writer(
+            lambda: self.store.update_root(
+                params=selection.describe(),
+                id_train=source.spec,
+                id_test=_test_split_of(source.spec),
+                id_max_samples=max_samples,
+                id_seed=seed,
+            )
         )
         sub_attrs = self.store.group_attrs("subspace")
         return {
@@ -471,10 +532,18 @@ class Run:
         p = selection.size
         need = p * width * 8 + p * 8
         if need > int(self.memory_budget * PCA_SHARE):
+            if self.group.world > 1:
+                raise BadInputError(
+                    f"PCA with K + p = {width} over {p:,} parameters needs "
+                    f"{need / 2**30:.1f} GiB, over {PCA_SHARE:.0%} of the memory budget, and "
+                    "the layer-block form runs in one process only; raise --memory-budget or "
+                    "run without torchrun"
+                )
             return self._pca_blocked(
                 source, indices, selection, mean, scale, k, width, iterations, seed, batch_size
             )
         state = "subspace/state"
+        group = self.group
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
         model = self.model
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
@@ -483,29 +552,47 @@ class Run:
         if attrs.get("width") == width and "iteration" in attrs:
             iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
             keep = bool(attrs.get("keep", False))
+            if attrs.get("world", 1) != group.world:
+                cursor = 0  # partial sums of another number of ranks: redo this iteration
             block = torch.from_numpy(self.store.read(f"{state}/V{iteration % 2}"))
         else:
             block = random_start(p, width, seed)
             iteration, cursor = 0, 0
-            batch, keep = self._pca_batch(engine, source, indices, need, batch_size)
-            self.store.delete(state)
-            self.store.write(
-                f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS, compress=False
+            batch, keep = group.broadcast_object(
+                self._pca_batch(engine, source, indices, need, batch_size)
             )
-            self.store.set_attrs(
-                state, width=width, iteration=0, cursor=0, batch=batch, keep=keep, slot=0
-            )
+
+            def start_state() -> None:
+                self.store.delete(state)
+                self.store.write(
+                    f"{state}/V0", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS, compress=False
+                )
+                self.store.set_attrs(
+                    state,
+                    width=width,
+                    iteration=0,
+                    cursor=0,
+                    batch=batch,
+                    keep=keep,
+                    slot=0,
+                    world=group.world,
+                )
+
+            self._on_writer(start_state, value=False)
         kept = torch.empty(batch, p, device=self.device) if keep else None
         writer = _BackgroundWriter()
-        n_batches = -(-len(indices) // batch)
+        # Each rank passes over its slice; all take the same number of steps (a rank whose
+        # slice is shorter idles through the last one) so their collectives pair up.
+        mine = group.split(indices)
+        steps = group.steps(len(indices), batch)
         label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
         try:
-            with self.progress.task(label, total=(iterations + 1) * n_batches) as advance:
-                advance(iteration * n_batches + cursor)
+            with self.progress.task(label, total=(iterations + 1) * steps) as advance:
+                advance(iteration * steps + cursor)
                 while iteration <= iterations:
                     ritz = iteration == iterations
                     projector = Projector(mean, scale, block, device=self.device)
-                    if cursor:
+                    if cursor and group.is_writer:  # rank 0's checkpoint holds the sum so far
                         slot = self.store.group_attrs(state)["slot"]
                         saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
                         accumulator = saved if ritz else saved.to(self.device)
@@ -513,32 +600,37 @@ class Run:
                         accumulator = torch.zeros(width, width, dtype=torch.float64)
                     else:
                         accumulator = torch.zeros(p, width, device=self.device)
-                    rest = indices[cursor * batch :]
-                    for x, _ in self._loader(source, rest, batch):
-                        self._pca_batch_step(
-                            engine, projector, x, accumulator, ritz, kept, source.spec
-                        )
+                    batches = iter(self._loader(source, mine[cursor * batch :], batch))
+                    while cursor < steps:
+                        item = next(batches, None)
+                        if item is not None:
+                            self._pca_batch_step(
+                                engine, projector, item[0], accumulator, ritz, kept, source.spec
+                            )
                         cursor += 1
                         advance(1)
-                        stop = self.should_stop()
-                        if (cursor % checkpoint_every == 0 or stop) and cursor < n_batches:
+                        stop = group.any(self.should_stop())
+                        if (cursor % checkpoint_every == 0 or stop) and cursor < steps:
+                            # Checkpoints hold sums over all ranks: rank 0 keeps the sum so
+                            # far, the others start again from zero.
+                            group.all_reduce_(accumulator)
+                            if not group.is_writer:
+                                accumulator.zero_()
                             writer.wait()  # this iteration's block must be named first
-                            slot = 1 - self.store.group_attrs(state).get("slot", 0)
-                            self.store.write(
-                                f"{state}/partial{slot}",
-                                accumulator.cpu().numpy(),
-                                chunk_rows=BASIS_CHUNK_ROWS,
-                                compress=False,
+                            self._on_writer(
+                                self._save_partial, state, accumulator, cursor, value=False
                             )
-                            self.store.set_attrs(state, cursor=cursor, slot=slot)
                         if stop:
                             writer.wait()
                             raise Interrupted(
                                 "stopped after saving PCA progress; rerun the same command to "
                                 "resume"
                             )
+                    group.all_reduce_(accumulator)
                     if ritz:
                         writer.wait()
+                        if not group.is_writer:
+                            return None
                         basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
                         return Subspace(
                             basis=basis.numpy(), method="pca", eigenvalues=values.numpy()
@@ -547,11 +639,13 @@ class Run:
                     block = accumulator.cpu()
                     del accumulator
                     orthonormalise_(block)
+                    group.broadcast_(block)  # every rank goes on with rank 0's block
                     iteration, cursor = iteration + 1, 0
                     # The next pass starts at once; the block is named in the state only
                     # after its write has finished (a kill before that resumes one iteration
                     # earlier, from the intact previous slot).
-                    writer.start(self._save_block, state, iteration, block)
+                    if group.is_writer:
+                        writer.start(self._save_block, state, iteration, block)
         finally:
             writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
@@ -795,6 +889,17 @@ class Run:
             self.store.write_rows("subspace/basis", start, (rows @ rotation).numpy())
         return Subspace(basis=None, method="pca", eigenvalues=values.numpy())
 
+    def _save_partial(self, state: str, accumulator: torch.Tensor, cursor: int) -> None:
+        """Checkpoint an iteration's partial sum after ``cursor`` steps (rank 0 only)."""
+        slot = 1 - self.store.group_attrs(state).get("slot", 0)
+        self.store.write(
+            f"{state}/partial{slot}",
+            accumulator.cpu().numpy(),
+            chunk_rows=BASIS_CHUNK_ROWS,
+            compress=False,
+        )
+        self.store.set_attrs(state, cursor=cursor, slot=slot, world=self.group.world)
+
     def _pca_batch(
         self, engine: LayerGradients, source, indices, fixed: int, batch_size: int | None
     ) -> tuple[int, bool]:
@@ -863,35 +968,48 @@ class Run:
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
         stats = GradientStatistics(selection.size, model.num_classes)
         fixed = 8 * selection.size * (3 + model.num_classes)  # float64 mean, m2, class sums
-        batch = batch_size or self._batch_size(engine, source, indices, fixed)
-        with self.progress.task("gradient statistics", total=len(indices)) as advance:
-            for x, y in self._loader(source, indices, batch):
-                x = x.to(self.device)
-                logits, _ = engine.capture(x)
-                _check_finite(logits, "logits", source.spec)
-                for start, tile in engine.tiles():
-                    _check_finite(tile, "gradients", source.spec)
-                    stats.update_rows(start, tile, y)
-                stats.commit(y)
-                advance(len(y))
-                if self.should_stop():
+        group = self.group
+        batch = group.broadcast_object(
+            batch_size or self._batch_size(engine, source, indices, fixed)
+        )
+        mine = group.split(indices)  # under torchrun: this rank's slice; sums all-reduced below
+        steps = group.steps(len(indices), batch)
+        batches = iter(self._loader(source, mine, batch))
+        with self.progress.task("gradient statistics", total=len(mine)) as advance:
+            for _ in range(steps):
+                item = next(batches, None)
+                if item is not None:
+                    x, y = item[0].to(self.device), item[1]
+                    logits, _ = engine.capture(x)
+                    _check_finite(logits, "logits", source.spec)
+                    for start, tile in engine.tiles():
+                        _check_finite(tile, "gradients", source.spec)
+                        stats.update_rows(start, tile, y)
+                    stats.commit(y)
+                    advance(len(y))
+                if group.any(self.should_stop()):
                     raise Interrupted(
                         "stopped during the statistics pass; rerun the same command to start it "
                         "again"
                     )
+        stats.all_reduce(group)
         raw = stats.variance()
         raw_sum = float(raw[torch.isfinite(raw)].sum())
         var, replaced = sanitise_variance(raw)
-        self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-        self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-        self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
-        self.store.complete_stage(
-            "stats",
-            samples=int(stats.count),
-            variance_replaced=replaced,
-            raw_variance_sum=raw_sum,
-            class_counts=stats.class_counts.tolist(),
-        )
+
+        def write_stats() -> None:
+            self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
+            self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
+            self.store.complete_stage(
+                "stats",
+                samples=int(stats.count),
+                variance_replaced=replaced,
+                raw_variance_sum=raw_sum,
+                class_counts=stats.class_counts.tolist(),
+            )
+
+        self._on_writer(write_stats, value=False)
         if replaced:
             self.progress.note(
                 f"{replaced} parameters had zero or non-finite gradient variance; "
@@ -963,15 +1081,29 @@ class Run:
         seed: int = 0,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         overwrite: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> str:
         """Reduced gradients, features, logits and labels of a dataset; returns the name.
 
         When the basis does not fit the memory budget, the parameters are split into row
         blocks and the data is passed once per block; partial sums are kept in the store so
         the result equals the unsplit run and an interrupted run resumes per block and chunk.
+
+        ``shard=(i, n)``: compute only the chunks :func:`gradcli.distributed.shard_range`
+        gives shard ``i`` of ``n`` (processes started at once on one store write disjoint
+        chunks); the stage is completed by whichever process finds every chunk done, so check
+        ``store.stage_complete(f"embed/{name}")`` afterwards.
         """
         if chunk_rows < 1:
             raise BadInputError("--chunk-rows must be at least 1")
+        shared = shard is not None
+        if shared:
+            check_shard(*shard, "shard")
+            if overwrite:
+                raise BadInputError(
+                    "--overwrite cannot be combined with --shard (one shard would delete rows "
+                    "another wrote); recompute once without --shard, or use a new --name"
+                )
         source = self.resolve(dataset)
         name = name or source.slug
         _check_name(name)
@@ -992,9 +1124,12 @@ class Run:
             "basis_dtype": self.basis_dtype,
         }
         path = f"embed/{name}"
-        if self.store.open_stage(path, record, overwrite=overwrite, what=f"embedding '{name}'"):
+        if self.store.open_stage(
+            path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
+        ):
             return name
-        self.store.delete(f"scores/{name}")
+        if not shared:  # a shard never deletes; stored scores name the embedding they came from
+            self.store.delete(f"scores/{name}")
         blocks = self._row_blocks(selection, k)
         feature_module = model.module.get_submodule(model.feature_layer)
         engines = [
@@ -1022,7 +1157,6 @@ class Run:
             for slot in (0, 1):
                 arrays.update({f"partial{slot}": ((k,), "float64")})
                 arrays.update({f"partial_gnorm2_{slot}": ((), "float64")})
-        chunks = self.store.row_chunks(path, len(indices), chunk_rows, arrays)
         bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8
         block_rows = max(stop - start for start, stop, _ in blocks)
         fixed = block_rows * bytes_per_row
@@ -1031,13 +1165,26 @@ class Run:
         )
         for engine in engines:
             engine.release()
+        # The first writer records its batch size; later shards and resumes use it, so every
+        # chunk is computed in the same batches whoever computes it (bitwise-equal arrays).
+        meta = {"batch_size": int(batch), "shards": shard[1] if shared else 1}
+        chunks = self.store.row_chunks(
+            path, len(indices), chunk_rows, arrays, shared=shared, meta=meta
+        )
+        if batch_size is None:
+            batch = int(chunks.meta.get("batch_size", batch))
         if len(blocks) > 1:
             self.progress.note(
                 f"the basis ({selection.size:,} rows x {k}) exceeds the memory budget: "
                 f"{len(blocks)} passes over the data, one per parameter block"
             )
-        block_done = self.store.flags(path, "block_done", len(blocks) * chunks.n_chunks)
+        block_done = self.store.flags(
+            path, "block_done", len(blocks) * chunks.n_chunks, shared=shared
+        )
         pending = chunks.pending()
+        if shared:
+            own = shard_range(chunks.n_chunks, *shard)
+            pending = [chunk for chunk in pending if chunk in own]
         total = len(blocks) * sum(len(chunks.chunk_range(i)) for i in pending)
         with self.progress.task(f"embed {name}", total=total) as advance:
             for b, ((start, stop, _), engine) in enumerate(zip(blocks, engines, strict=True)):
@@ -1076,6 +1223,8 @@ class Run:
                         )
                 engine.release()
                 del projector
+        if shared and not chunks.done().all():
+            return name  # other shards are still at work; the last to finish completes it
         for leftover in ("partial0", "partial1", "partial_gnorm2_0", "partial_gnorm2_1"):
             self.store.delete(f"{path}/{leftover}")
         self.store.delete(f"{path}/block_done")
@@ -1356,8 +1505,14 @@ class Run:
         odin_temperature: float = 1000.0,
         odin_epsilon: float = 0.0014,
         write_flags: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Scores (higher = more ID) keyed '<method>-<embedding>'; written to scores/<name>/.
+
+        ``shard=(i, n)`` splits the model pass of the methods that need the images (odin)
+        into row chunks of ``scores_parts/<name>/<key>``, shard ``i`` computing its chunks;
+        the process that finds every chunk done writes all the scores as an unsharded run
+        would, the others return ``{}``. Needs a finished embedding and head.
 
         Methods that need the images (``odin``) run one batched model pass over the dataset
         the embedding was made from, only when named. Stored scores are reused while their
@@ -1368,6 +1523,8 @@ class Run:
         """
         odin = ODIN(odin_temperature, odin_epsilon)
         classes = {method: method_class(method) for method in methods}  # unknown names fail
+        if shard is not None:
+            self._check_sharded_score(dataset, methods, shard)
         if not self.store.stage_complete("head"):
             self.fit_head(batch_size=batch_size)
         name = self._ensure_embedded(dataset, batch_size=batch_size)
@@ -1391,6 +1548,18 @@ class Run:
         computed: dict[str, np.ndarray] = {}
         readouts: dict[str, Readout | None] = {}
         data: dict[str, Embedding] = {}
+        sharded: dict[str, np.ndarray] = {}
+        if shard is not None:
+            for method, kind in pairs:
+                key = f"{method}-{kind}"
+                record = {"embedding": embed_digest, **self._source(key, alpha, odin)}
+                path = f"scores/{name}/{key}"
+                stored = self.store.has(path) and self.store.group_attrs(path).get("provenance")
+                if method in INPUT_DETECTORS and stored != record:
+                    part = self._input_scores_shard(name, key, record, odin, batch_size, shard)
+                    if part is None:
+                        return {}  # other shards still at work; the last one writes the scores
+                    sharded[key] = part
         for method in methods:
             for kind in (k for m, k in pairs if m == method):
                 key = f"{method}-{kind}"
@@ -1402,7 +1571,9 @@ class Run:
                 ):
                     computed[key] = self.store.read(path)
                     continue
-                if method in INPUT_DETECTORS:
+                if key in sharded:
+                    scores = sharded[key]
+                elif method in INPUT_DETECTORS:
                     scores = self._input_scores(name, odin, batch_size)
                 else:
                     detector = self._detector(kind, method)
@@ -1425,6 +1596,8 @@ class Run:
                     f"scores/{name}/{key}", combined, attrs={"alpha": alpha, "provenance": record}
                 )
                 computed[key] = combined
+        if sharded:  # every score is written: the parts are no longer needed
+            self.store.delete(f"scores_parts/{name}")
         result = {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
         for key, record in calibrations.items():
             if key in result:
@@ -1473,10 +1646,56 @@ class Run:
             )
         return source, indices
 
-    def _input_scores(self, name: str, detector, batch_size: int | None) -> np.ndarray:
+    def _check_sharded_score(
+        self, dataset: str, methods: Sequence[str], shard: tuple[int, int]
+    ) -> str:
+        """The embedding a sharded score reads; one-line errors for what it cannot do."""
+        check_shard(*shard, "shard")
+        if not any(m in INPUT_DETECTORS for m in methods):
+            raise BadInputError(
+                "--shard splits the model pass of odin; the other scores take seconds from "
+                "the stored embedding: run score without --shard (or add odin to --method)"
+            )
+        name = dataset if dataset in self.embedding_names() else self.resolve(dataset).slug
+        if not self.store.stage_complete(f"embed/{name}") or not self.store.stage_complete("head"):
+            raise BadInputError(
+                f"score --shard needs the finished embedding '{name}' and a fitted head; run "
+                "'gradcli embed' (all shards) and 'gradcli fit-head' first"
+            )
+        return name
+
+    def _input_scores_shard(
+        self, name: str, key: str, record: dict, odin: ODIN, batch_size, shard
+    ) -> np.ndarray | None:
+        """Shard ``shard``'s row chunks of input-detector scores ``key`` (N,) float64 into
+        scores_parts/<name>/<key>; all N scores once every chunk is done, else None. Chunks
+        are whole batches, so every score is computed in the batch an unsharded run uses."""
+        path = f"scores_parts/{name}/{key}"
+        self.store.open_stage(path, record, shared=True, what=f"the {key} scores of '{name}'")
+        n = int(self.store.shape(f"embed/{name}/grad")[0])
+        batch = batch_size or INPUT_BATCH
+        chunks = self.store.row_chunks(
+            path, n, 4 * batch, {"scores": ((), "float64")}, shared=True, meta={"batch": batch}
+        )
+        batch = int(chunks.meta.get("batch", batch))
+        own = shard_range(chunks.n_chunks, *shard)
+        for chunk in (c for c in chunks.pending() if c in own):
+            rows = chunks.chunk_range(chunk)
+            scores = self._input_scores(name, odin, batch, slice(rows.start, rows.stop))
+            chunks.write(chunk, {"scores": scores})
+            chunks.mark_done(chunk)
+        if not chunks.done().all():
+            return None
+        return chunks.read("scores")
+
+    def _input_scores(
+        self, name: str, detector, batch_size: int | None, rows: slice | None = None
+    ) -> np.ndarray:
         """Scores (N,) of a detector that needs the model and the images, batch by batch over
-        the rows of embedding ``name``."""
+        the rows of embedding ``name`` (or those ``rows`` of it)."""
         source, indices = self._embedded_source(name, detector.name)
+        if rows is not None:
+            indices = indices[rows]
         model = self.model
         scores = np.empty(len(indices))
         offset = 0

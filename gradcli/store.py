@@ -10,6 +10,7 @@ resumes at the first chunk that is not done.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from gradcli import __version__
 from gradcli.errors import BadInputError, StaleStoreError
@@ -40,6 +42,27 @@ def _member_names(group: zarr.Group) -> list[str]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Object at .* is not recognized")
         return sorted(group.keys())
+
+
+def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """The Zarr group at a local path or an fsspec URL (``s3://``, ``gs://``, ``file://``,
+    ``memory://`` ...). Credentials come from fsspec's usual environment and config files, or
+    from ``storage_options`` (passed to the fsspec filesystem)."""
+    if "://" not in url:
+        return zarr.open_group(url, mode=mode)
+    options = dict(storage_options or {})
+    if url.startswith("file://"):
+        options.setdefault("auto_mkdir", True)  # fsspec's local files need their folders made
+    return zarr.open_group(url, mode=mode, storage_options=options or None)
+
+
+def _create_quietly(group: zarr.Group, name: str, **spec: Any) -> None:
+    """Create array ``name`` unless it exists; never overwrites. Concurrent writers pass the
+    same ``spec``, so whichever creates it leaves the metadata every one of them expects."""
+    if name in group:
+        return
+    with contextlib.suppress(ContainsArrayError, ContainsGroupError, FileExistsError):
+        group.create_array(name, overwrite=False, **spec)  # another may have created it first
 
 
 def _writes(method):
@@ -101,6 +124,11 @@ class RowChunks:
         start = index * self.chunk_rows
         return range(start, min(start + self.chunk_rows, self.n_rows))
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the first writer recorded with the done markers (e.g. the batch size)."""
+        return self.group["done"].attrs.asdict() if self.n_chunks else {}
+
     def done(self) -> np.ndarray:
         """(n_chunks,) bool: which chunks are complete."""
         if self.n_chunks == 0:
@@ -155,10 +183,16 @@ class Flags:
 class RunStore:
     """A run store at a local path or any URL zarr understands (``file://``, ``memory://``, ...)."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        create: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.url = str(url)
         try:
-            self.root = zarr.open_group(self.url, mode="a" if create else "r+")
+            self.root = open_root(self.url, "a" if create else "r+", storage_options)
         except FileNotFoundError:
             raise BadInputError(
                 f"no run store at {self.url}; run 'gradcli extract-subspace' first or check --store"
@@ -332,8 +366,9 @@ class RunStore:
 
     @_writes
     def delete(self, path: str) -> None:
-        if path in self.root:
-            del self.root[path]
+        with contextlib.suppress(FileNotFoundError, KeyError):  # or another process did first
+            if path in self.root:
+                del self.root[path]
 
     # -- stages ------------------------------------------------------------------------
     @_writes
@@ -344,13 +379,20 @@ class RunStore:
         *,
         overwrite: bool = False,
         what: str | None = None,
+        shared: bool = False,
     ) -> bool:
         """Make sure the stage group at ``path`` belongs to ``provenance``.
 
         Returns True when the stage is already complete. A stage with another provenance is
         an error (or is deleted when ``overwrite``); a missing one is created empty.
+
+        ``shared``: other processes open the same stage at the same time (``embed --shard``).
+        The group is then created in one write with its provenance, without overwriting one
+        another process made first, and nothing is ever deleted.
         """
         record = dict(provenance)
+        if shared:
+            return self._open_shared_stage(path, record, what)
         if path in self.root:
             existing = self.root[path].attrs.get(PROVENANCE)
             if existing is not None and existing != record:
@@ -370,6 +412,23 @@ class RunStore:
         group.attrs.update({PROVENANCE: record, DIGEST: digest_of(record), COMPLETE: False})
         return False
 
+    def _open_shared_stage(self, path: str, record: dict[str, Any], what: str | None) -> bool:
+        attrs = {PROVENANCE: record, DIGEST: digest_of(record), COMPLETE: False}
+        if path not in self.root:
+            with contextlib.suppress(ContainsGroupError, ContainsArrayError, FileExistsError):
+                self.root.create_group(path, attributes=attrs)  # or another shard did first
+        existing = self.root[path].attrs.asdict()
+        if existing.get(PROVENANCE) is None:  # made by an older writer without provenance
+            self.root[path].attrs.update(attrs)
+        elif existing[PROVENANCE] != record:
+            diffs = "; ".join(_differences(existing[PROVENANCE], record)[:3])
+            raise StaleStoreError(
+                f"{what or path} in {self.url} was computed from something else ({diffs}); "
+                "shards never delete: use a new --name or --store, or recompute it once "
+                "without --shard with --overwrite"
+            )
+        return bool(self.root[path].attrs.get(COMPLETE, False))
+
     @_writes
     def complete_stage(self, path: str, **summary: Any) -> None:
         """Mark a stage finished, storing a summary of it in its attrs."""
@@ -388,48 +447,64 @@ class RunStore:
         n_rows: int,
         chunk_rows: int,
         arrays: Mapping[str, tuple[tuple[int, ...], str]],
+        *,
+        shared: bool = False,
+        meta: Mapping[str, Any] | None = None,
     ) -> RowChunks:
         """Create (or reopen) the row-chunked arrays of stage ``path``.
 
         ``arrays`` maps a name to (trailing shape, dtype); every array gets ``n_rows`` rows in
         chunks of ``chunk_rows``. Existing arrays of the right shape are kept for resuming.
+        ``meta`` (e.g. the batch size) is stored with the ``done`` markers when they are
+        created and read back by every later writer (:attr:`RowChunks.meta`), so all shards
+        and resumes compute alike. ``shared``: other processes create the same arrays at the
+        same time; arrays are then only ever created, never overwritten.
         """
         group = self.root[path]
         first = next(iter(arrays))
         if first in group and group[first].shape[:1] == (n_rows,) and "done" in group:
             chunk_rows = int(group[first].chunks[0])  # resume with the chunking already on disk
         n_chunks = -(-n_rows // chunk_rows) if n_rows else 0
-        for name, (tail, dtype) in arrays.items():
-            shape = (n_rows, *tail)
-            if name in group and tuple(group[name].shape) == shape:
+        specs = {
+            name: {
+                "shape": (n_rows, *tail),
+                "dtype": dtype,
+                "chunks": (chunk_rows, *tail),
+                "fill_value": 0,
+            }
+            for name, (tail, dtype) in arrays.items()
+        }
+        specs["done"] = {
+            "shape": (n_chunks,),
+            "dtype": "bool",
+            "chunks": (1,),
+            "fill_value": False,
+            "attributes": dict(meta or {}),
+        }
+        for name, spec in specs.items():
+            if name in group and tuple(group[name].shape) == spec["shape"]:
                 continue
-            group.create_array(
-                name,
-                shape=shape,
-                dtype=dtype,
-                chunks=(chunk_rows, *tail),
-                overwrite=True,
-                fill_value=0,
-            )
-        if "done" not in group or tuple(group["done"].shape) != (n_chunks,):
-            group.create_array(
-                "done",
-                shape=(n_chunks,),
-                dtype="bool",
-                chunks=(1,),
-                overwrite=True,
-                fill_value=False,
-            )
+            if shared:
+                _create_quietly(group, name, **spec)
+                if tuple(group[name].shape) != spec["shape"]:
+                    raise StaleStoreError(
+                        f"{path}/{name} in {self.url} has shape {tuple(group[name].shape)}, not "
+                        f"{spec['shape']}; use a new --name or --store"
+                    )
+            else:
+                group.create_array(name, overwrite=True, **spec)
         return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows)
 
     @_writes
-    def flags(self, path: str, name: str, size: int) -> Flags:
-        """The flag vector ``path/name`` of ``size`` entries (created all False if absent)."""
+    def flags(self, path: str, name: str, size: int, *, shared: bool = False) -> Flags:
+        """The flag vector ``path/name`` of ``size`` entries (created all False if absent;
+        ``shared``: created only, never overwritten, as concurrent writers need)."""
         group = self.root[path]
-        if name not in group or tuple(group[name].shape) != (size,):
-            group.create_array(
-                name, shape=(size,), dtype="bool", chunks=(1,), overwrite=True, fill_value=False
-            )
+        spec = {"shape": (size,), "dtype": "bool", "chunks": (1,), "fill_value": False}
+        if shared:
+            _create_quietly(group, name, **spec)
+        elif name not in group or tuple(group[name].shape) != (size,):
+            group.create_array(name, overwrite=True, **spec)
         return Flags(group[name])
 
     def walk(self, path: str = "") -> Iterator[tuple[str, Any]]:
