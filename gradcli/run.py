@@ -905,11 +905,7 @@ class Run:
     ) -> tuple[int, bool]:
         """PCA batch size, and whether a batch's normalised gradients (B×P float32) are kept
         between the two products so the second needs no second sweep of the engine."""
-        probe, _ = next(iter(self._loader(source, indices[:1], 1)))
-        engine.capture(probe.to(self.device))
-        model_bytes = sum(q.numel() * q.element_size() for q in self.model.module.parameters())
-        workspaces = 3 * self._tile_bytes()
-        free = self.memory_budget - fixed - 2 * model_bytes - workspaces - (16 << 20)
+        free = self._free_for_batches(engine, source, indices, fixed)
         per_sample = engine.sample_bytes()
         kept_bytes = 4 * engine.selection.size
         if batch_size is not None:
@@ -1027,13 +1023,18 @@ class Run:
         budget (the engine and the projection each hold one)."""
         return int(min(TILE_BYTES, max(1 << 20, self.memory_budget // 16)))
 
-    def _batch_size(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
-        """Batch size from the memory budget, measured on one sample."""
+    def _free_for_batches(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
+        """Bytes of the budget left for batches once ``fixed_bytes``, the model and the tile
+        workspaces are counted; captures one sample so ``engine.sample_bytes()`` is known."""
         probe, _ = next(iter(self._loader(source, indices[:1], 1)))
         engine.capture(probe.to(self.device))
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.module.parameters())
         workspaces = 3 * self._tile_bytes()  # engine tile, normalised tile, bf16 copy
-        free = self.memory_budget - fixed_bytes - 2 * model_bytes - workspaces - (16 << 20)
+        return self.memory_budget - fixed_bytes - 2 * model_bytes - workspaces - (16 << 20)
+
+    def _batch_size(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
+        """Batch size from the memory budget, measured on one sample."""
+        free = self._free_for_batches(engine, source, indices, fixed_bytes)
         return auto_batch_size(engine.sample_bytes(), free)
 
     def _row_blocks(
