@@ -194,7 +194,8 @@ def calibrated_normalisation(
 
 
 def orthonormal_basis_blocks(size: int, k: int, seed: int) -> list[tuple[int, torch.Tensor]]:
-    """The Q factor of a seeded Gaussian (P, K), as row blocks [(first_row, (rows, K) float32)].
+    """The Q factor of a seeded Gaussian (P, K), as row blocks held transposed, the layout
+    gradcli's projection reads a basis in: [(first_row, (K, rows) float32)].
 
     Blockwise Cholesky QR: ``A = QR`` with ``RᵀR = AᵀA`` (accumulated in float64), then
     ``Q = A R⁻¹`` block by block, replacing each block, so no second P×K copy is ever held.
@@ -209,7 +210,7 @@ def orthonormal_basis_blocks(size: int, k: int, seed: int) -> list[tuple[int, to
     upper = torch.linalg.cholesky(gram).mT
     inverse = torch.linalg.inv(upper).float()
     for i, (start, block) in enumerate(blocks):
-        blocks[i] = (start, block @ inverse)
+        blocks[i] = (start, (block @ inverse).T.contiguous())
         del block
     return blocks
 
@@ -223,7 +224,8 @@ class BlockedProjection:
         self.starts = [first for first, _ in ranges]
 
     def add(self, start: int, tile: torch.Tensor, z: torch.Tensor, gnorm2: torch.Tensor) -> None:
-        """Add rows [start, start + r) of a batch: tile (B, r); z (B, K), gnorm2 (B,) float64."""
+        """Add rows [start, start + r) of a batch: tile (B, r), overwritten; z (B, K), gnorm2
+        (B,) float64."""
         stop = start + tile.shape[1]
         index = bisect.bisect_right(self.starts, start) - 1
         while index < len(self.projectors) and self.starts[index] < stop:
@@ -231,7 +233,7 @@ class BlockedProjection:
             first, last = max(start, block_start), min(stop, block_stop)
             whole = (first, last) == (start, stop)
             piece = tile if whole else tile[:, first - start : last - start]
-            self.projectors[index].add(first, piece, z, gnorm2)
+            self.projectors[index].add(first, piece, z, gnorm2, in_place=True)
             index += 1
 
 
@@ -252,9 +254,17 @@ def blocked_projection(
     projectors, ranges = [], []
     for _ in range(len(blocks)):
         start, block = blocks.pop(0) if consume else blocks[len(projectors)]
-        rows = slice(start, start + block.shape[0])
+        rows = slice(start, start + block.shape[1])
         projectors.append(
-            Projector(mean[rows], scale[rows], block, start=start, dtype=dtype, device=device)
+            Projector(
+                mean[rows],
+                scale[rows],
+                block,
+                start=start,
+                dtype=dtype,
+                device=device,
+                transposed=True,
+            )
         )
         ranges.append((rows.start, rows.stop))
         del block
@@ -273,7 +283,7 @@ def loop_embed(
     blocks: list[tuple[int, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image at a time: (n, K) float64 reduced gradients and (n,) ``‖G‖²``."""
-    k = blocks[0][1].shape[1]
+    k = blocks[0][1].shape[0]
     z = torch.zeros(images.shape[0], k, dtype=torch.float64, device=images.device)
     gnorm2 = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
     for i in range(images.shape[0]):
@@ -283,7 +293,7 @@ def loop_embed(
         normalised = (grad - mean) / scale
         gnorm2[i] = normalised.square().sum(dtype=torch.float64)
         for start, block in blocks:
-            z[i] += (normalised[start : start + block.shape[0]] @ block).double()
+            z[i] += (normalised[start : start + block.shape[1]] @ block.T).double()
     model.zero_grad(set_to_none=True)
     return z, gnorm2
 
@@ -309,14 +319,14 @@ def exact_projection(
     blocks: list[tuple[int, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (n, P) normalised and projected in float64: z (n, K) and ``‖G‖²`` (n,)."""
-    k = blocks[0][1].shape[1]
+    k = blocks[0][1].shape[0]
     z = torch.zeros(grads.shape[0], k, dtype=torch.float64)
     gnorm2 = torch.zeros(grads.shape[0], dtype=torch.float64)
     for start, block in blocks:
-        rows = slice(start, start + block.shape[0])
+        rows = slice(start, start + block.shape[1])
         normalised = (grads[:, rows].double() - mean[rows].double()) / scale[rows].double()
         gnorm2 += normalised.square().sum(dim=1)
-        z += normalised @ block.cpu().double()
+        z += normalised @ block.T.cpu().double()
     return z, gnorm2
 
 

@@ -298,6 +298,13 @@ def extract_subspace(
     checkpoint_every: Annotated[
         int, typer.Option(help="PCA: save progress every this many batches.")
     ] = 50,
+    iteration_dtype: Annotated[
+        str,
+        typer.Option(
+            help="PCA: precision of the iterations' products: auto (bfloat16 where the device "
+            "has native bf16), float32 or bfloat16; the final Rayleigh-Ritz pass is float32."
+        ),
+    ] = "auto",
     params: Annotated[
         str | None, typer.Option(help="Parameter name globs, e.g. 'layer4.*,fc.*'.")
     ] = None,
@@ -375,6 +382,7 @@ def extract_subspace(
             oversample=oversample,
             iterations=iterations,
             checkpoint_every=checkpoint_every,
+            iteration_dtype=iteration_dtype,
             overwrite=overwrite,
         )
         summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
