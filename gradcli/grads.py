@@ -15,6 +15,7 @@ one called more than once per forward, go through :class:`EnergyGradients` (torc
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 import warnings
@@ -237,6 +238,14 @@ class Projector:
     @property
     def k(self) -> int:
         return int(self.weight.shape[0 if self.transposed else 1])
+
+    def rebased(self, basis: torch.Tensor, dtype: torch.dtype) -> Projector:
+        """The same normalisation over another basis of these rows (and layout), without
+        recomputing it: for subspace iteration, which changes the basis every pass."""
+        other = copy.copy(self)
+        other.weight = basis.to(self.weight.device, dtype)
+        other.dtype = dtype
+        return other
 
     def _workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device):
         # Fresh buffers of tens of MB page-fault on first touch; these live across tiles.

@@ -612,6 +612,13 @@ class Run:
 
             self._on_writer(start_state, value=False)
         kept = torch.empty(batch, p, dtype=low, device=self.device) if keep else None
+        # The block's bf16 copy for the iterations' products: written by the
+        # orthonormalisation while each chunk is in cache, reused across iterations.
+        low_block = None
+        if low != torch.float32 and self.device.type == "cpu":
+            low_block = torch.empty(p, width, dtype=low)
+            low_block.copy_(block)
+        normalisation = Projector(mean, scale, block[:, :0], device=self.device)
         writer = _BackgroundWriter()
         # Each rank passes over its slice; all take the same number of steps (a rank whose
         # slice is shorter idles through the last one) so their collectives pair up.
@@ -623,9 +630,12 @@ class Run:
                 advance(iteration * steps + cursor)
                 while iteration <= iterations:
                     ritz = iteration == iterations
-                    projector = Projector(
-                        mean, scale, block, dtype=torch.float32 if ritz else low, device=self.device
-                    )
+                    if ritz:
+                        projector = normalisation.rebased(block, torch.float32)
+                    else:
+                        projector = normalisation.rebased(
+                            block if low_block is None else low_block, low
+                        )
                     if cursor and group.is_writer:  # rank 0's checkpoint holds the sum so far
                         slot = self.store.group_attrs(state)["slot"]
                         saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
@@ -671,9 +681,17 @@ class Run:
                         )
                     writer.wait()
                     block = accumulator.cpu()
-                    del accumulator
-                    orthonormalise_(block)
+                    del accumulator, projector
+                    # The block that feeds Rayleigh–Ritz is orthonormal to rounding (two
+                    # rounds); an intermediate one only needs to span the right subspace.
+                    orthonormalise_(
+                        block,
+                        rounds=2 if iteration + 1 == iterations else 1,
+                        low_copy=low_block,
+                    )
                     group.broadcast_(block)  # every rank goes on with rank 0's block
+                    if low_block is not None and group.world > 1:
+                        low_block.copy_(block)
                     iteration, cursor = iteration + 1, 0
                     # The next pass starts at once; the block is named in the state only
                     # after its write has finished (a kill before that resumes one iteration

@@ -128,7 +128,13 @@ def inverse_factor(gram: torch.Tensor) -> torch.Tensor | None:
     )
 
 
-def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 16) -> None:
+def orthonormalise_(
+    block: torch.Tensor,
+    row_chunk: int = 1 << 16,
+    *,
+    rounds: int = 2,
+    low_copy: torch.Tensor | None = None,
+) -> None:
     """Orthonormalise the columns of a tall (P, w) float32 block in place.
 
     Cholesky-QR applied twice (CholeskyQR2), chunk by chunk so no second P×w array is needed.
@@ -137,23 +143,33 @@ def orthonormalise_(block: torch.Tensor, row_chunk: int = 1 << 16) -> None:
     float64, and both triangular solves are applied in float32 (four times faster, and the
     second round removes what the first one's rounding left). A numerically rank-deficient
     block falls back to Householder QR.
+
+    ``rounds=1`` stops after the first round: columns orthonormal to about κ·1e-7, enough for
+    an intermediate block of subspace iteration, whose span is all that matters, in half the
+    time. ``low_copy`` (P, w), of another dtype, receives the result too, written chunk by
+    chunk while it is in cache.
     """
     width = block.shape[1]
     buffer = torch.empty(min(row_chunk, block.shape[0]), width, dtype=block.dtype)
-    for round_ in range(2):
+    for round_ in range(rounds):
         gram = torch.zeros(width, width, dtype=torch.float64)
         gram_(gram, block, wide=round_ == 0, row_chunk=row_chunk)
         inverse = inverse_factor(gram)
         if inverse is None:
             q, _ = torch.linalg.qr(block.double())
             block.copy_(q)
+            if low_copy is not None:
+                low_copy.copy_(block)
             return
         inverse = inverse.to(block.dtype)
+        copy = low_copy if round_ == rounds - 1 else None
         for start in range(0, block.shape[0], row_chunk):
             rows = block[start : start + row_chunk]
             product = buffer[: rows.shape[0]]
             torch.mm(rows, inverse, out=product)
             rows.copy_(product)
+            if copy is not None:
+                copy[start : start + row_chunk].copy_(product)
 
 
 def ritz_rotation(
