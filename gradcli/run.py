@@ -64,19 +64,46 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # allows at least this many samples per batch (a smaller batch would cost more than it saves).
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
-PCA_ROW_CHUNK = 1 << 17  # rows of Y updated per product in that mode
 PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
 
 
-def _accumulate_transposed(total: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> None:
+class _Scratch:
+    """A buffer reused across calls: fresh buffers of tens of MB page-fault on first touch."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        numel = int(np.prod(shape))
+        buffer = self._buffer
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or (buffer.dtype, buffer.device)
+            != (
+                dtype,
+                device,
+            )
+        ):
+            buffer = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def _accumulate_transposed(
+    total: torch.Tensor, g: torch.Tensor, u: torch.Tensor, scratch: _Scratch | None = None
+) -> None:
     """``total += gᵀ u``: total (r, w) float32, g (B, r) and u (B, w) float32 or bfloat16
-    (whose product is formed in bf16 and added in float32)."""
+    (whose product is formed in bf16, in ``scratch`` when given, and added in float32)."""
     if g.dtype == torch.float32:
         total.addmm_(g.T, u)
-    else:
+    elif scratch is None:
         total += g.T @ u
+    else:
+        product = scratch.view(total.shape, g.dtype, g.device)
+        torch.mm(g.T, u, out=product)
+        total += product
 
 
 @dataclass
@@ -611,7 +638,9 @@ class Run:
                 )
 
             self._on_writer(start_state, value=False)
-        kept = torch.empty(batch, p, dtype=low, device=self.device) if keep else None
+        # A batch's normalised tiles, each kept contiguous (B, r) one after the other.
+        kept = torch.empty(batch * p, dtype=low, device=self.device) if keep else None
+        scratch = _Scratch()
         # The block's bf16 copy for the iterations' products: written by the
         # orthonormalisation while each chunk is in cache, reused across iterations.
         low_block = None
@@ -649,7 +678,14 @@ class Run:
                         item = next(batches, None)
                         if item is not None:
                             self._pca_batch_step(
-                                engine, projector, item[0], accumulator, ritz, kept, source.spec
+                                engine,
+                                projector,
+                                item[0],
+                                accumulator,
+                                ritz,
+                                kept,
+                                source.spec,
+                                scratch,
                             )
                         cursor += 1
                         advance(1)
@@ -983,32 +1019,38 @@ class Run:
         ritz: bool,
         kept: torch.Tensor | None,
         spec: str,
+        scratch: _Scratch | None = None,
     ) -> None:
         """One batch of one PCA pass: ``U = G_b V``, then ``Y += G_bᵀ U`` (or, in the
-        Rayleigh–Ritz pass, ``UᵀU``) into ``accumulator``."""
+        Rayleigh–Ritz pass, ``UᵀU``) into ``accumulator``. ``kept`` (≥ B·P,) holds the
+        batch's normalised tiles, each contiguous, between the two products."""
         logits, _ = engine.capture(x.to(self.device))
         _check_finite(logits, "logits", spec)
         n = x.shape[0]
         u = torch.zeros(n, projector.k, dtype=torch.float64, device=self.device)
         unused = torch.zeros(n, dtype=torch.float64, device=self.device)
-        normalised = None if ritz or kept is None else kept[:n]
+        keeping = not ritz and kept is not None
+        pieces, offset = [], 0
         for start, tile in engine.tiles():
-            out = None if normalised is None else normalised[:, start : start + tile.shape[1]]
+            out = None
+            if keeping:
+                out = kept[offset : offset + tile.numel()].view(tile.shape)
+                offset += tile.numel()
+                pieces.append((start, out))
             projector.add(start, tile, u, unused, out=out, in_place=True)
         _check_finite(u, "gradients", spec)
         if ritz:
             accumulator += (u.T @ u).cpu()
             return
         weights = u.to(projector.dtype)
-        if normalised is not None:
-            for start in range(0, normalised.shape[1], PCA_ROW_CHUNK):
-                rows = slice(start, start + PCA_ROW_CHUNK)
-                _accumulate_transposed(accumulator[rows], normalised[:, rows], weights)
-        else:
-            for start, tile in engine.tiles():
-                rows = slice(start, start + tile.shape[1])
-                g = projector.normalise(start, tile, in_place=True)
-                _accumulate_transposed(accumulator[rows], g.to(projector.dtype), weights)
+        if not keeping:
+            pieces = (
+                (start, projector.normalise(start, tile, in_place=True).to(projector.dtype))
+                for start, tile in engine.tiles()
+            )
+        for start, g in pieces:
+            rows = slice(start, start + g.shape[1])
+            _accumulate_transposed(accumulator[rows], g, weights, scratch)
 
     def _save_block(self, state: str, iteration: int, block: torch.Tensor) -> None:
         """Checkpoint the block of ``iteration`` (runs in the background writer)."""

@@ -21,6 +21,7 @@ from gradcli.errors import BadInputError
 
 METHODS = ("avg", "pca")
 RANK_TOLERANCE = 1e-5
+WIDE_CHUNK_BYTES = 8 << 20  # float64 chunk of a wide Gram product: cache-sized
 
 
 @dataclass
@@ -109,13 +110,17 @@ def random_start(num_params: int, width: int, seed: int) -> torch.Tensor:
 def gram_(gram: torch.Tensor, rows: torch.Tensor, wide: bool, row_chunk: int = 1 << 16) -> None:
     """Add ``rowsᵀ rows`` to the float64 (w, w) ``gram``: in float64 when ``wide`` (an
     ill-conditioned block), else float32 chunk products summed in float64."""
+    if wide:  # float64 copies of cache-sized chunks, in one reused buffer
+        step = max(1, min(row_chunk, WIDE_CHUNK_BYTES // (8 * max(1, rows.shape[1]))))
+        buffer = torch.empty(min(step, rows.shape[0]), rows.shape[1], dtype=torch.float64)
+        for start in range(0, rows.shape[0], step):
+            part = buffer[: min(step, rows.shape[0] - start)]
+            part.copy_(rows[start : start + step])
+            gram.addmm_(part.T, part)
+        return
     for start in range(0, rows.shape[0], row_chunk):
         part = rows[start : start + row_chunk]
-        if wide:
-            part = part.double()
-            gram.addmm_(part.T, part)
-        else:
-            gram += (part.T @ part).double()
+        gram += (part.T @ part).double()
 
 
 def inverse_factor(gram: torch.Tensor) -> torch.Tensor | None:

@@ -142,6 +142,52 @@ def test_projector_equals_explicit_normalised_product():
     torch.testing.assert_close(gnorm.double(), normalised.norm(dim=1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projector_layouts_split_products_and_in_place_agree(dtype, monkeypatch):
+    """Row and transposed basis layouts, the split float32 product (odd widths leave a
+    remainder), in-place centring and a kept copy all give the float64 closed form."""
+    from gradcli import grads
+
+    monkeypatch.setattr(grads, "SPLIT_MIN_COLUMNS", 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # at least two parts, on any machine
+    try:
+        _check_projector_layouts(dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_projector_layouts(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(2)
+    b, p, k = 6, 1001, 7
+    g = torch.from_numpy(rng.normal(size=(b, p)).astype(np.float32))
+    mean = torch.from_numpy(rng.normal(size=p).astype(np.float32))
+    scale = torch.from_numpy(rng.uniform(0.5, 2, size=p).astype(np.float32))
+    basis, _ = torch.linalg.qr(torch.randn(p, k))
+    normalised = (g.double() - mean.double()) / scale.double()
+    want = normalised @ basis.double()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for transposed in (False, True):
+        given = basis.T.contiguous() if transposed else basis
+        projector = Projector(mean, scale, given, dtype=dtype, transposed=transposed)
+        assert projector.k == k
+        z = torch.zeros(b, k, dtype=torch.float64)
+        gnorm2 = torch.zeros(b, dtype=torch.float64)
+        tile = g.clone()
+        kept = torch.empty(b, 600, dtype=dtype)
+        projector.add(0, tile[:, :600], z, gnorm2, out=kept)  # a kept copy, tile untouched
+        assert torch.equal(tile, g)
+        close = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(kept.double(), normalised[:, :600], rtol=close, atol=close)
+        projector.add(600, tile[:, 600:], z, gnorm2, in_place=True)  # centred where it lies
+        torch.testing.assert_close(
+            tile[:, 600:].double(), normalised[:, 600:], rtol=1e-5, atol=1e-5
+        )
+        error = (z - want).norm() / want.norm()
+        assert error < tolerance, (transposed, float(error))
+        torch.testing.assert_close(gnorm2, normalised.square().sum(dim=1), rtol=1e-5, atol=0)
+
+
 # -- the per-layer engine: every layer type against the one-image loop ---------------------
 
 

@@ -74,15 +74,16 @@ def _exact_normalised_gradients(run: Run, npz) -> torch.Tensor:
     return (g - mean) / var.sqrt()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("which", ["tiny-cnn", "tiny-resnet"])
 @pytest.mark.parametrize("k", [10, 50])
-def test_captured_variance_reaches_099_of_exact(which, k, pca_data, tiny, tmp_path):
+def test_captured_variance_reaches_099_of_exact(which, k, dtype, pca_data, tiny, tmp_path):
     spec = tiny.model if which == "tiny-cnn" else f"{pca_data / 'resnet.py'}:make"
     weights = str(tiny.weights) if which == "tiny-cnn" else None
     run = Run(tmp_path / "run")
     run.set_model(spec, weights, **PREPROCESS)
     summary = run.extract_subspace(
-        f"npz:{pca_data / 'train.npz'}", method="pca", k=k, batch_size=32
+        f"npz:{pca_data / 'train.npz'}", method="pca", k=k, batch_size=32, iteration_dtype=dtype
     )
     basis = torch.from_numpy(run.store.read("subspace/basis")).double()
     assert basis.shape[1] == k

@@ -81,6 +81,25 @@ def test_orthonormalise_keeps_the_span():
     assert residual.norm() / original.norm() < 1e-5
 
 
+def test_one_round_keeps_the_span_and_fills_the_low_copy():
+    """An intermediate PCA block: one Cholesky-QR round, nearly orthonormal, same span, and
+    its bf16 copy written alongside equals the block rounded."""
+    torch.manual_seed(1)
+    block = torch.randn(5000, 12) @ torch.diag(torch.logspace(0, 3, 12))
+    original = block.double().clone()
+    low = torch.empty(5000, 12, dtype=torch.bfloat16)
+    orthonormalise_(block, row_chunk=700, rounds=1, low_copy=low)
+    q = block.double()
+    torch.testing.assert_close(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-3, rtol=0)
+    projector = torch.linalg.pinv(q) @ original  # least-squares fit of the original in span(q)
+    residual = original - q @ projector
+    assert residual.norm() / original.norm() < 1e-5
+    assert torch.equal(low, block.to(torch.bfloat16))
+    twice = original.float().clone()
+    orthonormalise_(twice, row_chunk=700)
+    assert (twice.double().T @ twice.double() - torch.eye(12)).abs().max() < 1e-5
+
+
 def test_rayleigh_ritz_recovers_eigenpairs():
     rng = np.random.default_rng(1)
     g = torch.from_numpy(rng.normal(size=(200, 30)) @ np.diag(np.linspace(5, 0.1, 30)))
