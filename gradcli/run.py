@@ -613,6 +613,8 @@ class Run:
             if attrs.get("world", 1) != group.world:
                 cursor = 0  # partial sums of another number of ranks: redo this iteration
             block = torch.from_numpy(self.store.read(f"{state}/V{iteration % 2}"))
+            if block.dtype == torch.int16:  # an intermediate block saved as its bf16 copy
+                block = block.view(torch.bfloat16)
         else:
             block = random_start(p, width, seed)
             iteration, cursor = 0, 0
@@ -647,7 +649,14 @@ class Run:
         if low != torch.float32 and self.device.type == "cpu":
             low_block = torch.empty(p, width, dtype=low)
             low_block.copy_(block)
-        normalisation = Projector(mean, scale, block[:, :0], device=self.device)
+        if block.dtype != torch.float32:
+            if low_block is None:
+                raise BadInputError(
+                    "this PCA checkpoint was saved by bfloat16 iterations on a CPU; resume it "
+                    "on a CPU (--device cpu) or start over with --overwrite"
+                )
+            block = None  # the next pass needs only the copy; its Y makes the next block
+        normalisation = Projector(mean, scale, torch.empty(p, 0), device=self.device)
         writer = _BackgroundWriter()
         # Each rank passes over its slice; all take the same number of steps (a rank whose
         # slice is shorter idles through the last one) so their collectives pair up.
@@ -733,7 +742,11 @@ class Run:
                     # after its write has finished (a kill before that resumes one iteration
                     # earlier, from the intact previous slot).
                     if group.is_writer:
-                        writer.start(self._save_block, state, iteration, block)
+                        # In bf16 iterations an intermediate block is used only through its
+                        # bf16 copy, so that copy is all a resume needs: half the bytes.
+                        intermediate = low_block is not None and iteration < iterations
+                        saved = low_block if intermediate else block
+                        writer.start(self._save_block, state, iteration, saved)
         finally:
             writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
@@ -1053,7 +1066,10 @@ class Run:
             _accumulate_transposed(accumulator[rows], g, weights, scratch)
 
     def _save_block(self, state: str, iteration: int, block: torch.Tensor) -> None:
-        """Checkpoint the block of ``iteration`` (runs in the background writer)."""
+        """Checkpoint the block of ``iteration`` (runs in the background writer); a bf16
+        block is stored as its bit pattern (int16)."""
+        if block.dtype == torch.bfloat16:
+            block = block.view(torch.int16)
         self.store.write(
             f"{state}/V{iteration % 2}", block.numpy(), chunk_rows=BASIS_CHUNK_ROWS, compress=False
         )

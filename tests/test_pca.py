@@ -101,9 +101,12 @@ def test_captured_variance_reaches_099_of_exact(which, k, dtype, pca_data, tiny,
     assert 0 < summary["explained_variance"] <= 1 + 1e-6
 
 
-def test_interrupted_pca_resumes_to_the_same_basis(pca_data, tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_interrupted_pca_resumes_to_the_same_basis(dtype, pca_data, tiny, tmp_path, monkeypatch):
+    """Also from an intermediate block that bf16 iterations save as its bf16 copy only."""
     data = f"npz:{pca_data / 'train.npz'}"
     options = {"method": "pca", "k": 5, "batch_size": 16, "iterations": 3, "checkpoint_every": 4}
+    options["iteration_dtype"] = dtype
 
     def fresh(path):
         run = Run(path)
@@ -128,6 +131,8 @@ def test_interrupted_pca_resumes_to_the_same_basis(pca_data, tiny, tmp_path, mon
         killed.extract_subspace(data, **options)
     state = killed.store.group_attrs("subspace/state")
     assert state["iteration"] == 1 and state["cursor"] == 8  # last checkpoint in iteration 2
+    saved = killed.store.read("subspace/state/V1")
+    assert saved.dtype == (np.int16 if dtype == "bfloat16" else np.float32)
     monkeypatch.setattr(LayerGradients, "capture", original)
     resumed = fresh(tmp_path / "killed")
     resumed.extract_subspace(data, **options)
