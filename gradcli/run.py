@@ -1185,11 +1185,13 @@ class Run:
             scale = torch.ones_like(mean)
         else:
             scale = torch.from_numpy(self.store.read_rows("stats/var", start, stop)).sqrt()
-        basis_t = self.store.read_rows("subspace/basis", start, stop, transposed=True)
+        starts = np.concatenate([[0], np.cumsum(self.selection.sizes)])
+        bounds = [start, *[int(s) for s in starts if start < s < stop], stop]
+        parts = self.store.read_rows_transposed("subspace/basis", bounds)
         return Projector(
             mean,
             scale,
-            torch.from_numpy(basis_t),
+            [torch.from_numpy(part) for part in parts],
             start=start,
             dtype=BASIS_DTYPES[self.basis_dtype],
             device=self.device,

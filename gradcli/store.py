@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,33 +268,45 @@ class RunStore:
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self.root[path].shape)
 
-    def read_rows(
-        self, path: str, start: int, stop: int, *, transposed: bool = False
-    ) -> np.ndarray:
+    def read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop), decoded a few chunks at a time into one output array, so a
-        large read holds little beyond its result; with ``transposed`` a 2-D array comes
-        back as its transpose (columns, rows), C-contiguous."""
+        large read holds little beyond its result."""
         array = self.root[path]
         stop = min(stop, array.shape[0])
-        rows = max(0, stop - start)
-        if transposed:
-            out = np.empty((array.shape[1], rows), dtype=array.dtype)
-        else:
-            out = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+        out = np.empty((max(0, stop - start), *array.shape[1:]), dtype=array.dtype)
         step = int(array.chunks[0]) * SLAB_CHUNKS
         first = start
         while first < stop:
             last = min(stop, (first // step + 1) * step)
-            if transposed:
-                slab = array[first:last]
-                for row in range(0, len(slab), TRANSPOSE_ROWS):  # cache-sized: 4× faster
-                    part = slab[row : row + TRANSPOSE_ROWS]
-                    at = first - start + row
-                    out[:, at : at + len(part)] = part.T
-            else:
-                out[first - start : last - start] = array[first:last]
+            out[first - start : last - start] = array[first:last]
             first = last
         return out
+
+    def read_rows_transposed(self, path: str, bounds: Sequence[int]) -> list[np.ndarray]:
+        """Rows [bounds[j], bounds[j + 1]) of a 2-D array, each part returned transposed
+        (columns, rows) and C-contiguous, decoded one chunk at a time (a decoded chunk and
+        its rows are all that is held beside the result)."""
+        array = self.root[path]
+        parts = [
+            np.empty((array.shape[1], b - a), dtype=array.dtype)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        step = int(array.chunks[0])
+        first, stop, part = bounds[0], bounds[-1], 0
+        while first < stop:
+            last = min(stop, (first // step + 1) * step)
+            slab = array[first:last]
+            row = first
+            while row < last:
+                while bounds[part + 1] <= row:
+                    part += 1
+                end = min(last, bounds[part + 1], row + TRANSPOSE_ROWS)  # cache-sized: 4× faster
+                at = row - bounds[part]
+                parts[part][:, at : at + end - row] = slab[row - first : end - first].T
+                row = end
+            del slab
+            first = last
+        return parts
 
     @_writes
     def write(
