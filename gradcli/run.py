@@ -658,6 +658,14 @@ class Run:
             block = None  # the next pass needs only the copy; its Y makes the next block
         normalisation = Projector(mean, scale, torch.empty(p, 0), device=self.device)
         writer = _BackgroundWriter()
+        partial = None
+        if cursor:
+            # Each partial sum records the iteration and cursor it holds; one that does not
+            # match the state's (a checkpoint overtaken by a kill) is never added to again:
+            # the iteration starts over instead, which gives the same sums.
+            if group.is_writer:
+                partial = self._matching_partial(state, iteration, cursor)
+            cursor = group.broadcast_object(cursor if partial or not group.is_writer else 0)
         # Each rank passes over its slice; all take the same number of steps (a rank whose
         # slice is shorter idles through the last one) so their collectives pair up.
         mine = group.split(indices)
@@ -675,8 +683,7 @@ class Run:
                             block if low_block is None else low_block, low
                         )
                     if cursor and group.is_writer:  # rank 0's checkpoint holds the sum so far
-                        slot = self.store.group_attrs(state)["slot"]
-                        saved = torch.from_numpy(self.store.read(f"{state}/partial{slot}"))
+                        saved = torch.from_numpy(self.store.read(partial))
                         accumulator = saved if ritz else saved.to(self.device)
                     elif ritz:
                         accumulator = torch.zeros(width, width, dtype=torch.float64)
@@ -707,7 +714,12 @@ class Run:
                                 accumulator.zero_()
                             writer.wait()  # this iteration's block must be named first
                             self._on_writer(
-                                self._save_partial, state, accumulator, cursor, value=False
+                                self._save_partial,
+                                state,
+                                accumulator,
+                                iteration,
+                                cursor,
+                                value=False,
                             )
                         if stop:
                             writer.wait()
@@ -990,16 +1002,30 @@ class Run:
             self.store.write_rows("subspace/basis", start, (rows @ rotation).numpy())
         return Subspace(basis=None, method="pca", eigenvalues=values.numpy())
 
-    def _save_partial(self, state: str, accumulator: torch.Tensor, cursor: int) -> None:
-        """Checkpoint an iteration's partial sum after ``cursor`` steps (rank 0 only)."""
+    def _save_partial(
+        self, state: str, accumulator: torch.Tensor, iteration: int, cursor: int
+    ) -> None:
+        """Checkpoint an iteration's partial sum after ``cursor`` steps (rank 0 only), in the
+        slot the state does not name; the array records what it holds."""
         slot = 1 - self.store.group_attrs(state).get("slot", 0)
         self.store.write(
             f"{state}/partial{slot}",
             accumulator.cpu().numpy(),
             chunk_rows=BASIS_CHUNK_ROWS,
             compress=False,
+            attrs={"iteration": iteration, "cursor": cursor},
         )
         self.store.set_attrs(state, cursor=cursor, slot=slot, world=self.group.world)
+
+    def _matching_partial(self, state: str, iteration: int, cursor: int) -> str | None:
+        """The stored partial sum of ``iteration`` after ``cursor`` steps, if one is intact."""
+        slot = self.store.group_attrs(state).get("slot", 0)
+        for candidate in (slot, 1 - slot):
+            path = f"{state}/partial{candidate}"
+            held = self.store.group_attrs(path) if self.store.has(path) else {}
+            if held.get("iteration") == iteration and held.get("cursor") == cursor:
+                return path
+        return None
 
     def _pca_batch(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 
 import numpy as np
@@ -134,15 +135,24 @@ def test_interrupted_pca_resumes_to_the_same_basis(dtype, pca_data, tiny, tmp_pa
     saved = killed.store.read("subspace/state/V1")
     assert saved.dtype == (np.int16 if dtype == "bfloat16" else np.float32)
     monkeypatch.setattr(LayerGradients, "capture", original)
-    resumed = fresh(tmp_path / "killed")
-    resumed.extract_subspace(data, **options)
-    np.testing.assert_array_equal(
-        resumed.store.read("subspace/basis"), clean.store.read("subspace/basis")
-    )
-    np.testing.assert_array_equal(
-        resumed.store.read("subspace/eigenvalues"), clean.store.read("subspace/eigenvalues")
-    )
-    assert not resumed.store.has("subspace/state")
+    # A copy whose state names the wrong partial sum (as a kill between a checkpoint's array
+    # and its state once left): the sum's own record does not match, so it is not used.
+    shutil.copytree(tmp_path / "killed", tmp_path / "misnamed")
+    misnamed = fresh(tmp_path / "misnamed")
+    misnamed.store.set_attrs("subspace/state", slot=1 - state["slot"])
+    assert misnamed._matching_partial("subspace/state", 1, 8) is not None  # the other slot
+    misnamed.store.delete(f"subspace/state/partial{state['slot']}")
+    assert misnamed._matching_partial("subspace/state", 1, 8) is None
+    for path in (tmp_path / "killed", tmp_path / "misnamed"):
+        resumed = fresh(path)
+        resumed.extract_subspace(data, **options)
+        np.testing.assert_array_equal(
+            resumed.store.read("subspace/basis"), clean.store.read("subspace/basis")
+        )
+        np.testing.assert_array_equal(
+            resumed.store.read("subspace/eigenvalues"), clean.store.read("subspace/eigenvalues")
+        )
+        assert not resumed.store.has("subspace/state")
 
 
 def test_kept_batch_and_second_sweep_give_the_same_basis(pca_data, tiny, tmp_path, monkeypatch):
