@@ -497,6 +497,29 @@ class _Layer:
     calls: int = 0
 
 
+def _unfolded_rows(a: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
+    """A convolution's input patches, (B, C, H, W) -> (B, L, C·kh·kw) contiguous: the
+    transpose of ``unfold``, in the layout the per-sample product reads fastest. On CPU a
+    depthwise convolution with one-hot kernels writes it directly, as channels-last output
+    (exact: each output is one input times 1)."""
+    if a.device.type != "cpu":
+        return torch.nn.functional.unfold(
+            a, kernel, dilation=dilation, padding=padding, stride=stride
+        ).transpose(1, 2)
+    b, channels = a.shape[:2]
+    taps = kernel[0] * kernel[1]
+    one_hot = torch.eye(taps, dtype=a.dtype).view(taps, 1, *kernel).repeat(channels, 1, 1, 1)
+    patches = torch.nn.functional.conv2d(
+        a.contiguous(memory_format=torch.channels_last),
+        one_hot,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=channels,
+    )
+    return patches.permute(0, 2, 3, 1).reshape(b, -1, channels * taps)
+
+
 def _is_native(module: nn.Module) -> bool:
     if isinstance(module, (nn.modules.batchnorm._BatchNorm)):
         return module.track_running_stats and module.running_mean is not None
@@ -742,11 +765,8 @@ class LayerGradients:
             elif groups == 1 and length >= GROUPED_MIN_LENGTH and a.device.type == "cpu":
                 yield from self._conv_grouped(slot, a, go, kernel, dilation, padding, stride)
             elif groups == 1:
-                cols = torch.nn.functional.unfold(
-                    a, kernel, dilation=dilation, padding=padding, stride=stride
-                )
-                fan_in = cols.shape[1]
-                cols_t = cols.transpose(1, 2)
+                cols_t = _unfolded_rows(a, kernel, dilation, padding, stride)
+                fan_in = cols_t.shape[2]
                 step = max(1, self.tile_bytes // (4 * b * fan_in))
                 for o0 in range(0, out_channels, step):
                     o1 = min(o0 + step, out_channels)
