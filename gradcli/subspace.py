@@ -76,6 +76,12 @@ def average_gradient_basis(
     q, r = torch.linalg.qr(columns, mode="reduced")
     diagonal = torch.diagonal(r)
     keep = diagonal.abs() > RANK_TOLERANCE * diagonal.abs().max()
+    if not bool(keep.any()):
+        raise BadInputError(
+            "the class-average gradients span nothing once centred (one class, or classes "
+            "whose mean gradients coincide), so the average-gradient subspace would be empty; "
+            "use --method pca --k N instead"
+        )
     # Fix QR's sign ambiguity so each basis vector points along its class mean.
     signs = torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)
     q = (q * signs[None, :])[:, keep]

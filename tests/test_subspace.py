@@ -58,6 +58,17 @@ def test_centred_class_means_lose_one_dimension():
     np.testing.assert_allclose(v @ (v.T @ raw), raw, atol=1e-5)  # all three means in the span
 
 
+def test_class_means_that_span_nothing_are_an_error():
+    """One class (its centred mean is zero) leaves the AG subspace empty: a clear error."""
+    rng = np.random.default_rng(3)
+    grads = rng.normal(size=(6, 20))
+    mean = torch.from_numpy(grads.mean(0))
+    with pytest.raises(BadInputError, match="span nothing.*--method pca"):
+        average_gradient_basis(
+            mean[None, :].clone(), mean, torch.ones(20, dtype=torch.float64), np.array([6])
+        )
+
+
 def test_method_checks():
     check_method("avg", None, 10)
     check_method("avg", 9, 10)
