@@ -723,7 +723,7 @@ def evaluate(
         str, typer.Option(help="paper (ID positive) or openood (OOD positive).")
     ] = "paper",
     results_dir: Annotated[
-        str | None, typer.Option(help="Where results.json/.csv go (default: the store folder).")
+        str | None, typer.Option(help="Folder for results.json/.csv (default: the store itself).")
     ] = None,
     report: Annotated[
         str | None,
@@ -799,7 +799,7 @@ def evaluate(
         odin_epsilon=odin_epsilon,
         sweeps=plan,
     )
-    _write_results(results, results_dir, store, results_json, results_csv)
+    _write_results(results, results_dir, store, results_json, results_csv, run.store)
     written = write_report(run, results, report, density_dim=density_dim) if report else []
     if as_json:
         print(results_json(results))
@@ -844,18 +844,28 @@ def methods(
     _out().print(table)
 
 
-def _write_results(results, results_dir, store, to_json, to_csv) -> None:
-    folder = results_dir
-    if folder is None:
-        folder = store if "://" not in store else "."
-    target = Path(folder)
+def _write_results(results, results_dir, store, to_json, to_csv, run_store=None) -> None:
+    """results.json and results.csv into ``--results-dir`` or else the store itself (a local
+    folder or an object-store URL alike)."""
+    from gradcli.store import RunStore
+
     try:
+        if results_dir is None:
+            if run_store is None:
+                run_store = RunStore(store, create=False, storage_options=_storage_options())
+            run_store.write_text("results.json", to_json(results))
+            run_store.write_text("results.csv", to_csv(results))
+            return
+        target = Path(results_dir)
         target.mkdir(parents=True, exist_ok=True)
         (target / "results.json").write_text(to_json(results))
         (target / "results.csv").write_text(to_csv(results))
-    except OSError as error:
+    except BadInputError:
+        raise
+    except Exception as error:  # OSError locally; fsspec backends raise their own types
+        where = results_dir if results_dir is not None else store
         raise BadInputError(
-            f"cannot write results to {target}: {error}; pass --results-dir"
+            f"cannot write results to {where}: {error}; pass --results-dir"
         ) from None
 
 

@@ -18,6 +18,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -192,6 +193,7 @@ class RunStore:
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = str(url)
+        self.storage_options = dict(storage_options or {})
         try:
             self.root = open_root(self.url, "a" if create else "r+", storage_options)
         except FileNotFoundError:
@@ -203,6 +205,20 @@ class RunStore:
         except Exception as err:  # zarr raises its own types for non-group paths
             raise BadInputError(f"{self.url} is not a gradcli run store ({err})") from None
         self._check_format()
+
+    def write_text(self, name: str, text: str) -> str:
+        """Write a plain file ``name`` (results.json) at the store's top level, beside its
+        arrays, on a local disk or an object store alike; returns where it went."""
+        if "://" not in self.url:
+            target = Path(self.url) / name
+            target.write_text(text)
+            return str(target)
+        import fsspec
+
+        target = self.url.rstrip("/") + "/" + name
+        with fsspec.open(target, "w", **self.storage_options) as handle:
+            handle.write(text)
+        return target
 
     # -- root metadata -----------------------------------------------------------------
     def _check_format(self) -> None:

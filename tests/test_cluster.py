@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -347,6 +348,15 @@ def test_file_url_store_through_the_cli(tiny, tmp_path, cli):
         np.testing.assert_array_equal(a[key], b[key])
     report = cli("inspect", "--store", url, "--json", "-q")
     assert report.code == 0 and report.json()["embeddings"]["t"]["chunks_done"] == "6/6"
+    # evaluate writes its results into the URL store itself, not the working directory
+    here = set(Path.cwd().iterdir())
+    assert cli("fit-head", "--id-test", "t", "--knn-k", "5", "--store", url, "-q").code == 0
+    outcome = cli("evaluate", "--ood", tiny.ood, "--id", "t", "--store", url, "-q", "--json")
+    assert outcome.code == 0, outcome.err
+    written = json.loads((tmp_path / "viaurl" / "results.json").read_text())
+    assert written["results"] == outcome.json()["results"]
+    assert (tmp_path / "viaurl" / "results.csv").read_text().startswith("method,embedding")
+    assert set(Path.cwd().iterdir()) == here
 
 
 # -- sharded score --------------------------------------------------------------------------
