@@ -175,6 +175,25 @@ class Results:
         return out
 
 
+@dataclass(frozen=True)
+class _PcaJob:
+    """What a PCA subspace extraction works on, shared by its in-memory and layer-block
+    forms."""
+
+    source: data_mod.ImageSource
+    indices: np.ndarray
+    selection: ParameterSelection
+    mean: torch.Tensor
+    scale: torch.Tensor
+    k: int
+    width: int
+    iterations: int
+    seed: int
+    batch_size: int | None
+    checkpoint_every: int
+    iteration_dtype: str = "auto"
+
+
 class Run:
     """One run store and the pipeline over it.
 
@@ -491,18 +510,20 @@ class Run:
             mean, scale = self._normalisation(no_variance)
             if method == "pca":
                 subspace = self._pca(
-                    source,
-                    indices,
-                    selection,
-                    mean,
-                    scale,
-                    k,
-                    width,
-                    iterations,
-                    seed,
-                    batch_size,
-                    checkpoint_every,
-                    iteration_dtype,
+                    _PcaJob(
+                        source,
+                        indices,
+                        selection,
+                        mean,
+                        scale,
+                        k,
+                        width,
+                        iterations,
+                        seed,
+                        batch_size,
+                        checkpoint_every,
+                        iteration_dtype,
+                    )
                 )
             else:
                 subspace = None  # from the stored class means, by rank 0 below
@@ -555,21 +576,7 @@ class Run:
             "reused": bool(stats_done and sub_done),
         }
 
-    def _pca(
-        self,
-        source,
-        indices: np.ndarray,
-        selection: ParameterSelection,
-        mean: torch.Tensor,
-        scale: torch.Tensor,
-        k: int,
-        width: int,
-        iterations: int,
-        seed: int,
-        batch_size: int | None,
-        checkpoint_every: int,
-        iteration_dtype: str = "auto",
-    ) -> Subspace:
+    def _pca(self, job: _PcaJob) -> Subspace:
         """Randomised subspace iteration on GᵀG, one pass over the data per iteration.
 
         Per batch, the engine's tiles give ``U = G_b V`` (a first sweep) and then
@@ -581,6 +588,21 @@ class Run:
         The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
         the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
         """
+        source, indices, selection, mean, scale = (
+            job.source,
+            job.indices,
+            job.selection,
+            job.mean,
+            job.scale,
+        )
+        k, width, iterations, seed, batch_size = (
+            job.k,
+            job.width,
+            job.iterations,
+            job.seed,
+            job.batch_size,
+        )
+        checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
         p = selection.size
         need = p * width * 8 + p * 8
         low = self._iteration_dtype(iteration_dtype)
@@ -596,9 +618,7 @@ class Run:
                     "the layer-block form runs in one process only; raise --memory-budget or "
                     "run without torchrun"
                 )
-            return self._pca_blocked(
-                source, indices, selection, mean, scale, k, width, iterations, seed, batch_size
-            )
+            return self._pca_blocked(job)
         state = "subspace/state"
         group = self.group
         attrs = self.store.group_attrs(state) if self.store.has(state) else {}
@@ -777,19 +797,7 @@ class Run:
         starts = np.concatenate([[0], np.cumsum(selection.sizes)]).astype(int)
         return [(int(starts[a]), int(starts[b]), list(selection.names[a:b])) for a, b in plan]
 
-    def _pca_blocked(
-        self,
-        source,
-        indices: np.ndarray,
-        selection: ParameterSelection,
-        mean: torch.Tensor,
-        scale: torch.Tensor,
-        k: int,
-        width: int,
-        iterations: int,
-        seed: int,
-        batch_size: int | None,
-    ) -> Subspace:
+    def _pca_blocked(self, job: _PcaJob) -> Subspace:
         """Subspace iteration when the P×(K+p) block and accumulator exceed the budget.
 
         V and Y live in the store; the parameters are split into layer blocks whose rows fit,
@@ -798,6 +806,20 @@ class Run:
         reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
         saved after each block pass, so a killed run redoes at most one block pass.
         """
+        source, indices, selection, mean, scale = (
+            job.source,
+            job.indices,
+            job.selection,
+            job.mean,
+            job.scale,
+        )
+        k, width, iterations, seed, batch_size = (
+            job.k,
+            job.width,
+            job.iterations,
+            job.seed,
+            job.batch_size,
+        )
         p, n = selection.size, len(indices)
         blocks = self._pca_blocks(selection, width, n)
         state = "subspace/state"
