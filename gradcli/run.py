@@ -8,6 +8,7 @@ when the stored result is complete and still valid.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -192,6 +193,10 @@ class _PcaJob:
     batch_size: int | None
     checkpoint_every: int
     iteration_dtype: str = "auto"
+
+    def fields(self) -> tuple:
+        """The fields in declaration order, not copied (unlike ``dataclasses.astuple``)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 class Run:
@@ -588,19 +593,8 @@ class Run:
         The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
         the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
         """
-        source, indices, selection, mean, scale = (
-            job.source,
-            job.indices,
-            job.selection,
-            job.mean,
-            job.scale,
-        )
-        k, width, iterations, seed, batch_size = (
-            job.k,
-            job.width,
-            job.iterations,
-            job.seed,
-            job.batch_size,
+        (source, indices, selection, mean, scale, k, width, iterations, seed, batch_size) = (
+            job.fields()[:10]
         )
         checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
         p = selection.size
@@ -806,19 +800,8 @@ class Run:
         reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
         saved after each block pass, so a killed run redoes at most one block pass.
         """
-        source, indices, selection, mean, scale = (
-            job.source,
-            job.indices,
-            job.selection,
-            job.mean,
-            job.scale,
-        )
-        k, width, iterations, seed, batch_size = (
-            job.k,
-            job.width,
-            job.iterations,
-            job.seed,
-            job.batch_size,
+        (source, indices, selection, mean, scale, k, width, iterations, seed, batch_size) = (
+            job.fields()[:10]
         )
         p, n = selection.size, len(indices)
         blocks = self._pca_blocks(selection, width, n)
