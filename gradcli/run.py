@@ -593,10 +593,10 @@ class Run:
         The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
         the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
         """
-        (source, indices, selection, mean, scale, k, width, iterations, seed, batch_size) = (
-            job.fields()[:10]
+        source, indices, selection, mean, scale, k, width, iterations, seed, batch_size, *rest = (
+            job.fields()
         )
-        checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
+        checkpoint_every, iteration_dtype = rest
         p = selection.size
         need = p * width * 8 + p * 8
         low = self._iteration_dtype(iteration_dtype)
@@ -800,8 +800,8 @@ class Run:
         reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
         saved after each block pass, so a killed run redoes at most one block pass.
         """
-        (source, indices, selection, mean, scale, k, width, iterations, seed, batch_size) = (
-            job.fields()[:10]
+        source, indices, selection, mean, scale, k, width, iterations, seed, batch_size, *_ = (
+            job.fields()
         )
         p, n = selection.size, len(indices)
         blocks = self._pca_blocks(selection, width, n)
