@@ -18,6 +18,7 @@ from gradcli.grads import (
     plan_row_blocks,
     sanitise_variance,
     select_parameters,
+    squared_row_norms,
 )
 
 
@@ -140,6 +141,18 @@ def test_projector_equals_explicit_normalised_product():
     normalised = ((g - mean) / scale).double()
     torch.testing.assert_close(z.double(), normalised @ basis.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gnorm.double(), normalised.norm(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_squared_row_norms_of_long_rows_match_float64():
+    # One image's row of a wide layer runs to millions of columns: a single float32 reduction
+    # over it is off by ~1e-4, the piecewise sums must stay at float32 rounding.
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 2_400_003, generator=gen) * 3 + 1
+    for tile in (wide, wide[:, 5:4101], wide[:, 7:], wide[:, :100]):  # slices: strided rows
+        exact = tile.double().square().sum(dim=1)
+        got = squared_row_norms(tile)
+        assert got.dtype == torch.float64
+        assert float(((got - exact) / exact).abs().max()) < 2e-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
