@@ -13,12 +13,14 @@ times, side by side in one process:
 backward, and the projection), reported against a float32 matmul peak measured in the same
 run. On the loop's images the engine's reduced gradients are checked against the loop's and
 against an exact float64 projection of the same gradients. Each method is warmed up, then
-timed ``--repeats`` times (default 3) and its best run counts, the same for every method; the
-printout lists every run.
+timed ``--repeats`` times (default 3) in interleaved rounds (floor, loop, engine fp32, engine
+bf16, the order rotated each round, so drift of a shared machine weighs on all alike); the best
+run of each counts, and the printout lists every run.
 
 The normalisation is random but on the gradients' own scale, and the basis is the Q factor of a
-seeded Gaussian, kept in row blocks so that K=200 (8.9 GB in float32) fits beside everything
-else; the loop multiplies block by block, which costs the same as one matvec.
+seeded Gaussian, kept in row blocks (K=200: 8.9 GB in float32 plus its 4.5 GB bfloat16 copy,
+both held for the interleaved rounds); the loop multiplies block by block, which costs the same
+as one matvec.
 
 Run from the repository root::
 
@@ -137,31 +139,70 @@ def timed(device: torch.device, run: Callable[..., T], *args, **kwargs) -> tuple
     return seconds, cpu_share, value
 
 
-def timed_best(
-    device: torch.device, repeats: int, run: Callable[..., T], *args, **kwargs
-) -> tuple[float, float, T, tuple[float, ...]]:
-    """``run`` timed ``repeats`` times: (best seconds, CPU share of that run, the last value,
-    every run's seconds). The best of several runs is the figure least disturbed by other
-    work on a shared machine, and every method gets the same treatment."""
-    runs, best, best_share, value = [], float("inf"), 0.0, None
-    for _ in range(repeats):
-        seconds, share, value = timed(device, run, *args, **kwargs)
-        runs.append(seconds)
-        if seconds < best:
-            best, best_share = seconds, share
-    return best, best_share, value, tuple(runs)
+@dataclass
+class Timing:
+    """One method's repeated runs: the best, its CPU share, every run, and the peak memory."""
+
+    best: float
+    cpu_share: float
+    runs: tuple[float, ...]
+    peak_memory: int
+    value: object
+
+
+def timed_rounds(
+    device: torch.device, repeats: int, methods: dict[str, tuple[Callable, tuple]]
+) -> dict[str, Timing]:
+    """Every method timed ``repeats`` times in interleaved rounds, the order rotated each round,
+    so that a machine that slows down or speeds up over minutes weighs on every method alike.
+    The best run counts (the one least disturbed by other work); peak memory is the highest
+    over a method's runs."""
+    names = list(methods)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    peaks = dict.fromkeys(names, 0)
+    values: dict[str, object] = {}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            run, args = methods[name]
+            reset_peak_memory(device)
+            seconds, share, values[name] = timed(device, run, *args)
+            runs[name].append((seconds, share))
+            peaks[name] = max(peaks[name], peak_memory(device))
+    timings = {}
+    for name in names:
+        best, share = min(runs[name])
+        timings[name] = Timing(
+            best, share, tuple(seconds for seconds, _ in runs[name]), peaks[name], values[name]
+        )
+    return timings
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the device's allocation peak on cuda; on Linux the process's peak
+    resident set (VmHWM) is set back to its current size."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's lifetime peak (ru_maxrss)
 
 
 def peak_memory(device: torch.device) -> int:
     """Bytes: the device's peak allocation since the last reset on cuda, else the process's
-    peak resident set size so far."""
+    peak resident set size since the last reset (Linux) or ever."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -262,17 +303,11 @@ def blocked_projection(
     scale: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
-    *,
-    consume: bool = False,
 ) -> BlockedProjection:
-    """One :class:`Projector` per basis block, holding the basis in ``dtype`` on ``device``.
-
-    With ``consume`` the blocks are taken out of the list as they are converted, so a basis
-    converted to bfloat16 never coexists whole with its float32 original.
-    """
+    """One :class:`Projector` per basis block, holding the basis in ``dtype`` on ``device``
+    (a float32 block already on ``device`` is used as it is, without a copy)."""
     projectors, ranges = [], []
-    for _ in range(len(blocks)):
-        start, block = blocks.pop(0) if consume else blocks[len(projectors)]
+    for start, block in blocks:
         rows = slice(start, start + block.shape[1])
         projectors.append(
             Projector(
@@ -286,7 +321,6 @@ def blocked_projection(
             )
         )
         ranges.append((rows.start, rows.stop))
-        del block
     return BlockedProjection(projectors, ranges)
 
 
@@ -506,25 +540,20 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[Result] = []
     errors: dict[int, dict] = {}
 
-    def record(
-        k: int, method: str, n: int, timing: tuple[float, float, object, tuple], useful: float
-    ) -> Result:
-        seconds, share, _, runs = timing
-        result = Result(k, method, n, seconds, useful, peak_memory(device), share, runs)
+    def record(k: int, method: str, n: int, timing: Timing, useful: float) -> Result:
+        result = Result(
+            k, method, n, timing.best, useful, timing.peak_memory, timing.cpu_share, timing.runs
+        )
         results.append(result)
-        each = ", ".join(f"{1e3 * r / n:.1f}" for r in runs)
+        each = ", ".join(f"{1e3 * r / n:.1f}" for r in timing.runs)
         print(
             f"  K={k:<4} {method:<12} {result.ms_per_image:9.2f} ms/image best of [{each}]  "
-            f"(CPU use {100 * share:.0f}%, "
+            f"(CPU use {100 * timing.cpu_share:.0f}%, "
             f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)",
             flush=True,
         )
         return result
 
-    reset_peak_memory(device)
-    floor_pass(model, params, images[:batch], batch)
-    floor_timing = timed_best(device, args.repeats, floor_pass, model, params, images, batch)
-    floor_memory = peak_memory(device)
     reference_grads = single_image_gradients(model, params, loop_images)
     engine.capture(images[:batch])
     sample_bytes = engine.sample_bytes()
@@ -538,47 +567,48 @@ def main(argv: list[str] | None = None) -> dict:
         useful = 3.0 * flops + project_flops
         seconds, _, blocks = timed(device, orthonormal_basis_blocks, size, k, args.seed + 100 + k)
         print(f"  K={k:<4} basis {size:,} x {k} built in {seconds:.1f} s", flush=True)
-        floor_seconds, floor_share, _, floor_runs = floor_timing
-        results.append(
-            Result(
-                k,
-                "floor",
-                args.images,
-                floor_seconds,
-                3.0 * flops,
-                floor_memory,
-                floor_share,
-                floor_runs,
-            )
-        )
-
-        reset_peak_memory(device)
-        device_blocks = [(s, b.to(device)) for s, b in blocks]
-        loop_embed(model, params, loop_images[:1], mean, scale, device_blocks)
-        timing = timed_best(
-            device, args.repeats, loop_embed, model, params, loop_images, mean, scale, device_blocks
-        )
-        z_loop, gnorm2_loop = timing[2]
-        del device_blocks
-        record(k, "loop", args.loop_images, timing, useful)
-        z_exact, gnorm2_exact = exact_projection(reference_grads, mean_cpu, scale_cpu, blocks)
-
-        outputs = {}
-        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            # The bfloat16 copy consumes the float32 blocks: one whole basis at a time.
-            projection = blocked_projection(
-                blocks, mean_cpu, scale_cpu, torch_dtype, device, consume=dtype == "bf16"
-            )
-            reset_peak_memory(device)
+        blocks = [(s, b.to(device)) for s, b in blocks]
+        projections = {
+            dtype: blocked_projection(blocks, mean_cpu, scale_cpu, torch_dtype, device)
+            for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+        methods = {
+            "floor": (args.images, 3.0 * flops, floor_pass, (model, params, images, batch)),
+            "loop": (
+                args.loop_images,
+                useful,
+                loop_embed,
+                (model, params, loop_images, mean, scale, blocks),
+            ),
+            **{
+                f"engine {dtype}": (
+                    args.images,
+                    useful,
+                    engine_embed,
+                    (engine, projection, images, batch, k),
+                )
+                for dtype, projection in projections.items()
+            },
+        }
+        # Warm-up: first-touch page faults and lazy initialisation stay out of the timings.
+        floor_pass(model, params, images[:batch], batch)
+        loop_embed(model, params, loop_images[:1], mean, scale, blocks)
+        for projection in projections.values():
             engine_embed(engine, projection, images[:batch], batch, k)
-            timing = timed_best(
-                device, args.repeats, engine_embed, engine, projection, images, batch, k
-            )
-            outputs[dtype] = timing[2]
-            record(k, f"engine {dtype}", args.images, timing, useful)
-            if dtype == "fp32":  # untimed: the loop's images one at a time, as the loop sees them
-                single = engine_embed(engine, projection, loop_images, 1, k)
-            del projection
+        timings = timed_rounds(
+            device,
+            args.repeats,
+            {name: (run, run_args) for name, (_, _, run, run_args) in methods.items()},
+        )
+        for name, (n, work, _, _) in methods.items():
+            record(k, name, n, timings[name], work)
+        z_loop, gnorm2_loop = timings["loop"].value
+        outputs = {dtype: timings[f"engine {dtype}"].value for dtype in projections}
+        # untimed: the loop's images one at a time, as the loop sees them
+        single = engine_embed(engine, projections["fp32"], loop_images, 1, k)
+        del projections, methods, timings
+        z_exact, gnorm2_exact = exact_projection(reference_grads, mean_cpu, scale_cpu, blocks)
+        del blocks
 
         n = args.loop_images
         z32, gnorm2_32 = outputs["fp32"]
@@ -612,7 +642,8 @@ def main(argv: list[str] | None = None) -> dict:
         + (
             "max allocated on the GPU during the method"
             if device.type == "cuda"
-            else "the process's peak RSS so far"
+            else "the process's peak RSS during the method's runs (on Linux; elsewhere the "
+            "peak so far), the bases of both dtypes included"
         )
     )
 
