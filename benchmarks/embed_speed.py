@@ -11,8 +11,9 @@ times, side by side in one process:
 
 "Useful" work per image is ``3 × forward FLOPs + 2·P·K`` (forward, the two halves of the
 backward, and the projection), reported against a float32 matmul peak measured in the same
-run (before the methods and after each K; the best counts). On the loop's images the engine's reduced gradients are checked against the loop's and
-against an exact float64 projection of the same gradients. Each method is warmed up, then
+run (before the methods and after each K; the best counts). On the loop's images the
+engine's reduced gradients are checked against the loop's and against an exact float64
+projection of the same gradients. Each method is warmed up, then
 timed ``--repeats`` times (default 3) in interleaved rounds (floor, loop, engine fp32, engine
 bf16, the order rotated each round, so drift of a shared machine weighs on all alike); the best
 run of each counts, and the printout lists every run.
