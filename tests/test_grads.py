@@ -13,6 +13,7 @@ from gradcli.grads import (
     GradientStatistics,
     LayerGradients,
     Projector,
+    _rows_per_tile,
     energy,
     parse_size,
     plan_row_blocks,
@@ -278,6 +279,18 @@ def _engine_vs_loop(model, x, tile_bytes=1 << 12):
     got = engine(x)
     want = _loop(model, x, selection.names)
     return engine, (got - want).abs().max() / want.abs().max()
+
+
+def test_tiles_are_the_fewest_that_fit_and_nearly_equal():
+    for rows in (1, 5, 64, 113, 128, 512, 1000):
+        for row_bytes in (1, 3, 1 << 10):
+            for tile_bytes in (1, 7, 1 << 12, 1 << 16, 1 << 20):
+                step = _rows_per_tile(rows, row_bytes, tile_bytes)
+                tiles = [min(step, rows - start) for start in range(0, rows, step)]
+                fits = max(1, tile_bytes // row_bytes)  # rows one tile may hold
+                fewest = next(n for n in range(1, rows + 1) if -(-rows // n) <= fits)
+                assert step <= fits and len(tiles) == fewest
+                assert max(tiles) - min(tiles) <= len(tiles)
 
 
 def test_engine_matches_loop_for_every_layer_type():
