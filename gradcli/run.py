@@ -8,7 +8,6 @@ when the stored result is complete and still valid.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -193,10 +192,6 @@ class _PcaJob:
     batch_size: int | None
     checkpoint_every: int
     iteration_dtype: str = "auto"
-
-    def fields(self) -> tuple:
-        """The fields in declaration order, not copied (unlike ``dataclasses.astuple``)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 class Run:
@@ -593,10 +588,10 @@ class Run:
         The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
         the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
         """
-        source, indices, selection, mean, scale, k, width, iterations, seed, batch_size, *rest = (
-            job.fields()
-        )
-        checkpoint_every, iteration_dtype = rest
+        source, indices, selection = job.source, job.indices, job.selection
+        mean, scale, k, width = job.mean, job.scale, job.k, job.width
+        iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
+        checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
         p = selection.size
         need = p * width * 8 + p * 8
         low = self._iteration_dtype(iteration_dtype)
@@ -800,9 +795,9 @@ class Run:
         reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
         saved after each block pass, so a killed run redoes at most one block pass.
         """
-        source, indices, selection, mean, scale, k, width, iterations, seed, batch_size, *_ = (
-            job.fields()
-        )
+        source, indices, selection = job.source, job.indices, job.selection
+        mean, scale, k, width = job.mean, job.scale, job.k, job.width
+        iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
         p, n = selection.size, len(indices)
         blocks = self._pca_blocks(selection, width, n)
         state = "subspace/state"
