@@ -127,22 +127,38 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 store, budget, model, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+size, batch = int(sys.argv[5]), (None if sys.argv[6] == "auto" else int(sys.argv[6]))
+chosen = []
+automatic = Run._batch_size
+Run._batch_size = lambda self, *a: chosen.append(automatic(self, *a)) or chosen[-1]
 run = Run(store, memory_budget=budget)
-run.set_model(model, input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
-run.embed(data, name="warm", batch_size=4, max_samples=2)  # imports, thread pools, caches
+run.set_model(model, input_size=size, mean=[0.5] * 3, std=[0.25] * 3)
+run.embed(data, name="warm", batch_size=2, max_samples=2)  # imports, thread pools, caches
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current resident size
-run.embed(data, name="measured", batch_size=4)
+run.embed(data, name="measured", batch_size=batch)
 print(json.dumps({"over_base": status("VmHWM") - base, "blocks": len(run._row_blocks(
-    run.selection, int(run.store.group_attrs("subspace")["k"])))}))
+    run.selection, int(run.store.group_attrs("subspace")["k"]))), "batch": chosen}))
+"""
+
+CONV_NET = """
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
 """
 
 
-def test_peak_memory_stays_within_the_budget(tmp_path):
-    """A 5.4 M-parameter MLP, K = 9: a 96 MiB budget splits the 196 MB basis into blocks and
-    the embedding's peak resident memory stays within budget + model + allocator slack, while
-    an unsplit run's does not (so the bound means something)."""
+def _peak_over_base(tmp_path, model_source: str, size: int, n: int, runs: dict) -> dict:
+    """Peak resident memory of embedding ``n`` random images (size × size) in a fresh process,
+    over its resident size before, for each ``{label: (budget, batch)}`` (batch "auto" or a
+    number), on copies of one store with an AG subspace."""
     import json
     import shutil
     import subprocess
@@ -153,32 +169,66 @@ def test_peak_memory_stays_within_the_budget(tmp_path):
             f.write("5")
     except OSError as error:
         pytest.skip(f"peak resident memory cannot be reset here ({error})")
-    (tmp_path / "mlp.py").write_text(WIDE_MLP)
+    (tmp_path / "net.py").write_text(model_source)
     (tmp_path / "child.py").write_text(PEAK_CHILD)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, size=(20, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 10)
-    model, data = f"{tmp_path / 'mlp.py'}:make", f"npz:{tmp_path / 'd.npz'}"
+    x = rng.integers(0, 255, size=(n, size, size, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(n) % 10)
+    model, data = f"{tmp_path / 'net.py'}:make", f"npz:{tmp_path / 'd.npz'}"
     run = Run(tmp_path / "store")
-    run.set_model(model, input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+    run.set_model(model, input_size=size, mean=[0.5] * 3, std=[0.25] * 3)
     run.extract_subspace(data, method="avg", batch_size=10)
-    num_params, k = run.selection.size, int(run.store.group_attrs("subspace")["k"])
-    model_bytes = 4 * num_params
-    slack = 48 << 20  # allocator and interpreter noise
-    results = {}
-    for budget in (96 << 20, 4 << 30):
-        store = tmp_path / f"store-{budget}"
+    results = {"params": run.selection.size, "k": int(run.store.group_attrs("subspace")["k"])}
+    for label, (budget, batch) in runs.items():
+        store = tmp_path / f"store-{label}"
         shutil.copytree(tmp_path / "store", store)
+        args = [str(store), str(budget), model, data, str(size), str(batch)]
         out = subprocess.run(
-            [sys.executable, str(tmp_path / "child.py"), str(store), str(budget), model, data],
+            [sys.executable, str(tmp_path / "child.py"), *args],
             capture_output=True,
             text=True,
             check=True,
         )
-        results[budget] = json.loads(out.stdout.strip().splitlines()[-1])
-    small, large = results[96 << 20], results[4 << 30]
+        results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def test_peak_memory_stays_within_the_budget(tmp_path):
+    """A 5.4 M-parameter MLP, K = 9: a 96 MiB budget splits the 196 MB basis into blocks and
+    the embedding's peak resident memory stays within budget + model + allocator slack, while
+    an unsplit run's does not (so the bound means something)."""
+    results = _peak_over_base(
+        tmp_path, WIDE_MLP, 8, 20, {"small": (96 << 20, 4), "large": (4 << 30, 4)}
+    )
+    num_params, k = results["params"], results["k"]
+    model_bytes = 4 * num_params
+    slack = 48 << 20  # allocator and interpreter noise
+    small, large = results["small"], results["large"]
     print(f"peak over base: {small} with 96 MiB, {large} unsplit")
     assert small["blocks"] >= 3 and large["blocks"] == 1
     assert num_params * k * 4 > 2 * (96 << 20) * BASIS_SHARE  # far over its share
     assert small["over_base"] <= (96 << 20) + model_bytes + slack, small
     assert large["over_base"] > (96 << 20) + model_bytes + slack, large
+
+
+def test_automatic_batch_size_keeps_peak_memory_within_the_budget(tmp_path):
+    """Activations dominate a small convolutional net on 32×32 images (~1.8 MB a sample): with
+    no --batch-size the batch is chosen from the budget and the peak resident memory stays
+    within it, while the whole set in one batch, explicitly asked for, goes well over (so the
+    bound means something); a larger budget gives a larger batch."""
+    budget = 96 << 20
+    results = _peak_over_base(
+        tmp_path,
+        CONV_NET,
+        32,
+        240,
+        {"auto": (budget, "auto"), "roomier": (4 * budget, "auto"), "whole": (budget, 240)},
+    )
+    slack = 48 << 20  # allocator and interpreter noise
+    auto, roomier, whole = results["auto"], results["roomier"], results["whole"]
+    print(f"peak over base: {auto} automatic, {roomier} with 4x the budget, {whole} one batch")
+    assert 1 < auto["batch"][0] < roomier["batch"][0] < 240
+    assert whole["batch"] == []  # given, not chosen
+    assert auto["over_base"] <= budget + slack, auto
+    assert roomier["over_base"] <= 4 * budget + slack, roomier
+    assert whole["over_base"] > budget + slack, whole
