@@ -445,9 +445,7 @@ def _build_builtin(name: str, weights: str | None, num_classes: int | None, trus
     builtin = _BUILTINS[name]
     state_dict, weights_path, sha = None, None, None
     if weights is not None:
-        weights_path = _existing_weights_file(weights, name)
-        state_dict = load_checkpoint(weights_path, trust)
-        sha = sha256_file(weights_path)
+        weights_path, state_dict, sha = _read_weights(weights, name, trust)
     classes = num_classes or builtin.default_num_classes
     model = builtin.build(classes)
     if state_dict is not None:
@@ -632,9 +630,7 @@ def _build_factory(spec: str, weights: str | None, num_classes: int | None, trus
 
     weights_path, sha = None, None
     if weights is not None:
-        weights_path = _existing_weights_file(weights, normalized)
-        state_dict = load_checkpoint(weights_path, trust)
-        sha = sha256_file(weights_path)
+        weights_path, state_dict, sha = _read_weights(weights, normalized, trust)
         _load_state_dict_checked(model, state_dict, normalized, weights_path)
     return _Built(model, normalized, weights_path, sha, None)
 
@@ -737,9 +733,7 @@ def _build_torchscript(spec: str, weights: str | None, trust: bool) -> _Built:
         ) from err
     weights_path, sha = None, sha256_file(path)
     if weights is not None:
-        weights_path = _existing_weights_file(weights, path)
-        state_dict = load_checkpoint(weights_path, trust)
-        sha = sha256_file(weights_path)
+        weights_path, state_dict, sha = _read_weights(weights, path, trust)
         _load_state_dict_checked(module, state_dict, path, weights_path)
     return _Built(module, path, weights_path, sha, None)
 
@@ -766,6 +760,12 @@ def _existing_weights_file(weights: str, model: str) -> str:
             hint = " (weights names such as IMAGENET1K_V1 apply to torchvision architectures only)"
         raise BadInputError(f"weights file {path} for {model} not found{hint}; check --weights")
     return path
+
+
+def _read_weights(weights: str, model: str, trust: bool) -> tuple[str, dict, str]:
+    """The file --weights names for ``model``: its absolute path, state dict and sha256."""
+    path = _existing_weights_file(weights, model)
+    return path, load_checkpoint(path, trust), sha256_file(path)
 
 
 def load_checkpoint(path: str, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
