@@ -42,7 +42,6 @@ import argparse
 import bisect
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -56,6 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradcli.grads import LayerGradients, Projector, energy, select_parameters
 from gradcli.models import load_model
+
+from machine import describe, machine_info
 
 BLOCK_BYTES = 256 << 20  # float32 basis rows per block: bounds every transient copy of a block
 # Relative max errors (max |Δz| / max |z|) allowed. z sums ~10⁷ terms with heavy cancellation
@@ -105,30 +106,6 @@ class Result:
 
 
 # -- machine and reference rates -------------------------------------------------------------
-
-
-def machine_info(device: torch.device) -> dict:
-    """CPU model, core count, torch version and (on cuda) the GPU name."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def synchronise(device: torch.device) -> None:
@@ -537,11 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     began = time.perf_counter()
     info = machine_info(device)
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-        f"torch {info['torch']}, python {info['python']}"
-        + (f", GPU {info['gpu']}" if "gpu" in info else "")
-    )
+    print(f"machine: {describe(info)}")
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} (other busy processes skew the timings)")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tarfile
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ from gradcli.progress import NullProgress
 from gradcli.report import write_report
 from gradcli.run import Run
 from gradcli.scores import METHODS
+
+from machine import describe, machine_info
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CIFAR = HERE.parent.parent / "shared" / "data" / "cifar10-jpg.tar.xz"
@@ -261,7 +262,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     record: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": describe(machine_info()),
     }
     if args.only in (None, "builtin"):
         record["builtin"] = builtin(out)

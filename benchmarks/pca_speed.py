@@ -45,7 +45,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -69,6 +68,8 @@ from gradcli.models import load_model
 from gradcli.run import PCA_SHARE, Run
 from gradcli.subspace import random_start
 
+from machine import describe, machine_info, meminfo_bytes
+
 MODEL = "cifar_resnet18"
 SPEEDUP_GOAL = 20.0
 VARIANCE_TOLERANCE = 1e-3  # gradcli's captured variance may trail the paper's by this fraction
@@ -81,42 +82,6 @@ def log(message: str) -> None:
 
 
 # -- machine and data ------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    """CPU model, core counts, memory, load and library versions."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "memory_total_gib": round(meminfo_bytes("MemTotal") / 2**30, 1),
-        "memory_available_gib": round(meminfo_bytes("MemAvailable") / 2**30, 1),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
-def meminfo_bytes(field: str) -> int:
-    """A /proc/meminfo field in bytes (0 when unreadable)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def stamp() -> np.ndarray:
@@ -727,12 +692,11 @@ def pca200(args: argparse.Namespace, workdir: str) -> dict:
 
 
 def machine_lines(info: dict) -> Iterator[str]:
+    yield f"machine: {describe(info)}"
     yield (
-        f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-        f"{info['memory_total_gib']} GiB RAM ({info['memory_available_gib']} GiB available at the "
-        f"end), load average {info['load_average']}"
+        f"{info['memory_available_gib']} GiB available at the end, "
+        f"load average {info['load_average']}"
     )
-    yield f"software: torch {info['torch']}, numpy {info['numpy']}, Python {info['python']}"
 
 
 def both(seconds: dict[str, float], width: int = 8) -> str:
