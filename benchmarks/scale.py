@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,25 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from gradcli.store import RunStore  # noqa: E402
 
+from machine import describe, machine_info  # noqa: E402
+
 KEYS = ("grad", "gnorm", "feat", "logits", "labels")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "load_average": os.getloadavg()[0],
-    }
 
 
 def gradcli(args: list[str], threads: int) -> subprocess.Popen:
@@ -82,7 +65,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    info = machine()
+    if args.images < 1 or args.shards < 1 or args.batch_size < 1:
+        parser.error("--images, --shards and --batch-size must be positive")
+    info = machine_info()
     cores = info["cores"]
     threads_each = max(1, cores // args.shards)
     with tempfile.TemporaryDirectory(prefix="gradcli-scale-") as tmp:
@@ -90,7 +75,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         x = rng.integers(0, 255, size=(args.images, 32, 32, 3), dtype=np.uint8)
         np.savez(work / "data.npz", x=x, y=np.arange(args.images) % 10)
-        np.savez(work / "train.npz", x=x[:20], y=np.arange(20) % 10)  # two of each class
+        train = rng.integers(0, 255, size=(20, 32, 32, 3), dtype=np.uint8)
+        np.savez(work / "train.npz", x=train, y=np.arange(20) % 10)  # two of each class
         data = f"npz:{work / 'data.npz'}"
         base = work / "base"
         extract = ["extract-subspace", "--model", "cifar_resnet18"]
@@ -140,10 +126,7 @@ def main() -> None:
             f"{t['processes']} x {t['threads_each']} threads)"
         )
     print(f"ratio shards / one process: {result['ratio']:.2f}; arrays bitwise equal: {equal}")
-    print(
-        f"machine: {info['cpu']}, {cores} cores, torch {info['torch']}, "
-        f"load average at start {info['load_average']:.2f}"
-    )
+    print(f"machine: {describe(info)}; load average at start {info['load_average'][0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
