@@ -42,6 +42,10 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+# Typer from 0.29 on raises its own copy of click's exceptions; earlier versions raise click's.
+USAGE_ERRORS = (click.ClickException, getattr(typer.exceptions, "TyperException", Exception))
+STOPS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+
 
 def _out() -> Console:
     """Console for results on stdout; wide when piped, so tables stay one row per method."""
@@ -1007,15 +1011,14 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="gradcli", standalone_mode=False)
-    except click.exceptions.Exit as stop:
-        return stop.exit_code
-    except click.ClickException as problem:
-        problem.show()
-        return problem.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        err.print("interrupted; rerun the same command to resume from the last finished chunk")
-        return EXIT_INTERRUPTED
+        # Typer hands back an Exit's code, and turns a Ctrl-C that reaches it into Exit(130).
+        code = app(args=args, prog_name="gradcli", standalone_mode=False)
+    except (click.exceptions.Exit, typer.Exit) as stop:
+        code = stop.exit_code
+    except USAGE_ERRORS as problem:
+        return _usage_error(problem)
+    except STOPS:
+        code = EXIT_INTERRUPTED
     except GradcliError as problem:
         if debug:
             raise
@@ -1031,4 +1034,23 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERNAL
-    return 0
+    if code == EXIT_INTERRUPTED:
+        err.print("interrupted; rerun the same command to resume from the last finished chunk")
+    return code if isinstance(code, int) else 0
+
+
+def _usage_error(problem: Exception) -> int:
+    """A mistyped command line: one line naming the option and where its help is."""
+    code = getattr(problem, "exit_code", 2) or 2
+    message = problem.format_message() if hasattr(problem, "format_message") else str(problem)
+    if not message:  # no arguments at all: Typer has printed the help already
+        return code
+    context = getattr(problem, "ctx", None)
+    command = context.command_path if context is not None else "gradcli"
+    err.print(
+        f"error: {message.rstrip('.')}; see '{command} --help'",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
+    return code

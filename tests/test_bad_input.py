@@ -378,6 +378,32 @@ def test_conflicting_or_impossible_options(ready, tiny, cli):
     )
 
 
+def test_command_line_mistakes_name_the_option_and_where_help_is(ready, cli):
+    embed = ["embed", "--store", ready]
+    _fails(cli, 2, "'--dataset'", "'gradcli embed --help'", store=ready, args=embed)
+    _fails(
+        cli, 2, "'--batch-size'", store=ready, args=[*embed, "--dataset", "id", "--batch-size", "x"]
+    )
+    _fails(cli, 2, "--nope", store=ready, args=[*embed, "--dataset", "id", "--nope"])
+    _fails(cli, 2, "'nosuch'", "'gradcli --help'", args=["nosuch"])
+
+
+def test_ctrl_c_before_the_stop_handler_is_installed_exits_130(ready, cli, monkeypatch):
+    from gradcli import cli as cli_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_open_run", interrupted)
+    _fails(
+        cli,
+        130,
+        "rerun the same command",
+        store=ready,
+        args=["embed", "--dataset", "id", "--store", ready],
+    )
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny):
     from gradcli.cli import main
     from gradcli.errors import BadInputError
