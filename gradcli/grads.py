@@ -200,6 +200,7 @@ def sanitise_variance(var: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 NORM_PIECE = 4096  # columns per float32 partial norm (see squared_row_norms)
 SPLIT_MIN_COLUMNS = 4096  # per part of a split float32 projection (see Projector._parts)
+SPLIT_MAX_PARTS = 8
 
 
 def squared_row_norms(tile: torch.Tensor) -> torch.Tensor:
@@ -349,13 +350,16 @@ class Projector:
 
     @staticmethod
     def _parts(tile: torch.Tensor) -> int:
-        """How many column slices a float32 CPU product is split into, one per thread: MKL
-        runs a narrow GEMM's threads far below their single-thread rate, a batch of
-        single-thread GEMMs at it (1.2-2× for K ≤ 200)."""
-        if tile.device.type != "cpu" or tile.dtype != torch.float32:
+        """How many column slices a float32 CPU product is split into, each one
+        single-threaded GEMM of a batch: MKL runs a narrow GEMM's threads far below their
+        single-thread rate, a batch of single-thread GEMMs at it (1.2-2× for K ≤ 200). The
+        count follows the tile's width alone, never the thread count, so the terms are
+        summed in the same order on any number of threads (a plain GEMM's are not: at K = 10
+        MKL's 1- and 2-thread products differ in the last bits), and shard processes with
+        fewer threads each store bitwise what one process with every thread does."""
+        if tile.device.type != "cpu" or tile.dtype != torch.float32 or tile.shape[1] < 2:
             return 1
-        parts = min(torch.get_num_threads(), 8)
-        return parts if tile.shape[1] >= parts * SPLIT_MIN_COLUMNS else 1
+        return max(2, min(SPLIT_MAX_PARTS, tile.shape[1] // SPLIT_MIN_COLUMNS))
 
     def _product(self, tile: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """tile (B, r) @ weight (r, K) -> (B, K)."""

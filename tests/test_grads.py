@@ -163,15 +163,6 @@ def test_projector_layouts_split_products_and_in_place_agree(dtype, monkeypatch)
     from gradcli import grads
 
     monkeypatch.setattr(grads, "SPLIT_MIN_COLUMNS", 8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))  # at least two parts, on any machine
-    try:
-        _check_projector_layouts(dtype)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_projector_layouts(dtype: torch.dtype) -> None:
     rng = np.random.default_rng(2)
     b, p, k = 6, 1001, 7
     g = torch.from_numpy(rng.normal(size=(b, p)).astype(np.float32))
@@ -200,6 +191,38 @@ def _check_projector_layouts(dtype: torch.dtype) -> None:
         error = (z - want).norm() / want.norm()
         assert error < tolerance, (transposed, float(error))
         torch.testing.assert_close(gnorm2, normalised.square().sum(dim=1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_projection_is_bitwise_the_same_on_one_and_two_threads(transposed):
+    """Shard processes run with fewer threads than one process would: the reduced gradients
+    must not depend on the thread count (a plain MKL GEMM at K = 10 does, in the last bits)."""
+    gen = torch.Generator().manual_seed(3)
+    b, p, k = 64, 40_003, 10
+    g = torch.randn(b, p, generator=gen) * 2 + 0.5
+    mean = torch.randn(p, generator=gen) * 0.1 + 0.5
+    scale = torch.rand(p, generator=gen) + 0.5
+    basis, _ = torch.linalg.qr(torch.randn(p, k, generator=gen))
+    given = basis.T.contiguous() if transposed else basis
+    normalised = (g.double() - mean.double()) / scale.double()
+    # every column once, then the first 3000 again as a narrow tile
+    want = normalised @ basis.double() + normalised[:, :3000] @ basis[:3000].double()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            projector = Projector(mean, scale, given, transposed=transposed)
+            z = torch.zeros(b, k, dtype=torch.float64)
+            gnorm2 = torch.zeros(b, dtype=torch.float64)
+            for start in range(0, p, 9000):  # tiles of 9000 columns (2 parts) and a last 4003
+                projector.add(start, g[:, start : start + 9000], z, gnorm2)
+            projector.add(0, g[:, :3000], z, gnorm2)  # a narrow tile: two parts as well
+            results.append(z)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(results[0], want, rtol=1e-5, atol=1e-4)
 
 
 # -- the per-layer engine: every layer type against the one-image loop ---------------------
