@@ -363,32 +363,33 @@ def extract_subspace(
             on_bad_image=on_bad_image,
             group=group,
         )
-        loaded = run.set_model(
-            model,
-            weights,
-            feature_layer=feature_layer,
-            input_size=_input_size(input_size),
-            mean=_floats(mean, "--mean"),
-            std=_floats(std, "--std"),
-            num_classes=num_classes,
-            trust_checkpoint=trust_checkpoint,
-            overwrite=overwrite,
-        )
-        summary = run.extract_subspace(
-            dataset,
-            method=method,
-            k=k,
-            params=_csv(params),
-            max_samples=max_samples,
-            no_variance=no_variance,
-            batch_size=batch_size,
-            seed=seed,
-            oversample=oversample,
-            iterations=iterations,
-            checkpoint_every=checkpoint_every,
-            iteration_dtype=iteration_dtype,
-            overwrite=overwrite,
-        )
+        with run.store.restoring_on_failure():
+            loaded = run.set_model(
+                model,
+                weights,
+                feature_layer=feature_layer,
+                input_size=_input_size(input_size),
+                mean=_floats(mean, "--mean"),
+                std=_floats(std, "--std"),
+                num_classes=num_classes,
+                trust_checkpoint=trust_checkpoint,
+                overwrite=overwrite,
+            )
+            summary = run.extract_subspace(
+                dataset,
+                method=method,
+                k=k,
+                params=_csv(params),
+                max_samples=max_samples,
+                no_variance=no_variance,
+                batch_size=batch_size,
+                seed=seed,
+                oversample=oversample,
+                iterations=iterations,
+                checkpoint_every=checkpoint_every,
+                iteration_dtype=iteration_dtype,
+                overwrite=overwrite,
+            )
         summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
         text = (
             f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
@@ -448,16 +449,17 @@ def embed(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
     )
-    stored = run.embed(
-        dataset,
-        name=name,
-        batch_size=batch_size,
-        max_samples=max_samples,
-        seed=seed,
-        chunk_rows=chunk_rows,
-        overwrite=overwrite,
-        shard=part,
-    )
+    with run.store.restoring_on_failure():
+        stored = run.embed(
+            dataset,
+            name=name,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            seed=seed,
+            chunk_rows=chunk_rows,
+            overwrite=overwrite,
+            shard=part,
+        )
     shape = run.store.shape(f"embed/{stored}/grad")
     complete = run.store.stage_complete(f"embed/{stored}")
     summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
@@ -538,22 +540,23 @@ def fit_head(
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
     )
-    summary = run.fit_head(
-        train=train,
-        test=test,
-        head=HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed),
-        detectors=DetectorOptions(
-            react_percentile,
-            bats_lambda,
-            clip_dims,
-            knn_k,
-            temperature,
-            vim_dim,
-            gradnorm_temperature,
-        ),
-        batch_size=batch_size,
-        overwrite=overwrite,
-    )
+    with run.store.restoring_on_failure():
+        summary = run.fit_head(
+            train=train,
+            test=test,
+            head=HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed),
+            detectors=DetectorOptions(
+                react_percentile,
+                bats_lambda,
+                clip_dims,
+                knn_k,
+                temperature,
+                vim_dim,
+                gradnorm_temperature,
+            ),
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
     train_acc = 100 * summary["train_accuracy"]
     text = f"head trained on '{summary['train']}': train accuracy {train_acc:.2f}%"
     if "test_accuracy" in summary:
@@ -649,9 +652,10 @@ def score(
         "odin_temperature": odin_temperature,
         "odin_epsilon": odin_epsilon,
     }
-    if calibrate_on:
-        run.calibrate(calibrate_on, tpr=tpr_value, **options)
-    scores = run.score(dataset, **options, shard=part)
+    with run.store.restoring_on_failure():
+        if calibrate_on:
+            run.calibrate(calibrate_on, tpr=tpr_value, **options)
+        scores = run.score(dataset, **options, shard=part)
     if part is not None and not scores:
         _emit(
             {"shard": f"{part[0]}/{part[1]}", "complete": False},
@@ -791,18 +795,19 @@ def evaluate(
     )
     if report is not None:
         check_density_dim(run, density_dim)
-    results = run.evaluate(
-        ood,
-        id_dataset=id_dataset,
-        methods=methods,
-        embeddings=embeddings,
-        alpha=alpha,
-        convention=fpr_convention,
-        batch_size=batch_size,
-        odin_temperature=odin_temperature,
-        odin_epsilon=odin_epsilon,
-        sweeps=plan,
-    )
+    with run.store.restoring_on_failure():
+        results = run.evaluate(
+            ood,
+            id_dataset=id_dataset,
+            methods=methods,
+            embeddings=embeddings,
+            alpha=alpha,
+            convention=fpr_convention,
+            batch_size=batch_size,
+            odin_temperature=odin_temperature,
+            odin_epsilon=odin_epsilon,
+            sweeps=plan,
+        )
     _write_results(results, results_dir, store, results_json, results_csv, run.store)
     written = write_report(run, results, report, density_dim=density_dim) if report else []
     if as_json:
@@ -894,8 +899,9 @@ def inspect(
     from gradcli.overview import describe, plot_spectrum
 
     run = _open_run(store, device, data_root, quiet, workers)
-    for spec in dataset or []:
-        run.embed(spec)
+    with run.store.restoring_on_failure():
+        for spec in dataset or []:
+            run.embed(spec)
     report = describe(run)
     if plot:
         report["plots"] = [str(p) for p in plot_spectrum(report, plot)]

@@ -15,6 +15,9 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +27,10 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
+from zarr.storage import FsspecStore, LocalStore
 
 from gradcli import __version__
-from gradcli.errors import BadInputError, StaleStoreError
+from gradcli.errors import BadInputError, Interrupted, StaleStoreError
 
 FORMAT_VERSION = 1
 PROVENANCE = "provenance"
@@ -37,6 +41,7 @@ COMPLETE = "complete"
 MAX_CHUNK_BYTES = 32 << 20
 SLAB_CHUNKS = 4
 TRANSPOSE_ROWS = 1024  # rows per block of a transposing copy
+ASIDE = ".replaced"  # what a running command replaces, kept until it succeeds
 
 
 def _member_names(group: zarr.Group) -> list[str]:
@@ -194,6 +199,9 @@ class RunStore:
     ) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
+        self._aside: list[tuple[str, str]] | None = None  # (path, where it was moved)
+        self._aside_dir = ""
+        self._created: list[str] = []  # stages the running command opened afresh
         try:
             self.root = open_root(self.url, "a" if create else "r+", storage_options)
         except FileNotFoundError:
@@ -409,9 +417,106 @@ class RunStore:
 
     @_writes
     def delete(self, path: str) -> None:
+        """Remove the group or array at ``path``; within :meth:`restoring_on_failure` it is
+        moved aside instead, to come back if the command fails."""
         with contextlib.suppress(FileNotFoundError, KeyError):  # or another process did first
-            if path in self.root:
-                del self.root[path]
+            if path not in self.root:
+                return
+            if self._aside is not None:
+                aside = f"{self._aside_dir}/{len(self._aside)}"
+                if self._move(path, aside):
+                    self._aside.append((path, aside))
+                    return
+            del self.root[path]
+
+    # -- failure safety ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def restoring_on_failure(self) -> Iterator[None]:
+        """Run one command so that a failure (bad input found late, a full disk) leaves what
+        was already there: the groups it replaces are moved aside rather than deleted, and
+        come back with the root record (the model) if it fails. Success or an interruption
+        drops them: an interrupted command's own results are what its rerun resumes. A stage
+        the failed command opened afresh and wrote no chunk of goes too, so that its record
+        (a dataset that has since been mended, an option since corrected) does not stand in
+        the way of the corrected command."""
+        if self._aside is not None:  # nested: the outermost command decides
+            yield
+            return
+        self._aside, self._aside_dir = [], f"{ASIDE}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._created = []
+        attrs = self.attrs
+        try:
+            yield
+        except (Interrupted, KeyboardInterrupt):
+            self._end_aside(restore_attrs=None)
+            raise
+        except BaseException:
+            self._end_aside(restore_attrs=attrs)
+            raise
+        else:
+            self._end_aside(restore_attrs=None)
+
+    def _end_aside(self, restore_attrs: dict[str, Any] | None) -> None:
+        moved, self._aside = self._aside or [], None
+        created, self._created = self._created, []
+        if restore_attrs is not None:
+            try:
+                for path in created:
+                    unfinished = path in self.root and not self.stage_complete(path)
+                    if unfinished and not self._holds_chunks(path):
+                        del self.root[path]
+                for path, aside in reversed(moved):
+                    if path in self.root:  # what the failed command wrote there
+                        del self.root[path]
+                    self._move(aside, path)
+                if self.attrs != restore_attrs:
+                    self.root.attrs.put(restore_attrs)
+            except Exception:  # keep what is aside rather than lose it; the first error wins
+                return
+        self._remove_aside(self._aside_dir)
+
+    def _move(self, source: str, target: str) -> bool:
+        """Rename a group or array within the store (a rename on a local disk, fsspec's
+        ``mv`` elsewhere); False where the store cannot."""
+        store = self.root.store
+        if isinstance(store, LocalStore):
+            destination = Path(store.root) / target
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(store.root) / source, destination)
+            return True
+        if isinstance(store, FsspecStore):
+            fs, base = self._filesystem()
+            fs.mv(f"{base}/{source}", f"{base}/{target}", recursive=True)
+            return True
+        return False
+
+    def _holds_chunks(self, path: str) -> bool:
+        """Whether any array at or below ``path`` has a chunk written (finished work)."""
+        node = self.root[path]
+        if isinstance(node, zarr.Array):
+            return node.nchunks_initialized > 0
+        return any(
+            child.nchunks_initialized > 0
+            for _, child in self.walk(path)
+            if isinstance(child, zarr.Array)
+        )
+
+    def _remove_aside(self, folder: str) -> None:
+        store = self.root.store
+        if isinstance(store, LocalStore):
+            shutil.rmtree(Path(store.root) / folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another command may use it too
+                (Path(store.root) / ASIDE).rmdir()
+        elif isinstance(store, FsspecStore):
+            fs, base = self._filesystem()
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm(f"{base}/{folder}", recursive=True)
+
+    def _filesystem(self):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, base.rstrip("/")
 
     # -- stages ------------------------------------------------------------------------
     @_writes
@@ -446,11 +551,13 @@ class RunStore:
                         f"{label} in {self.url} was computed from something else ({diffs}); "
                         "pass --overwrite to recompute it, or use a new --store"
                     )
-                del self.root[path]
+                self.delete(path)
             elif existing is not None:
                 return bool(self.root[path].attrs.get(COMPLETE, False))
             else:
-                del self.root[path]
+                self.delete(path)
+        if self._aside is not None:
+            self._created.append(path)
         group = self.root.require_group(path)
         group.attrs.update({PROVENANCE: record, DIGEST: digest_of(record), COMPLETE: False})
         return False

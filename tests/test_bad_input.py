@@ -137,6 +137,45 @@ def test_bad_image_fails_by_default_and_skip_counts_it(damage, ready, cli, tmp_p
     assert attrs["skipped_images"] == 1 and attrs["skipped_examples"][0].endswith("bad.jpg")
 
 
+def test_a_failed_overwrite_leaves_every_file_the_store_held(ready, tiny, cli, tmp_path):
+    """--overwrite deletes old results only for good: a run that then fails on bad input (a
+    missing dataset after a model change, an impossible option, a corrupt image) puts back
+    everything it had moved aside, the root record included, byte for byte."""
+    other_model = [str(a) for a in tiny.extract_args(ready, weights=tiny.other_weights)]
+    other_model[other_model.index("--dataset") + 1] = f"npz:{tmp_path / 'nope.npz'}"
+    _fails(cli, 2, "nope.npz", store=ready, args=[*other_model, "--overwrite"])
+    head = ["fit-head", "--lr", "-1", "--overwrite", "--store", ready]
+    _fails(cli, 2, "--lr", store=ready, args=head)
+    folder = tmp_path / "imgs"
+    _images(folder)
+    (folder / "b" / "bad.jpg").write_bytes(b"not a jpeg")
+    embed = ["embed", "--dataset", f"folder:{folder}", "--name", "id", "--overwrite"]
+    _fails(cli, 2, "bad.jpg", store=ready, args=[*embed, "--store", ready])
+    assert not (ready / ".replaced").exists()
+    assert cli("inspect", "--store", ready, "--json").json()["stages"]["head"]["complete"]
+
+
+def test_a_failed_first_run_does_not_stand_in_the_way_of_the_corrected_one(tiny, cli, tmp_path):
+    store = tmp_path / "run"
+    args = [str(a) for a in tiny.extract_args(store)]
+    bad = list(args)
+    bad[bad.index("--weights") : bad.index("--weights") + 2] = []  # forgot --weights
+    bad[bad.index("--dataset") + 1] = f"npz:{tmp_path / 'nope.npz'}"  # and mistyped the data
+    _fails(cli, 2, "nope.npz", args=bad)
+    assert cli(*args).code == 0  # the failed run recorded no model
+    folder = tmp_path / "imgs"
+    _images(folder)
+    bad_image = folder / "b" / "bad.jpg"
+    bad_image.write_bytes(b"not a jpeg")
+    embed = ["embed", "--dataset", f"folder:{folder}", "--name", "f", "--store", store, "-q"]
+    _fails(cli, 2, "bad.jpg", args=embed)
+    bad_image.unlink()  # as the message advises
+    assert cli(*embed).code == 0
+    again = ["embed", "--dataset", f"folder:{folder}", "--name", "g", "--store", store, "-q"]
+    assert cli(*again, "--batch-size", "-3").code == 2
+    assert cli(*again).code == 0  # no batch size of -3 was recorded
+
+
 def test_empty_dataset(ready, cli, tmp_path):
     (tmp_path / "nothing").mkdir()
     _fails(
