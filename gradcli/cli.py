@@ -83,7 +83,7 @@ BasisDtypeOpt = Annotated[
     str, typer.Option(help="Basis precision in memory: float32 or bfloat16 (half the memory).")
 ]
 BatchOpt = Annotated[
-    int | None, typer.Option(help="Images per gradient batch (default: from memory).")
+    int | None, typer.Option(min=1, help="Images per gradient batch (default: from memory).")
 ]
 OdinTemperatureOpt = Annotated[
     float, typer.Option(help="ODIN temperature T (odin runs only when named in --method).")

@@ -1130,6 +1130,12 @@ def _resolve_npz(path: Path) -> ImageSource:
     fix = "save one with np.savez(path, x=uint8_images, y=int_labels)"
     if not path.is_file():
         raise BadInputError(f"archive {path} does not exist; check the path after npz:")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise BadInputError(f"{path} is a single .npy array, not an .npz archive; {fix}")
+    if not magic.startswith(b"PK"):
+        raise BadInputError(f"{path} is not an .npz archive (not a zip file); {fix}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

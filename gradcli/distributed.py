@@ -182,13 +182,26 @@ class ProcessGroup:
                 dist.destroy_process_group()
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, checked; anything else is a one-line error."""
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):
+        torch_device = None
+    if torch_device is None or torch_device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {device} requested but CUDA is not available; use cpu")
+    return torch_device
+
+
 def from_env(device: torch.device | str = "cpu") -> ProcessGroup:
     """The process group torchrun describes in ``WORLD_SIZE``/``RANK`` (initialised here, gloo
     on CPU, nccl on CUDA), or a single process when those are absent or ``WORLD_SIZE`` is 1.
 
     On CUDA each rank uses ``cuda:LOCAL_RANK``.
     """
-    device = torch.device(device)
+    device = parse_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or "RANK" not in os.environ:
         return ProcessGroup(0, 1, device)

@@ -114,7 +114,8 @@ class EnergyGradients:
 
 
 class GradientStatistics:
-    """Running mean, centred variance and per-class sums of gradients, in float64.
+    """Running mean, centred variance and per-class sums of gradients, in float64 (class
+    sums over labelled rows only: label -1 marks an unlabelled sample).
 
     Fed tile by tile: :meth:`update_rows` for every row range of a batch, then
     :meth:`commit` with the batch size. Batches merge with Chan's parallel update, so the
@@ -144,13 +145,18 @@ class GradientStatistics:
         if self.class_sums is not None:
             if labels is None:
                 raise ValueError("labels are needed for class sums")
-            self.class_sums[:, rows].index_add_(0, labels.to("cpu", torch.int64), g)
+            lab = labels.to("cpu", torch.int64)
+            known = (lab >= 0) & (lab < self.class_sums.shape[0])  # -1: unlabelled (PCA data)
+            if not bool(known.all()):
+                lab, g = lab[known], g[known]
+            self.class_sums[:, rows].index_add_(0, lab, g)
 
     def commit(self, labels: torch.Tensor) -> None:
         """Close a batch whose tiles were all merged."""
         self.count += int(labels.shape[0])
         if self.class_sums is not None:
             lab = labels.to("cpu", torch.int64).numpy()
+            lab = lab[(lab >= 0) & (lab < len(self.class_counts))]
             self.class_counts += np.bincount(lab, minlength=len(self.class_counts))
 
     def update(self, grads: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -436,6 +442,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def format_size(size: int) -> str:
+    """Bytes as the largest unit that keeps a number of at least 1: '1.5 GiB', '512 B'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} B"
+
+
 def default_memory_budget() -> int:
     """Half of the memory available now: a safe share that leaves room for everything else."""
     try:
@@ -460,8 +474,8 @@ def plan_row_blocks(
         need = size * bytes_per_row
         if need > budget:
             raise BadInputError(
-                f"parameter {names[index]} alone needs {need / 2**20:.0f} MiB of basis rows, "
-                f"over the memory budget's {budget / 2**20:.0f} MiB; raise --memory-budget, "
+                f"parameter {names[index]} alone needs {format_size(need)} of basis rows, "
+                f"over the memory budget's {format_size(budget)}; raise --memory-budget, "
                 "use --basis-dtype bfloat16, or leave it out with --params"
             )
         if used + need > budget and index > first:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcli.config import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from gradcli.distributed import parse_device
 from gradcli.errors import BadInputError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
@@ -377,7 +378,7 @@ def load_model(
         raise BadInputError("the model spec is empty; give a model name, file.py:factory or a file")
     if num_classes is not None and int(num_classes) < 1:
         raise BadInputError(f"--num-classes must be at least 1, not {num_classes}")
-    torch_device = _parse_device(device)
+    torch_device = parse_device(device)
     weights = None if weights is None else str(weights)
 
     if _is_factory_spec(spec):
@@ -1069,13 +1070,3 @@ def _probe(loaded: LoadedModel, device: torch.device) -> tuple[torch.Tensor, tor
             f"model {loaded.spec} fails on a {p.channels}×{p.input_size[0]}×{p.input_size[1]} "
             f"input ({_one_line(err)}); pass --input-size, --mean and --std that fit the model"
         ) from err
-
-
-def _parse_device(device: str | torch.device) -> torch.device:
-    try:
-        torch_device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise BadInputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {device} requested but CUDA is not available; use cpu")
-    return torch_device

@@ -137,7 +137,12 @@ def plot_spectrum(report: dict, folder: str | Path) -> list[Path]:
     except ImportError:
         raise BadInputError("plots need matplotlib: pip install 'gradcli[plot]'") from None
     target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise BadInputError(f"--plot {target} is a file; name a folder for the plots")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot create the plot folder {target}: {error.strerror}") from None
     values = np.asarray(spectrum["eigenvalues"])
     ranks = np.arange(1, len(values) + 1)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
-from gradcli.distributed import ProcessGroup, check_shard, shard_range
+from gradcli.distributed import ProcessGroup, check_shard, parse_device, shard_range
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
     TILE_BYTES,
@@ -233,7 +233,7 @@ class Run:
         self.memory_budget = memory_budget or default_memory_budget()
         # Under torchrun (``group``), rank 0 alone writes to the store; it opens (creates) it
         # first and the others follow.
-        self.group = group or ProcessGroup(device=torch.device(device))
+        self.group = group or ProcessGroup(device=parse_device(device))
 
         def open_store() -> RunStore:
             return RunStore(str(store), create=create, storage_options=storage_options)
@@ -241,9 +241,7 @@ class Run:
         self.store = self._on_writer(open_store, value=False)
         if not self.group.is_writer:
             self.store = RunStore(str(store), create=False, storage_options=storage_options)
-        self.device = self.group.device if self.group.active else torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInputError("--device cuda was asked for but no CUDA GPU is available")
+        self.device = self.group.device if self.group.active else parse_device(device)
         root = (
             data_root or os.environ.get(data_mod.DATA_ROOT_ENV) or self.store.attrs.get("data_root")
         )
@@ -355,7 +353,18 @@ class Run:
                         f"(sha256 {recorded['weights_sha256'][:12]} -> {digest[:12]}); "
                         "restore the file, or start over with --overwrite or a new --store"
                     )
-            self._model = self._load(args)
+            loaded = self._load(args)
+            now = loaded.describe()
+            shape = ("architecture", "num_parameters", "num_classes", "feature_dim")
+            if any(recorded.get(key) != now.get(key) for key in shape):
+                what = _model_difference(
+                    {k: recorded.get(k) for k in shape}, {k: now.get(k) for k in shape}
+                )
+                raise StaleStoreError(
+                    f"model {args['spec']} is not the one store {self.store.url} was made with "
+                    f"({what}); restore it, or start over with --overwrite or a new --store"
+                )
+            self._model = loaded
         return self._model
 
     @property
@@ -1677,6 +1686,7 @@ class Run:
         """
         odin = ODIN(odin_temperature, odin_epsilon)
         classes = {method: method_class(method) for method in methods}  # unknown names fail
+        _check_some_method_applies(classes, embeddings)
         if shard is not None:
             self._check_sharded_score(dataset, methods, shard)
         if not self.store.stage_complete("head"):
@@ -2090,13 +2100,28 @@ def _check_name(name: str) -> None:
         raise BadInputError(f"--name '{name}' is not a valid name; use letters, digits, '-' or '_'")
 
 
+def _check_some_method_applies(classes: Mapping[str, type], embeddings: Sequence[str]) -> None:
+    """At least one (method, embedding) pair asked for can be scored."""
+    for cls in classes.values():
+        kinds = set(cls.kinds)
+        if kinds & set(embeddings) or ("ensemble" in embeddings and set(EMBEDDINGS) <= kinds):
+            return
+    scores = "; ".join(f"{m} scores {'/'.join(cls.kinds)}" for m, cls in classes.items())
+    raise BadInputError(
+        f"no --method asked for applies to --embedding {'/'.join(embeddings)} ({scores}); "
+        "choose another --embedding or --method"
+    )
+
+
 def _model_difference(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    parts = []
-    for key in keys[:3]:
-        a, b = str(old.get(key)), str(new.get(key))
-        parts.append(f"{key} {a[:16]} -> {b[:16]}")
-    return "; ".join(parts)
+    return "; ".join(f"{key} {_brief(old.get(key))} -> {_brief(new.get(key))}" for key in keys[:3])
+
+
+def _brief(value) -> str:
+    """A value short enough for a one-line message; long ones (paths) keep their end."""
+    text = str(value)
+    return text if len(text) <= 40 else "…" + text[-39:]
 
 
 def _test_split_of(spec: str) -> str | None:

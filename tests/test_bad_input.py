@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PREPROCESS
+from conftest import MODEL_SOURCE, PREPROCESS
 from PIL import Image
 
 from gradcli.store import FORMAT_VERSION, RunStore
@@ -222,6 +222,11 @@ def test_npz_without_x_or_with_wrong_dtype(ready, cli, tmp_path):
         store=ready,
         args=["embed", "--dataset", f"npz:{tmp_path / 'float.npz'}", "--store", ready],
     )
+    np.save(tmp_path / "one.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    for name, needle in (("one.npy", "single .npy array"), ("text.npz", "not a zip file")):
+        embed = ["embed", "--dataset", f"npz:{tmp_path / name}", "--store", ready]
+        _fails(cli, 2, needle, "np.savez", store=ready, args=embed)
 
 
 def test_weights_that_do_not_match_the_architecture(tiny, cli, tmp_path):
@@ -394,6 +399,8 @@ def test_conflicting_or_impossible_options(ready, tiny, cli):
         store=ready,
         args=["score", "--dataset", "id", "--embedding", "sideways", "--store", ready],
     )
+    score = ["score", "--dataset", "id", "--method", "vim", "--embedding", "grad"]
+    _fails(cli, 2, "vim scores feat", store=ready, args=[*score, "--store", ready])
     _fails(
         cli,
         2,
@@ -424,7 +431,27 @@ def test_command_line_mistakes_name_the_option_and_where_help_is(ready, cli):
         cli, 2, "'--batch-size'", store=ready, args=[*embed, "--dataset", "id", "--batch-size", "x"]
     )
     _fails(cli, 2, "--nope", store=ready, args=[*embed, "--dataset", "id", "--nope"])
+    _fails(
+        cli, 2, "'--batch-size'", store=ready, args=[*embed, "--dataset", "id", "--batch-size", "0"]
+    )
     _fails(cli, 2, "'nosuch'", "'gradcli --help'", args=["nosuch"])
+
+
+def test_devices_other_than_cpu_and_cuda_are_refused(ready, tiny, cli):
+    embed = ["embed", "--dataset", tiny.test, "--name", "d", "--store", ready]
+    for device in ("tpu", "meta", "cuda:x"):
+        _fails(
+            cli,
+            2,
+            f"'{device}'",
+            "cpu, cuda or cuda:N",
+            store=ready,
+            args=[*embed, "--device", device],
+        )
+    extract = [str(a) for a in tiny.extract_args(ready)]
+    _fails(cli, 2, "'tpu'", store=ready, args=[*extract, "--device", "tpu"])
+    if not torch.cuda.is_available():
+        _fails(cli, 2, "CUDA is not available", store=ready, args=[*embed, "--device", "cuda:1"])
 
 
 def test_ctrl_c_before_the_stop_handler_is_installed_exits_130(ready, cli, monkeypatch):
@@ -440,6 +467,29 @@ def test_ctrl_c_before_the_stop_handler_is_installed_exits_130(ready, cli, monke
         "rerun the same command",
         store=ready,
         args=["embed", "--dataset", "id", "--store", ready],
+    )
+
+
+def test_a_model_file_changed_since_extraction_is_a_stale_store(tiny, cli, tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text(MODEL_SOURCE)
+    store = tmp_path / "run"
+    args = [str(a) for a in tiny.extract_args(store)]
+    args[args.index("--model") + 1] = f"{source}:make"
+    args[args.index("--weights") : args.index("--weights") + 2] = []  # the factory's own init
+    assert cli(*args).code == 0
+    source.write_text(
+        MODEL_SOURCE.replace(
+            "Linear(16, 8), nn.ReLU(), nn.Linear(8,", "Linear(16, 9), nn.ReLU(), nn.Linear(9,"
+        )
+    )
+    _fails(
+        cli,
+        3,
+        "num_parameters",
+        "--overwrite",
+        store=store,
+        args=["embed", "--dataset", tiny.test, "--store", store],
     )
 
 

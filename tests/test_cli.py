@@ -373,3 +373,6 @@ def test_inspect_reports_stages_spectrum_and_reconstruction_error(tiny, tmp_path
     assert (tmp_path / "p" / "spectrum.png").stat().st_size > 1000
     table = cli("inspect", "--store", store, "-q")
     assert table.code == 0 and "PCA spectrum" in table.out and "npz-test" in table.out
+    (tmp_path / "afile").write_text("not a folder")
+    wrong = cli("inspect", "--store", store, "--plot", tmp_path / "afile", "-q")
+    assert wrong.code == 2 and "is a file" in wrong.err and len(wrong.err.strip().splitlines()) == 1

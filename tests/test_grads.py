@@ -15,6 +15,7 @@ from gradcli.grads import (
     Projector,
     _rows_per_tile,
     energy,
+    format_size,
     parse_size,
     plan_row_blocks,
     sanitise_variance,
@@ -108,10 +109,13 @@ def test_glob_matching_nothing_is_an_error():
         select_parameters(TinyResNet(), ["layer9.*"])
 
 
-def test_statistics_match_numpy_with_class_sums():
+@pytest.mark.parametrize("unlabelled", [0, 20])
+def test_statistics_match_numpy_with_class_sums(unlabelled):
+    """Mean and variance over every row; class sums over the labelled ones (-1: none)."""
     rng = np.random.default_rng(0)
     g = rng.normal(3.0, 2.0, size=(50, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=50)
+    labels[rng.permutation(50)[:unlabelled]] = -1
     stats = GradientStatistics(6, 3)
     for start in range(0, 50, 13):  # uneven batches exercise the merge
         stats.update(
@@ -123,6 +127,7 @@ def test_statistics_match_numpy_with_class_sums():
         np.testing.assert_allclose(
             stats.class_means()[c].numpy(), g[labels == c].astype(np.float64).mean(0), rtol=1e-9
         )
+    assert stats.class_counts.tolist() == [int((labels == c).sum()) for c in range(3)]
 
 
 def test_sanitise_variance_replaces_zero_and_nonfinite():
@@ -441,6 +446,14 @@ def test_row_block_plan_respects_the_budget():
     with pytest.raises(BadInputError, match="parameter c alone"):
         plan_row_blocks(sizes, names, bytes_per_row=4, budget=1000)
     assert plan_row_blocks(sizes, names, bytes_per_row=4, budget=10**6) == [(0, 5)]
+
+
+def test_format_size_and_a_budget_too_small_for_one_parameter():
+    sizes = [512, 1536, 5 << 20, 3 << 30]
+    assert [format_size(n) for n in sizes] == ["512 B", "1.5 KiB", "5 MiB", "3 GiB"]
+    message = "needs 4 KiB of basis rows, over the memory budget's 1000 B"
+    with pytest.raises(BadInputError, match=message):
+        plan_row_blocks([1024], ["w"], bytes_per_row=4, budget=1000)
 
 
 def test_parse_size():
