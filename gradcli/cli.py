@@ -783,6 +783,10 @@ def evaluate(
     methods, embeddings = _methods(method), _embeddings(embedding, method)
     if report is not None and Path(report).exists() and not Path(report).is_dir():
         raise BadInputError(f"--report {report} is a file; name a folder for the report")
+    if results_dir is not None and Path(results_dir).exists() and not Path(results_dir).is_dir():
+        raise BadInputError(
+            f"--results-dir {results_dir} is a file; name a folder for results.json and results.csv"
+        )
     run = _open_run(
         store,
         device,
@@ -873,9 +877,8 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
         raise
     except Exception as error:  # OSError locally; fsspec backends raise their own types
         where = results_dir if results_dir is not None else store
-        raise BadInputError(
-            f"cannot write results to {where}: {error}; pass --results-dir"
-        ) from None
+        fix = "pass another --results-dir" if results_dir is not None else "pass --results-dir"
+        raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
 
 
 @app.command(epilog="Example: gradcli inspect --store artifacts/r18 --dataset svhn --plot plots/")

@@ -345,6 +345,12 @@ class Run:
                 )
             recorded = self.store.attrs["model"]
             weights = args.get("weights")
+            if weights and os.path.isabs(weights) and not os.path.isfile(weights):
+                raise StaleStoreError(
+                    f"the weights file {weights} that store {self.store.url} was made with is "
+                    "gone; restore it, or start over with 'gradcli extract-subspace --weights "
+                    "FILE --overwrite' or a new --store"
+                )
             if weights and os.path.isfile(weights) and recorded.get("weights_sha256"):
                 digest = sha256_file(weights)
                 if digest != recorded["weights_sha256"]:

@@ -204,12 +204,23 @@ class RunStore:
         self._created: list[str] = []  # stages the running command opened afresh
         try:
             self.root = open_root(self.url, "a" if create else "r+", storage_options)
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            if create:
+                raise BadInputError(
+                    f"cannot create a run store at {self.url} ({err.strerror or err}); "
+                    "check --store"
+                ) from None
             raise BadInputError(
                 f"no run store at {self.url}; run 'gradcli extract-subspace' first or check --store"
             ) from None
         except (OSError, PermissionError) as err:
-            raise BadInputError(f"cannot open run store {self.url}: {err}") from None
+            if "://" not in self.url and Path(self.url).is_file():
+                raise BadInputError(
+                    f"--store {self.url} is a file; name a folder (made if missing) or a URL"
+                ) from None
+            raise BadInputError(
+                f"cannot open run store {self.url} ({err.strerror or err}); check --store"
+            ) from None
         except Exception as err:  # zarr raises its own types for non-group paths
             raise BadInputError(f"{self.url} is not a gradcli run store ({err})") from None
         self._check_format()

@@ -493,6 +493,28 @@ def test_a_model_file_changed_since_extraction_is_a_stale_store(tiny, cli, tmp_p
     )
 
 
+def test_a_store_path_that_is_a_file_or_cannot_be_made(ready, tiny, cli, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a store")
+    extract = [str(a) for a in tiny.extract_args(afile)]
+    _fails(cli, 2, "is a file", "name a folder", args=extract)
+    _fails(cli, 2, "is a file", args=["embed", "--dataset", tiny.test, "--store", afile])
+    _fails(cli, 2, "cannot", "check --store", args=[str(a) for a in tiny.extract_args(afile / "x")])
+    assert afile.read_text() == "not a store"
+    evaluate = ["evaluate", "--ood", tiny.ood, "--results-dir", afile, "--store", ready]
+    _fails(cli, 2, "--results-dir", "is a file", store=ready, args=evaluate)
+
+
+def test_a_weights_file_gone_since_extraction_names_it(tiny, cli, tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(tiny.weights.read_bytes())
+    store = tmp_path / "run"
+    assert cli(*tiny.extract_args(store, weights=weights)).code == 0
+    weights.unlink()
+    embed = ["embed", "--dataset", tiny.test, "--store", store]
+    _fails(cli, 3, "w.pt", "is gone", "--overwrite", store=store, args=embed)
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny):
     from gradcli.cli import main
     from gradcli.errors import BadInputError
