@@ -90,6 +90,43 @@ def _writes(method):
     return wrapper
 
 
+_REWRITTEN_BY = {
+    "stats": "extract-subspace",
+    "subspace": "extract-subspace",
+    "embed": "embed",
+    "head": "fit-head",
+    "detectors": "fit-head",
+}
+
+
+def _reads(method):
+    """Turn an array that is missing or cannot be decoded (a store damaged by hand or by a
+    failing disk) into a one-line error naming it and the command that rewrites it."""
+
+    @functools.wraps(method)
+    def wrapper(self, path: str, *args, **kwargs):
+        try:
+            return method(self, path, *args, **kwargs)
+        except (KeyError, RuntimeError, ValueError, OSError) as err:
+            command = _REWRITTEN_BY.get(path.split("/", 1)[0])
+            fix = (
+                f"recompute it with 'gradcli {command} ... --overwrite'"
+                if command
+                else "restore the store"
+            )
+            if isinstance(err, KeyError):
+                problem = "is missing"
+            else:
+                reason = " ".join(str(err).split())[:120]
+                problem = f"cannot be read ({type(err).__name__}: {reason})"
+            raise StaleStoreError(
+                f"{path} in store {self.url} {problem}; the store is damaged: {fix}, or use a "
+                "new --store"
+            ) from None
+
+    return wrapper
+
+
 def digest_of(record: Mapping[str, Any]) -> str:
     """A short, stable hash of a JSON-able record (sorted keys)."""
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
@@ -293,6 +330,7 @@ class RunStore:
             return []
         return _member_names(node)
 
+    @_reads
     def read(self, path: str) -> np.ndarray:
         """The whole array at ``path``."""
         array = self.root[path]
@@ -300,9 +338,11 @@ class RunStore:
             return np.asarray(array[...])
         return self.read_rows(path, 0, array.shape[0])
 
+    @_reads
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self.root[path].shape)
 
+    @_reads
     def read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop), decoded a few chunks at a time into one output array, so a
         large read holds little beyond its result."""
@@ -317,6 +357,7 @@ class RunStore:
             first = last
         return out
 
+    @_reads
     def read_rows_transposed(self, path: str, bounds: Sequence[int]) -> list[np.ndarray]:
         """Rows [bounds[j], bounds[j + 1]) of a 2-D array, each part returned transposed
         (columns, rows) and C-contiguous, decoded one chunk at a time (a decoded chunk and

@@ -515,6 +515,34 @@ def test_a_weights_file_gone_since_extraction_names_it(tiny, cli, tmp_path):
     _fails(cli, 3, "w.pt", "is gone", "--overwrite", store=store, args=embed)
 
 
+def test_a_damaged_store_names_the_array_and_the_command_that_rewrites_it(
+    ready, tiny, cli, tmp_path
+):
+    import shutil
+
+    embed = ["embed", "--dataset", tiny.ood, "--name", "o"]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ready, truncated)
+    chunk = next(
+        p
+        for p in sorted((truncated / "subspace" / "basis").rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    _fails(
+        cli,
+        3,
+        "subspace/basis",
+        "cannot be read",
+        "extract-subspace",
+        args=[*embed, "--store", truncated],
+    )
+    missing = tmp_path / "missing"
+    shutil.copytree(ready, missing)
+    (missing / "stats" / "var" / "zarr.json").unlink()
+    _fails(cli, 3, "stats/var", "is missing", args=[*embed, "--store", missing])
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny):
     from gradcli.cli import main
     from gradcli.errors import BadInputError
