@@ -1541,6 +1541,8 @@ class Run:
         test_spec = test or self.store.attrs.get("id_test")
         if test_spec:
             test_name = self._ensure_embedded(test_spec, batch_size=batch_size)
+            if test and not self.store.attrs.get("id_test"):  # evaluate's default ID set
+                self._on_writer(lambda: self.store.update_root(id_test=test_name), value=False)
             test_data = self.load_embedding(test_name)
             if (test_data["labels"] >= 0).all():
                 summary["test"] = test_name

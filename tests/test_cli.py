@@ -376,3 +376,15 @@ def test_inspect_reports_stages_spectrum_and_reconstruction_error(tiny, tmp_path
     (tmp_path / "afile").write_text("not a folder")
     wrong = cli("inspect", "--store", store, "--plot", tmp_path / "afile", "-q")
     assert wrong.code == 2 and "is a file" in wrong.err and len(wrong.err.strip().splitlines()) == 1
+
+
+def test_the_id_test_set_given_to_fit_head_is_evaluate_s_default(tiny, tmp_path, cli):
+    """An npz training set has no named test split; the one fit-head was given stands in."""
+    store = tmp_path / "run"
+    assert cli(*tiny.extract_args(store)).code == 0
+    assert cli("fit-head", "--knn-k", "5", "--id-test", tiny.test, "--store", store, "-q").code == 0
+    outcome = cli(
+        "evaluate", "--ood", tiny.ood, "--method", "knn", "--store", store, "-q", "--json"
+    )
+    assert outcome.code == 0, outcome.err
+    assert outcome.json()["id"] == "npz-test"
