@@ -399,6 +399,8 @@ def test_conflicting_or_impossible_options(ready, tiny, cli):
         store=ready,
         args=["score", "--dataset", "id", "--embedding", "sideways", "--store", ready],
     )
+    head = ["fit-head", "--clip-dims", "100", "--overwrite", "--store", ready]
+    _fails(cli, 2, "--clip-dims 100 exceeds", store=ready, args=head)
     score = ["score", "--dataset", "id", "--method", "vim", "--embedding", "grad"]
     _fails(cli, 2, "vim scores feat", store=ready, args=[*score, "--store", ready])
     _fails(

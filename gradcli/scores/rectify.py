@@ -70,6 +70,7 @@ class ReAct(Detector):
 
     def _fit(self, train: Embedding, readout: Readout | None) -> None:
         readout = require_readout(readout, self.name)
+        check_clip_dims(self.clip_dims, train.z.shape[1], self.name)  # refused now, not at scoring
         h = normalised(train.z, readout)
         if readout.kind == "feat":
             self.thresholds = np.atleast_1d(np.percentile(h, self.percentile)).astype(np.float64)
@@ -132,6 +133,7 @@ class BATS(Detector):
 
     def _fit(self, train: Embedding, readout: Readout | None) -> None:
         readout = require_readout(readout, self.name)
+        check_clip_dims(self.clip_dims, train.z.shape[1], self.name)  # refused now, not at scoring
         self.kind = readout.kind
         if readout.kind == "feat":
             h = normalised(train.z, readout)
