@@ -378,8 +378,15 @@ def _images_under(folder: Path) -> list[str]:
     """Posix paths, relative to ``folder``, of every image below it (hidden entries skipped),
     in sorted walk order (the order torchvision's ImageFolder uses)."""
     found = []
+    visited = {os.path.realpath(folder)}  # a linked folder is walked once: no loops
     for current, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(current, name))
+            if real not in visited:
+                visited.add(real)
+                kept.append(name)
+        dirnames[:] = kept
         prefix = Path(current).relative_to(folder)
         found.extend(
             (prefix / name).as_posix() for name in sorted(filenames) if _is_image_name(name)

@@ -539,3 +539,15 @@ def test_sources_pickle_and_work_in_loader_workers(tmp_path: Path) -> None:
         [x for x, _ in make_loader(source, preprocess, batch_size=2, num_workers=1)]
     )
     torch.testing.assert_close(parallel, serial)
+
+
+def test_a_folder_linked_into_itself_is_walked_once(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8), 90).save(tmp_path / label / "0.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "again")  # a loop: a/again/again/...
+    os.symlink(tmp_path / "a", tmp_path / "b" / "a-too")  # a's image is b's as well, once
+    source = resolve_dataset(f"folder:{tmp_path}")
+    assert sorted(source.relative_paths) == ["a/0.png", "b/0.png", "b/a-too/0.png"]
