@@ -1544,6 +1544,12 @@ class Run:
             if test and not self.store.attrs.get("id_test"):  # evaluate's default ID set
                 self._on_writer(lambda: self.store.update_root(id_test=test_name), value=False)
             test_data = self.load_embedding(test_name)
+            classes = self.model.num_classes
+            if (test_data["labels"] >= classes).any():
+                raise BadInputError(
+                    f"ID test set {test_spec} has labels outside 0..{classes - 1}; the model has "
+                    f"{classes} classes: give the ID test set of the training data"
+                )
             if (test_data["labels"] >= 0).all():
                 summary["test"] = test_name
                 summary["test_accuracy"] = accuracy(

@@ -399,6 +399,10 @@ def test_conflicting_or_impossible_options(ready, tiny, cli):
         store=ready,
         args=["score", "--dataset", "id", "--embedding", "sideways", "--store", ready],
     )
+    labels_beyond = ready.parent / "beyond.npz"
+    np.savez(labels_beyond, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, 2, 7]))
+    head = ["fit-head", "--id-test", f"npz:{labels_beyond}", "--store", ready]
+    _fails(cli, 2, "outside 0..2", store=ready, args=head)
     head = ["fit-head", "--clip-dims", "100", "--overwrite", "--store", ready]
     _fails(cli, 2, "--clip-dims 100 exceeds", store=ready, args=head)
     score = ["score", "--dataset", "id", "--method", "vim", "--embedding", "grad"]
