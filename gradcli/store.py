@@ -474,7 +474,7 @@ class RunStore:
         with contextlib.suppress(FileNotFoundError, KeyError):  # or another process did first
             if path not in self.root:
                 return
-            if self._aside is not None:
+            if self._aside is not None and not self._made_here(path):
                 aside = f"{self._aside_dir}/{len(self._aside)}"
                 if self._move(path, aside):
                     self._aside.append((path, aside))
@@ -508,9 +508,14 @@ class RunStore:
         else:
             self._end_aside(restore_attrs=None)
 
+    def _made_here(self, path: str) -> bool:
+        """Whether ``path`` lies in a stage the running command opened afresh: its own work,
+        deleted outright (moving it would copy it on an object store) rather than kept."""
+        return any(path == stage or path.startswith(stage + "/") for stage in self._created)
+
     def _end_aside(self, restore_attrs: dict[str, Any] | None) -> None:
         moved, self._aside = self._aside or [], None
-        created, self._created = self._created, []
+        created = self._created
         if restore_attrs is not None:
             try:
                 for path in created:
@@ -524,7 +529,9 @@ class RunStore:
                 if self.attrs != restore_attrs:
                     self.root.attrs.put(restore_attrs)
             except Exception:  # keep what is aside rather than lose it; the first error wins
+                self._created = []
                 return
+        self._created = []
         self._remove_aside(self._aside_dir)
 
     def _move(self, source: str, target: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradcli.errors import BadInputError, StaleStoreError
+from gradcli.errors import BadInputError, Interrupted, StaleStoreError
 from gradcli.store import FORMAT_VERSION, RunStore, digest_of
 
 
@@ -66,3 +66,38 @@ def test_missing_store_without_create(tmp_path):
 def test_digest_is_order_independent():
     assert digest_of({"a": 1, "b": [1, 2]}) == digest_of({"b": [1, 2], "a": 1})
     assert digest_of({"a": 1}) != digest_of({"a": 2})
+
+
+@pytest.mark.parametrize("scheme", ["local", "file", "memory"])
+def test_a_failed_command_gets_back_what_it_replaced(tmp_path, scheme):
+    url = {
+        "local": str(tmp_path / "s"),
+        "file": f"file://{tmp_path}/s",
+        "memory": f"memory://restore-{tmp_path.name}/s",
+    }[scheme]
+    store = RunStore(url)
+    store.update_root(model={"v": 1})
+    store.open_stage("stats", {"a": 1})
+    store.write("stats/mean", np.arange(4.0))
+    store.complete_stage("stats")
+    with pytest.raises(ValueError), store.restoring_on_failure():
+        store.update_root(model={"v": 2})
+        store.open_stage("stats", {"a": 2}, overwrite=True)  # the old one moves aside
+        store.write("stats/mean", np.zeros(2))
+        store.open_stage("fresh", {"b": 1})  # opened afresh, nothing written into it
+        raise ValueError("bad input found late")
+    assert store.attrs["model"] == {"v": 1}
+    np.testing.assert_array_equal(store.read("stats/mean"), np.arange(4.0))
+    assert store.stage_complete("stats") and not store.has("fresh")
+    with store.restoring_on_failure():  # success: the replaced stage is gone for good
+        store.open_stage("stats", {"a": 3}, overwrite=True)
+        store.write("stats/mean", np.ones(3))
+    with pytest.raises(Interrupted), store.restoring_on_failure():
+        store.open_stage("stats", {"a": 4}, overwrite=True)
+        store.write("stats/mean", np.full(5, 4.0))
+        raise Interrupted("stopped")  # an interruption keeps the new partial work to resume
+    assert store.group_attrs("stats")["provenance"] == {"a": 4}
+    np.testing.assert_array_equal(store.read("stats/mean"), np.full(5, 4.0))
+    assert store.children() == ["stats"]
+    if scheme == "local":
+        assert not (tmp_path / "s" / ".replaced").exists()
