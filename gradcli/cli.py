@@ -42,8 +42,11 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-# Typer from 0.29 on raises its own copy of click's exceptions; earlier versions raise click's.
-USAGE_ERRORS = (click.ClickException, getattr(typer.exceptions, "TyperException", Exception))
+try:  # Typer from 0.29 on raises its own copy of click's exceptions
+    from typer.exceptions import TyperException as _TyperUsageError
+except ImportError:  # earlier versions raise click's
+    _TyperUsageError = click.ClickException
+USAGE_ERRORS = (click.ClickException, _TyperUsageError)
 STOPS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
 
 

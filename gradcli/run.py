@@ -361,10 +361,14 @@ class Run:
                     )
             loaded = self._load(args)
             now = loaded.describe()
-            shape = ("architecture", "num_parameters", "num_classes", "feature_dim")
-            if any(recorded.get(key) != now.get(key) for key in shape):
+            shape = [  # what a changed model file shows (keys an older store lacks are skipped)
+                key
+                for key in ("architecture", "num_parameters", "num_classes", "feature_dim")
+                if recorded.get(key) is not None
+            ]
+            if any(recorded[key] != now.get(key) for key in shape):
                 what = _model_difference(
-                    {k: recorded.get(k) for k in shape}, {k: now.get(k) for k in shape}
+                    {k: recorded[k] for k in shape}, {k: now.get(k) for k in shape}
                 )
                 raise StaleStoreError(
                     f"model {args['spec']} is not the one store {self.store.url} was made with "
@@ -1541,8 +1545,6 @@ class Run:
         test_spec = test or self.store.attrs.get("id_test")
         if test_spec:
             test_name = self._ensure_embedded(test_spec, batch_size=batch_size)
-            if test and not self.store.attrs.get("id_test"):  # evaluate's default ID set
-                self._on_writer(lambda: self.store.update_root(id_test=test_name), value=False)
             test_data = self.load_embedding(test_name)
             classes = self.model.num_classes
             if (test_data["labels"] >= classes).any():
@@ -1550,6 +1552,8 @@ class Run:
                     f"ID test set {test_spec} has labels outside 0..{classes - 1}; the model has "
                     f"{classes} classes: give the ID test set of the training data"
                 )
+            if test and not self.store.attrs.get("id_test"):  # evaluate's default ID set
+                self._on_writer(lambda: self.store.update_root(id_test=test_name), value=False)
             if (test_data["labels"] >= 0).all():
                 summary["test"] = test_name
                 summary["test_accuracy"] = accuracy(

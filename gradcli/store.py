@@ -120,8 +120,8 @@ def _reads(method):
                 reason = " ".join(str(err).split())[:120]
                 problem = f"cannot be read ({type(err).__name__}: {reason})"
             raise StaleStoreError(
-                f"{path} in store {self.url} {problem}; the store is damaged: {fix}, or use a "
-                "new --store"
+                f"{path} in store {self.url} {problem}; the store looks damaged: {fix}, or use "
+                "a new --store"
             ) from None
 
     return wrapper
