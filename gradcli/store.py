@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,6 +126,17 @@ def _reads(method):
             ) from None
 
     return wrapper
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def digest_of(record: Mapping[str, Any]) -> str:
@@ -494,7 +506,9 @@ class RunStore:
         if self._aside is not None:  # nested: the outermost command decides
             yield
             return
-        self._aside, self._aside_dir = [], f"{ASIDE}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._drop_orphaned_asides()
+        token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._aside, self._aside_dir = [], f"{ASIDE}/{token}"
         self._created = []
         attrs = self.attrs
         try:
@@ -559,6 +573,20 @@ class RunStore:
             for _, child in self.walk(path)
             if isinstance(child, zarr.Array)
         )
+
+    def _drop_orphaned_asides(self) -> None:
+        """Remove what killed commands (``kill -9``) of this host left aside on a local disk:
+        folders whose process is gone. Another host's, or a live process's, are left alone."""
+        store = self.root.store
+        if not isinstance(store, LocalStore):
+            return
+        folder = Path(store.root) / ASIDE
+        host = socket.gethostname()
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                name, _, rest = entry.name.rpartition("-")[0].rpartition("-")
+                if name == host and rest.isdigit() and not _alive(int(rest)):
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def _remove_aside(self, folder: str) -> None:
         store = self.root.store

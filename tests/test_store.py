@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +106,23 @@ def test_a_failed_command_gets_back_what_it_replaced(tmp_path, scheme):
     assert store.children() == ["stats"]
     if scheme == "local":
         assert not (tmp_path / "s" / ".replaced").exists()
+
+
+def test_what_a_killed_command_left_aside_is_cleared_by_the_next(tmp_path):
+    store = RunStore(str(tmp_path / "s"))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    aside = tmp_path / "s" / ".replaced"
+    left = {
+        f"{host}-{int(gone.stdout)}-0badc0de": False,  # its process is gone: cleared
+        f"{host}-{os.getpid()}-0badc0de": True,  # a live process's: kept
+        f"elsewhere-{int(gone.stdout)}-0badc0de": True,  # another host's: kept
+    }
+    for name in left:
+        (aside / name / "0").mkdir(parents=True)
+        (aside / name / "0" / "zarr.json").write_text("{}")
+    with store.restoring_on_failure():
+        pass
+    assert {name: (aside / name).exists() for name in left} == left
