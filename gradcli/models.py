@@ -777,7 +777,9 @@ def load_checkpoint(path: str, trust_checkpoint: bool = False) -> dict[str, torc
     TorchScript archive. Without ``trust_checkpoint`` only tensors and plain containers unpickle.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
         unsafe = [] if trust_checkpoint else _unsafe_globals(path)
         if unsafe:
@@ -787,7 +789,8 @@ def load_checkpoint(path: str, trust_checkpoint: bool = False) -> dict[str, torc
                 "--trust-checkpoint if you trust its source"
             ) from err
         raise BadInputError(
-            f"cannot read checkpoint {path} ({_one_line(err)}); pass a file saved with torch.save"
+            f"cannot read checkpoint {path} ({_unpickling_reason(err)}); pass a file saved with "
+            "torch.save"
         ) from err
     except Exception as err:
         obj = _try_torchscript_state_dict(path)
@@ -900,6 +903,17 @@ def _load_state_dict_checked(
 def _first_few(items: Sequence[str], n: int = 4) -> str:
     shown = ", ".join(items[:n])
     return shown + (", ..." if len(items) > n else "")
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """The specific reason in torch's weights-only error (e.g. 'Unsupported operand 149'),
+    not its advice to turn the safety off."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        if detail and detail[0].strip():
+            return f"not a plain checkpoint: {detail[0].strip()}"
+    return _one_line(err)
 
 
 def _one_line(err: BaseException) -> str:

@@ -246,6 +246,15 @@ def test_missing_weights_file_and_unreadable_checkpoint(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(BadInputError, match="cannot read checkpoint"):
         load_model("mnist_cnn", str(garbage))
+    plain_pickle = tmp_path / "pickle4.pt"  # protocol 4: torch warns, then fails
+    plain_pickle.write_bytes(b"\x80\x04" + b"garbage" * 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BadInputError) as failure:
+            load_model("mnist_cnn", str(plain_pickle))
+    message = str(failure.value)
+    assert "Unsupported operand" in message and "weights_only" not in message
+    assert "\n" not in message and not caught
 
 
 def test_checkpoint_needing_full_unpickling_requires_trust(tmp_path):
