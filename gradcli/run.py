@@ -9,6 +9,7 @@ when the stored result is complete and still valid.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1341,8 +1342,9 @@ class Run:
         # The first writer records its batch size; later shards and resumes use it, so every
         # chunk is computed in the same batches whoever computes it (bitwise-equal arrays).
         meta = {"batch_size": int(batch), "shards": shard[1] if shared else 1}
+        rows_per_chunk = min(chunk_rows, max(1, len(indices)))  # a chunk beyond the data is moot
         chunks = self.store.row_chunks(
-            path, len(indices), chunk_rows, arrays, shared=shared, meta=meta
+            path, len(indices), rows_per_chunk, arrays, shared=shared, meta=meta
         )
         if batch_size is None:
             batch = int(chunks.meta.get("batch_size", batch))
@@ -1472,10 +1474,15 @@ class Run:
         return self._ensure_embedded(spec_or_name, batch_size=batch_size)
 
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
-        if spec_or_name in self.embedding_names() and self.store.stage_complete(
-            f"embed/{spec_or_name}"
-        ):
-            return spec_or_name
+        """The name of a finished embedding of a dataset spec or stored name, computing or
+        finishing it first (an interrupted embedding resumes from its recorded dataset)."""
+        if spec_or_name in self.embedding_names():
+            if self.store.stage_complete(f"embed/{spec_or_name}"):
+                return spec_or_name
+            record = self.store.group_attrs(f"embed/{spec_or_name}").get("provenance") or {}
+            if record.get("dataset"):
+                kwargs.update(max_samples=record.get("max_samples"), seed=record.get("seed", 0))
+                return self.embed(record["dataset"], name=spec_or_name, **kwargs)
         return self.embed(spec_or_name, **kwargs)
 
     def _id_spec(self, which: str) -> str:
@@ -2114,8 +2121,13 @@ def _check_finite(
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or name in ("embed",):
-        raise BadInputError(f"--name '{name}' is not a valid name; use letters, digits, '-' or '_'")
+    """An embedding name is one store key: ASCII letters, digits, '.', '-', '_', not hidden,
+    not Zarr's own metadata file."""
+    valid = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
+    if not valid or name in ("embed", "zarr.json"):
+        raise BadInputError(
+            f"--name '{name}' is not a valid name; use ASCII letters, digits, '.', '-' or '_'"
+        )
 
 
 def _check_some_method_applies(classes: Mapping[str, type], embeddings: Sequence[str]) -> None:

@@ -549,6 +549,15 @@ def test_a_damaged_store_names_the_array_and_the_command_that_rewrites_it(
     _fails(cli, 3, "stats/var", "is missing", args=[*embed, "--store", missing])
 
 
+def test_embedding_names_and_a_chunk_larger_than_the_data(ready, tiny, cli):
+    for name in ("zarr.json", "sp ace", "é", ".hidden"):
+        embed = ["embed", "--dataset", tiny.test, "--name", name, "--store", ready]
+        _fails(cli, 2, "not a valid name", store=ready, args=embed)
+    big = ["embed", "--dataset", tiny.test, "--name", "big", "--chunk-rows", str(10**11)]
+    assert cli(*big, "--store", ready, "-q").code == 0
+    assert RunStore(str(ready)).shape("embed/big/done") == (1,)
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny):
     from gradcli.cli import main
     from gradcli.errors import BadInputError

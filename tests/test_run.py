@@ -95,6 +95,31 @@ def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path,
     assert not resumed.store.has("embed/t/partial")
 
 
+def test_scoring_an_interrupted_embedding_by_name_finishes_it(tiny, tmp_path, monkeypatch):
+    whole = _tiny_run(tiny, tmp_path / "whole")
+    whole.embed(tiny.test, name="t", batch_size=8, chunk_rows=10, max_samples=30, seed=4)
+    run = _tiny_run(tiny, tmp_path / "cut")
+    original = Run._embed_rows
+    calls = {"n": 0}
+
+    def interrupt_after_one(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_embed_rows", interrupt_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run.embed(tiny.test, name="t", batch_size=8, chunk_rows=10, max_samples=30, seed=4)
+    monkeypatch.setattr(Run, "_embed_rows", original)
+    assert not run.store.stage_complete("embed/t")
+    resumed = Run(tmp_path / "cut")
+    assert resumed._ensure_embedded("t", batch_size=8) == "t"  # the name, not a dataset spec
+    a, b = whole.load_embedding("t"), resumed.load_embedding("t")
+    for key in ("grad", "gnorm", "feat", "logits", "labels"):
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_bfloat16_embedding_close_to_float32(tiny, tmp_path):
     run = _tiny_run(tiny, tmp_path / "run")
     run.embed(tiny.test, name="f32", batch_size=8)
