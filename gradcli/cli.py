@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -183,11 +184,12 @@ class StopRequests:
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
-            err.print(
-                f"{signal.Signals(signum).name}: stopping at the next chunk boundary "
-                "(Ctrl-C again to stop at once)",
-                highlight=False,
-            )
+            if err.is_terminal:  # someone at a terminal sees it was heard; pipelines get one line
+                again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+                err.print(
+                    f"{signal.Signals(signum).name}: stopping at the next chunk boundary{again}",
+                    highlight=False,
+                )
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
@@ -1012,10 +1014,10 @@ def demo(
         _out().print(results_table(results))
 
 
-@app.command()
-def version() -> None:
+@app.command(epilog="Example: gradcli version --json")
+def version(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Print gradcli's version."""
-    print(__version__)
+    _emit({"version": __version__}, as_json, __version__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1032,8 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
     except STOPS:
         code = EXIT_INTERRUPTED
     except GradcliError as problem:
-        if debug:
-            raise
+        if debug:  # the traceback, then the same line and exit code as without --debug
+            traceback.print_exc()
         prefix = "interrupted" if isinstance(problem, Interrupted) else "error"
         err.print(f"{prefix}: {problem}", highlight=False, soft_wrap=True, markup=False)
         return problem.exit_code

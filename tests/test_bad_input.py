@@ -558,12 +558,11 @@ def test_embedding_names_and_a_chunk_larger_than_the_data(ready, tiny, cli):
     assert RunStore(str(ready)).shape("embed/big/done") == (1,)
 
 
-def test_debug_shows_the_traceback(tmp_path, tiny):
-    from gradcli.cli import main
-    from gradcli.errors import BadInputError
-
-    with pytest.raises(BadInputError):
-        main(["embed", "--dataset", tiny.test, "--store", str(tmp_path / "none"), "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, tiny, cli):
+    missing = ["embed", "--dataset", tiny.test, "--store", tmp_path / "none"]
+    outcome = cli(*missing, "--debug")
+    assert outcome.code == 2 and "Traceback" in outcome.err and "BadInputError" in outcome.err
+    assert outcome.err.strip().splitlines()[-1].startswith("error: no run store")
 
 
 def test_changed_data_params_or_k_are_stale_and_name_the_difference(tiny, cli, tmp_path):

@@ -388,3 +388,10 @@ def test_the_id_test_set_given_to_fit_head_is_evaluate_s_default(tiny, tmp_path,
     )
     assert outcome.code == 0, outcome.err
     assert outcome.json()["id"] == "npz-test"
+
+
+def test_version_as_text_and_json(cli):
+    from gradcli import __version__
+
+    assert cli("version").out.strip() == __version__
+    assert cli("version", "--json").json() == {"version": __version__}
