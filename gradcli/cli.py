@@ -7,6 +7,7 @@ README (2 bad input, 3 stale store, 130 interrupted); ``--debug`` shows the trac
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -250,6 +251,12 @@ def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
         print(json.dumps(summary, indent=2, default=str))
     elif text:
         _out().print(text, highlight=False)
+
+
+def _check_alpha(alpha: float) -> None:
+    """Checked first: a calibration stored with another α would otherwise be named instead."""
+    if not math.isfinite(alpha):
+        raise BadInputError(f"--alpha must be a finite number, not {alpha}")
 
 
 def _methods(value: str) -> list[str]:
@@ -635,6 +642,7 @@ def score(
         )
 
     target = check_export_path(export) if export else None
+    _check_alpha(alpha)
     if tpr is not None and calibrate_on is None:
         raise BadInputError("--tpr sets the calibration target: give --calibrate-on SPEC too")
     tpr_value = check_tpr(0.95 if tpr is None else tpr)
@@ -784,6 +792,7 @@ def evaluate(
     for text in sweep or []:
         name, values = parse_sweep(text)
         sweeps.setdefault(name, []).extend(values)
+    _check_alpha(alpha)
     plan = check_sweeps(sweeps)
     methods, embeddings = _methods(method), _embeddings(embedding, method)
     if report is not None and Path(report).exists() and not Path(report).is_dir():

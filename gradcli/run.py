@@ -2050,8 +2050,12 @@ class Run:
         results = Results(id_name=id_name, ood_names=[], convention=convention)
         results.id_scores = id_scores
         for spec in ood:
-            ood_scores = self.score(spec, **options)
             ood_name = self._ensure_embedded(spec)
+            if ood_name == id_name:
+                raise BadInputError(
+                    f"--ood {spec} is the ID test set '{id_name}' itself; name an OOD dataset"
+                )
+            ood_scores = self.score(spec, **options)
             results.ood_names.append(ood_name)
             results.ood_scores[ood_name] = ood_scores
             table = {}

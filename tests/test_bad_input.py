@@ -405,6 +405,11 @@ def test_conflicting_or_impossible_options(ready, tiny, cli):
     _fails(cli, 2, "outside 0..2", store=ready, args=head)
     head = ["fit-head", "--clip-dims", "100", "--overwrite", "--store", ready]
     _fails(cli, 2, "--clip-dims 100 exceeds", store=ready, args=head)
+    for alpha in ("nan", "inf"):
+        score = ["score", "--dataset", "id", "--alpha", alpha, "--store", ready]
+        _fails(cli, 2, "--alpha must be a finite number", store=ready, args=score)
+    itself = ["evaluate", "--ood", "id", "--id", "id", "--method", "knn", "--store", ready]
+    _fails(cli, 2, "is the ID test set 'id' itself", store=ready, args=itself)
     score = ["score", "--dataset", "id", "--method", "vim", "--embedding", "grad"]
     _fails(cli, 2, "vim scores feat", store=ready, args=[*score, "--store", ready])
     _fails(
