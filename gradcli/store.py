@@ -43,6 +43,7 @@ MAX_CHUNK_BYTES = 32 << 20
 SLAB_CHUNKS = 4
 TRANSPOSE_ROWS = 1024  # rows per block of a transposing copy
 ASIDE = ".replaced"  # what a running command replaces, kept until it succeeds
+LOCKS = ".locks"  # which process computes which stage, while it runs
 
 
 def _member_names(group: zarr.Group) -> list[str]:
@@ -251,6 +252,7 @@ class RunStore:
         self._aside: list[tuple[str, str]] | None = None  # (path, where it was moved)
         self._aside_dir = ""
         self._created: list[str] = []  # stages the running command opened afresh
+        self._locks: list[Path] = []  # its claims on the stages it computes
         try:
             self.root = open_root(self.url, "a" if create else "r+", storage_options)
         except FileNotFoundError as err:
@@ -528,6 +530,17 @@ class RunStore:
         return any(path == stage or path.startswith(stage + "/") for stage in self._created)
 
     def _end_aside(self, restore_attrs: dict[str, Any] | None) -> None:
+        try:
+            self._restore_or_drop(restore_attrs)
+        finally:
+            for lock in self._locks:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                with contextlib.suppress(OSError):  # others may hold claims still
+                    lock.parent.rmdir()
+            self._locks = []
+
+    def _restore_or_drop(self, restore_attrs: dict[str, Any] | None) -> None:
         moved, self._aside = self._aside or [], None
         created = self._created
         if restore_attrs is not None:
@@ -562,6 +575,43 @@ class RunStore:
             fs.mv(f"{base}/{source}", f"{base}/{target}", recursive=True)
             return True
         return False
+
+    def _claim(self, path: str, what: str | None) -> None:
+        """While a command runs (:meth:`restoring_on_failure`) on a local disk, the stages it
+        computes are its alone: a second process computing the same stage (two PCAs started on
+        one store) stops with a one-line error instead of overwriting the first one's
+        checkpoints. A claim whose process is gone (killed) is taken over."""
+        store = self.root.store
+        if self._aside is None or not isinstance(store, LocalStore):
+            return
+        lock = Path(store.root) / LOCKS / (path.replace("/", "~") + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                handle = None
+            if handle is not None:
+                with os.fdopen(handle, "w") as file:
+                    file.write(me)
+                self._locks.append(lock)
+                return
+            try:
+                owner = lock.read_text().strip()
+            except OSError:  # released meanwhile
+                continue
+            host, _, pid = owner.rpartition(" ")
+            if owner == me:
+                return
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    lock.unlink()  # left by a killed process
+                continue
+            raise BadInputError(
+                f"another gradcli process (pid {pid} on {host}) is computing {what or path} in "
+                f"{self.url}; wait for it to finish, or use another --store"
+            )
 
     def _holds_chunks(self, path: str) -> bool:
         """Whether any array at or below ``path`` has a chunk written (finished work)."""
@@ -638,11 +688,18 @@ class RunStore:
                         f"{label} in {self.url} was computed from something else ({diffs}); "
                         "pass --overwrite to recompute it, or use a new --store"
                     )
+                self._claim(path, what)
                 self.delete(path)
             elif existing is not None:
-                return bool(self.root[path].attrs.get(COMPLETE, False))
+                if self.root[path].attrs.get(COMPLETE, False):
+                    return True
+                self._claim(path, what)  # resumed: by this process alone
+                return False
             else:
+                self._claim(path, what)
                 self.delete(path)
+        else:
+            self._claim(path, what)
         if self._aside is not None:
             self._created.append(path)
         group = self.root.require_group(path)

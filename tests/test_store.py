@@ -126,3 +126,24 @@ def test_what_a_killed_command_left_aside_is_cleared_by_the_next(tmp_path):
     with store.restoring_on_failure():
         pass
     assert {name: (aside / name).exists() for name in left} == left
+
+
+def test_a_stage_another_live_process_computes_is_refused_a_dead_one_s_taken_over(tmp_path):
+    store = RunStore(str(tmp_path / "s"))
+    locks = tmp_path / "s" / ".locks"
+    locks.mkdir()
+    host = socket.gethostname()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (locks / "stats.lock").write_text(f"{host} {other.pid}")
+        claimed = f"another gradcli process \\(pid {other.pid} on .*\\) is computing stats"
+        with pytest.raises(BadInputError, match=claimed), store.restoring_on_failure():
+            store.open_stage("stats", {"a": 1})
+        assert not store.has("stats")  # nothing was written
+    finally:
+        other.kill()
+        other.wait()
+    with store.restoring_on_failure():  # the claim's process is gone: taken over
+        store.open_stage("stats", {"a": 1})
+        assert (locks / "stats.lock").read_text() == f"{host} {os.getpid()}"
+    assert not locks.exists()  # released when the command ends
