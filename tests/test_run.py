@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,25 @@ def _tiny_run(tiny, path, **kwargs) -> Run:
     return run
 
 
+@contextlib.contextmanager
+def _interrupted_after(monkeypatch, batches: int):
+    """Within the block, an embedding stops like a Ctrl-C after ``batches`` row batches."""
+    original = Run._embed_rows
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_embed_rows", interrupting)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Run, "_embed_rows", original)
+
+
 def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path, monkeypatch):
     whole = _tiny_run(tiny, tmp_path / "whole")
     whole.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
@@ -73,19 +94,8 @@ def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path,
     split = _tiny_run(tiny, tmp_path / "split", memory_budget=3500)
     blocks = split._row_blocks(split.selection, 2)
     assert len(blocks) >= 3
-    calls = {"n": 0}
-    original = Run._embed_rows
-
-    def interrupt_after_five(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "_embed_rows", interrupt_after_five)
-    with pytest.raises(KeyboardInterrupt):
+    with _interrupted_after(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
         split.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
-    monkeypatch.setattr(Run, "_embed_rows", original)
     assert not split.store.stage_complete("embed/t")
     resumed = Run(tmp_path / "split", memory_budget=3500)
     resumed.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
@@ -99,19 +109,8 @@ def test_scoring_an_interrupted_embedding_by_name_finishes_it(tiny, tmp_path, mo
     whole = _tiny_run(tiny, tmp_path / "whole")
     whole.embed(tiny.test, name="t", batch_size=8, chunk_rows=10, max_samples=30, seed=4)
     run = _tiny_run(tiny, tmp_path / "cut")
-    original = Run._embed_rows
-    calls = {"n": 0}
-
-    def interrupt_after_one(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "_embed_rows", interrupt_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    with _interrupted_after(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
         run.embed(tiny.test, name="t", batch_size=8, chunk_rows=10, max_samples=30, seed=4)
-    monkeypatch.setattr(Run, "_embed_rows", original)
     assert not run.store.stage_complete("embed/t")
     resumed = Run(tmp_path / "cut")
     assert resumed._ensure_embedded("t", batch_size=8) == "t"  # the name, not a dataset spec
