@@ -8,6 +8,7 @@ when the stored result is complete and still valid.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -68,6 +69,8 @@ PCA_KEEP_MAX_BATCH = 128
 PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
+# Held-out images expected below a calibrated λ under which it is noted as resting on too few.
+CALIBRATION_MIN_TAIL = 10
 
 
 class _Scratch:
@@ -1973,6 +1976,15 @@ class Run:
             self.progress.note(
                 f"calibrating on the ID training set '{name}' gives optimistic thresholds; "
                 "use held-out ID data such as the ID test split"
+            )
+        samples = len(next(iter(scores.values()))) if scores else 0
+        tail = samples * (1.0 - tpr)
+        if 0 < tail < CALIBRATION_MIN_TAIL:
+            self.progress.note(
+                f"λ at TPR {tpr:g} from {samples} images rests on the lowest "
+                f"{max(1, round(tail))} of them; calibrate on at least "
+                f"{math.ceil(round(CALIBRATION_MIN_TAIL / (1.0 - tpr), 6))} held-out ID images "
+                "for a stable threshold"
             )
         calibrations = {}
         for key, values in scores.items():

@@ -220,3 +220,22 @@ def test_methods_command_lists_every_method(cli):
     names = [row["name"] for row in outcome.json()["methods"]]
     assert {"maxlogit", "gradnorm", "vim", "odin", "knn"} <= set(names)
     assert "Example:" in cli("methods", "--help").out
+
+
+def test_a_calibration_set_too_small_for_its_tpr_is_noted(ready, cli, tmp_path):
+    store, cal = ready
+    copy = tmp_path / "run"
+    shutil.copytree(store, copy)
+    base = ["score", "--dataset", cal, "--method", "knn", "--calibrate-on", cal, "--store", copy]
+    # 40 images at TPR 0.95: 2 lie below λ, far too few for a stable threshold.
+    noted = cli(*base)
+    assert noted.code == 0, noted.err
+    message = " ".join(noted.err.split())
+    assert "from 40 images rests on the lowest 2 of them" in message, noted.err
+    assert "at least 200 held-out ID images" in message
+    # At TPR 0.5, 20 lie below it: nothing to note.
+    enough = cli(*base, "--tpr", "0.5")
+    assert enough.code == 0 and "rests on" not in enough.err
+    run = RunStore(str(copy))
+    threshold = run.group_attrs("calibration/knn-grad")["threshold"]
+    assert threshold == pytest.approx(np.percentile(run.read("scores/npz-cal/knn-grad"), 50))
