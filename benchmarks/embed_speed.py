@@ -444,6 +444,15 @@ def engine_bounds(results: list[Result], alone: dict[tuple[int, str], float]) ->
     return {(k, dtype): floor[k] + seconds for (k, dtype), seconds in alone.items()}
 
 
+def shown(value: float, target: float) -> str:
+    """``value`` to 2 decimals, or as many more as it takes not to round onto the other side
+    of ``target`` (5.9997 against a goal of 6 reads 5.9997, not 6.00)."""
+    digits = 2
+    while digits < 8 and (round(value, digits) >= target) != (value >= target):
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def goal_checks(
     results: list[Result], fp32_peak: float, bounds: dict[tuple[int, str], float]
 ) -> list[dict]:
@@ -736,7 +745,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not check["reachable"]:
             verdict += ", out of reach on this machine"
         print(
-            f"  {check['goal']:<44} {check['value']:7.2f}  (goal >= {check['target']:.1f}, "
+            f"  {check['goal']:<44} {shown(check['value'], check['target']):>7}  "
+            f"(goal >= {check['target']:.1f}, "
             f"bound {check['bound']:.2f})  {verdict}"
         )
 
