@@ -7,7 +7,10 @@ so every result names the one it used (see ``CONVENTIONS``).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -28,8 +31,14 @@ METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out", "id_ac
 
 
 def _check_scores(scores: ArrayLike, which: str) -> np.ndarray:
-    """Return ``scores`` as a 1-D float64 array; reject empty, non-1-D and non-finite input."""
-    array = np.asarray(scores, dtype=np.float64)
+    """Return ``scores`` as a 1-D float64 array; reject empty, non-1-D, non-numeric and
+    non-finite input. Tensors (on any device, with or without grad) are taken as values."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+    try:
+        array = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{which} scores must be numbers (one score per sample)") from None
     if array.ndim != 1:
         raise BadInputError(
             f"{which} scores must be a 1-D array (one score per sample), got shape {array.shape}"
@@ -46,7 +55,7 @@ def _check_scores(scores: ArrayLike, which: str) -> np.ndarray:
 
 def check_tpr(tpr: float) -> float:
     """``tpr`` as a float, or a one-line error when it is not in (0, 1]."""
-    if not 0.0 < tpr <= 1.0:
+    if isinstance(tpr, bool) or not isinstance(tpr, numbers.Real) or not 0.0 < tpr <= 1.0:
         raise BadInputError(
             f"the target TPR must be in (0, 1], got {tpr}: e.g. --tpr 0.95 accepts 95% of ID data"
         )

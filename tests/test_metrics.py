@@ -90,3 +90,20 @@ def test_bad_scores_name_the_set(id_scores, ood_scores, which):
     for metric in (fpr_at_tpr, fpr_at_tpr_openood, auroc, aupr_in, aupr_out, evaluate_scores):
         with pytest.raises(BadInputError, match=f"^{which} scores"):
             metric(id_scores, ood_scores)
+
+
+def test_tensors_are_taken_as_values_and_non_numbers_refused():
+    import torch
+
+    rng = np.random.default_rng(3)
+    positive, negative = rng.normal(1, 1, 200), rng.normal(0, 1, 150)
+    tracked = torch.tensor(positive, requires_grad=True)
+    assert fpr_at_tpr(tracked, torch.tensor(negative)) == fpr_at_tpr(positive, negative)
+    assert auroc(tracked, negative) == pytest.approx(
+        roc_auc_score(np.r_[np.ones(200), np.zeros(150)], np.r_[positive, negative])
+    )
+    with pytest.raises(BadInputError, match="ID scores must be numbers"):
+        fpr_at_tpr(["a", "b"], negative)
+    for tpr in ("0.95", None, True):
+        with pytest.raises(BadInputError, match=r"in \(0, 1\]"):
+            fpr_at_tpr(positive, negative, tpr)

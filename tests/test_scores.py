@@ -318,3 +318,20 @@ def test_residual_and_gnorm_scores_closed_form():
     np.testing.assert_allclose(get_detector("gnorm").score(data, None), gnorm)
     with pytest.raises(BadInputError, match="re-embed"):
         get_detector("residual").score(Embedding(z=z.astype(np.float32)), None)
+
+
+def test_a_readout_of_another_width_and_non_numeric_embeddings_are_refused():
+    rng = np.random.default_rng(4)
+    train = Embedding(z=rng.normal(size=(30, D)).astype(np.float32), labels=rng.integers(0, C, 30))
+    narrow = Embedding(z=np.zeros((6, D - 1), np.float32), name="narrow")
+    readout = Readout.from_linear(rng.normal(size=(C, D)))
+    for method in ("msp", "energy", "react"):
+        detector = get_detector(method).fit(train, readout)
+        with pytest.raises(BadInputError, match=f"narrow has {D - 1} dimensions but the readout"):
+            detector.score(narrow, readout)
+    with pytest.raises(BadInputError, match="must hold numbers"):
+        Embedding(z=[["a"]])
+    with pytest.raises(BadInputError, match="whole class indices"):
+        Embedding(z=np.zeros((2, D)), labels=[0.5, 1.0])
+    floats = Embedding(z=np.zeros((2, D)), labels=np.array([1.0, -1.0]))
+    assert floats.labels.dtype == np.int64 and floats.labels.tolist() == [1, -1]

@@ -55,6 +55,7 @@ class Readout:
     bn_bias: np.ndarray | None = None
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
+    dim: int | None = None  # D, the embedding width it takes, where known
 
     def __post_init__(self) -> None:
         if self.kind not in EMBEDDING_KINDS:
@@ -83,6 +84,7 @@ class Readout:
             kind="feat",
             weight=weight_t.numpy().astype(np.float64),
             bias=None if bias_t is None else bias_t.numpy().astype(np.float64),
+            dim=int(weight_t.shape[1]),
         )
 
     @classmethod
@@ -94,6 +96,7 @@ class Readout:
             kind="grad",
             bn_weight=head.bn.weight.detach().cpu().numpy().astype(np.float32),
             bn_bias=head.bn.bias.detach().cpu().numpy().astype(np.float32),
+            dim=int(head.bn.num_features),
         )
 
 
@@ -120,7 +123,9 @@ class Embedding:
     gnorm: np.ndarray | None = None  # (N,) ‖G(x)‖ of the full normalised gradient, for gradients
 
     def __post_init__(self) -> None:
-        self.z = np.asarray(self.z)
+        self.z = _to_numpy(self.z)
+        if not (np.issubdtype(self.z.dtype, np.number) or self.z.dtype == np.bool_):
+            raise BadInputError(f"{self.name} must hold numbers, not {self.z.dtype}")
         if self.z.ndim != 2:
             raise BadInputError(f"{self.name} must have shape (N, D), got {self.z.shape}")
         if not np.isfinite(self.z).all():
@@ -133,14 +138,29 @@ class Embedding:
                     f"{self.name} logits must have shape ({n}, C), got {self.logits.shape}"
                 )
         if self.labels is not None:
-            self.labels = np.asarray(self.labels)
+            self.labels = _to_numpy(self.labels)
             if self.labels.shape != (n,):
                 raise BadInputError(
                     f"{self.name} labels must have shape ({n},), got {self.labels.shape}"
                 )
+            whole = np.issubdtype(self.labels.dtype, np.integer) or (
+                np.issubdtype(self.labels.dtype, np.floating)
+                and bool(np.all(np.mod(self.labels, 1) == 0))
+            )
+            if not whole:
+                raise BadInputError(f"{self.name} labels must be whole class indices (-1: none)")
+            self.labels = self.labels.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return self.z.shape[0]
+
+
+def _check_width(method: str, data: Embedding, readout: Readout | None) -> None:
+    if readout is not None and readout.dim is not None and data.z.shape[1] != readout.dim:
+        raise BadInputError(
+            f"{method}: {data.name} has {data.z.shape[1]} dimensions but the readout takes "
+            f"{readout.dim}: pair each embedding with the readout of its own kind and model"
+        )
 
 
 def require_readout(readout: Readout | None, method: str) -> Readout:
@@ -261,6 +281,7 @@ class Detector:
         """Learn from the ID training embedding; returns ``self``."""
         if len(train) == 0:
             raise BadInputError(f"{self.name}: the training embedding {train.name} is empty")
+        _check_width(self.name, train, readout)
         self._fit(train, readout)
         self._fitted = True
         return self
@@ -273,6 +294,7 @@ class Detector:
             )
         if len(data) == 0:
             return np.zeros(0, dtype=np.float64)
+        _check_width(self.name, data, readout)
         return np.asarray(self._score(data, readout), dtype=np.float64).reshape(len(data))
 
     def state(self) -> dict[str, StateValue]:

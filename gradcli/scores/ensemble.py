@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -26,8 +28,8 @@ def ensemble_scores(
             f"ensemble needs scores of the same samples: {feature.size} feature scores vs "
             f"{gradient.size} gradient scores (score both embeddings of one dataset)"
         )
-    if not np.isfinite(alpha):
-        raise BadInputError(f"ensemble --alpha must be finite, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not np.isfinite(alpha):
+        raise BadInputError(f"ensemble --alpha must be a finite number, got {alpha!r}")
     for which, scores in (("feature", feature), ("gradient", gradient)):
         if not np.isfinite(scores).all():
             raise BadInputError(f"ensemble: the {which} scores contain NaN/Inf: rescore them")
