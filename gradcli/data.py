@@ -1047,7 +1047,7 @@ def _canonical_split(
 
 
 def resolve_dataset(
-    spec: str,
+    spec: str | os.PathLike,
     *,
     data_root: str | os.PathLike | None = None,
     default_split: str = "test",
@@ -1056,7 +1056,16 @@ def resolve_dataset(
 
     Benchmark names are looked up under ``data_root`` (else ``$GRADCLI_DATA_ROOT``); built-in
     names need no data root. ``default_split`` applies when a name comes without ``:SPLIT``.
+    A path object stands for ``npz:PATH`` when it names a ``.npz`` file, else ``folder:PATH``.
     """
+    if isinstance(spec, os.PathLike):
+        path = os.fspath(spec)
+        spec = f"npz:{path}" if str(path).lower().endswith(".npz") else f"folder:{path}"
+    if not isinstance(spec, str):
+        raise BadInputError(
+            f"a dataset is a spec such as 'cifar10:test', 'folder:PATH' or 'npz:PATH', "
+            f"not {type(spec).__name__}"
+        )
     text = spec.strip()
     head, colon, rest = text.partition(":")
     kind = head.strip().lower()

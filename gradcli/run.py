@@ -9,11 +9,12 @@ when the stored result is complete and still valid.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from gradcli.grads import (
     auto_batch_size,
     default_memory_budget,
     native_bfloat16,
+    parse_size,
     plan_row_blocks,
     sanitise_variance,
     select_parameters,
@@ -234,7 +236,18 @@ class Run:
         self.skipped: dict[str, list[str]] = {}
         # Polled at chunk and batch boundaries; the CLI sets it from SIGINT/SIGTERM.
         self.should_stop = should_stop or (lambda: False)
-        self.memory_budget = memory_budget or default_memory_budget()
+        if isinstance(memory_budget, str):
+            memory_budget = parse_size(memory_budget)
+        elif memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, numbers.Integral)
+            or memory_budget < 1
+        ):
+            raise BadInputError(
+                f"memory_budget must be a positive number of bytes or a size such as '8G', "
+                f"not {memory_budget!r}"
+            )
+        self.memory_budget = int(memory_budget) if memory_budget else default_memory_budget()
         # Under torchrun (``group``), rank 0 alone writes to the store; it opens (creates) it
         # first and the others follow.
         self.group = group or ProcessGroup(device=parse_device(device))
@@ -461,6 +474,8 @@ class Run:
         products (auto: bfloat16 where the device multiplies it natively), the final
         Rayleigh–Ritz pass being float32 always.
         """
+        batch_size = _check_batch_size(batch_size)
+        seed = _check_seed(seed)
         model = self.model
         check_method(method, k, model.num_classes)
         source = self.resolve(dataset, default_split="train")
@@ -1271,6 +1286,8 @@ class Run:
         chunks); the stage is completed by whichever process finds every chunk done, so check
         ``store.stage_complete(f"embed/{name}")`` afterwards.
         """
+        batch_size = _check_batch_size(batch_size)
+        seed = _check_seed(seed)
         if chunk_rows < 1:
             raise BadInputError("--chunk-rows must be at least 1")
         shared = shard is not None
@@ -1282,8 +1299,19 @@ class Run:
                     "another wrote); recompute once without --shard, or use a new --name"
                 )
         source = self.resolve(dataset)
+        defaulted = name is None
         name = name or source.slug
         _check_name(name)
+        path = f"embed/{name}"
+        if defaulted and not overwrite and self.store.has(path):
+            stored = (self.store.group_attrs(path).get("provenance") or {}).get("dataset")
+            if stored and stored != source.spec:
+                raise BadInputError(
+                    f"the name '{name}' already holds the embedding of {stored}; embed "
+                    f"{source.spec} under a name of its own (gradcli embed --dataset "
+                    f"{source.spec} --name NAME; in Python embed(spec, name=NAME)) and use "
+                    "NAME, or pass --overwrite to replace the stored one"
+                )
         model = self.model
         selection = self.selection
         if not self.store.stage_complete("subspace"):
@@ -1300,7 +1328,6 @@ class Run:
             "preprocess": model.preprocess.to_dict(),
             "basis_dtype": self.basis_dtype,
         }
-        path = f"embed/{name}"
         if self.store.open_stage(
             path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
         ):
@@ -1458,13 +1485,42 @@ class Run:
     def embedding_names(self) -> list[str]:
         return self.store.children("embed") if self.store.has("embed") else []
 
+    def stored_name(self, spec_or_name: str) -> str:
+        """The store name of an embedding given by its name or by its dataset's spec."""
+        names = self.embedding_names()
+        if spec_or_name in names:
+            return spec_or_name
+        try:
+            source = data_mod.resolve_dataset(spec_or_name, data_root=self.data_root)
+        except GradcliError:
+            source = None
+        if source is not None:
+            of_it = [
+                name
+                for name in names
+                if (self.store.group_attrs(f"embed/{name}").get("provenance") or {}).get("dataset")
+                == source.spec
+            ]
+            if source.slug in of_it or len(of_it) == 1:
+                return source.slug if source.slug in of_it else of_it[0]
+            if of_it:
+                raise BadInputError(
+                    f"{source.spec} is embedded as {', '.join(of_it)}: name the one you mean"
+                )
+        raise BadInputError(
+            f"no embedding '{spec_or_name}' in {self.store.url} (stored: "
+            f"{', '.join(names) or 'none'}); embed it first: gradcli embed --dataset SPEC"
+        )
+
     def load_embedding(self, name: str) -> dict[str, np.ndarray]:
-        """The arrays of a finished embedding: grad (N,K), gnorm, feat (N,D), logits, labels."""
+        """The arrays of a finished embedding, by name or dataset spec: grad (N,K), gnorm (N,),
+        feat (N,D), logits (N,C) float32 and labels (N,) int64."""
+        name = self.stored_name(name)
         path = f"embed/{name}"
         if not self.store.stage_complete(path):
             raise BadInputError(
-                f"embedding '{name}' is missing or unfinished in {self.store.url}; "
-                f"run 'gradcli embed --name {name} --dataset ...' first"
+                f"embedding '{name}' is unfinished in {self.store.url}; finish it with "
+                f"'gradcli embed --name {name} --dataset SPEC', or score it by name"
             )
         return {
             key: self.store.read(f"{path}/{key}")
@@ -1474,7 +1530,7 @@ class Run:
     def embedding_for(self, spec_or_name: str, *, batch_size: int | None = None) -> str:
         """The store name of a dataset's embedding (a stored name is kept), embedding it first
         when it is not there yet."""
-        return self._ensure_embedded(spec_or_name, batch_size=batch_size)
+        return self._ensure_embedded(spec_or_name, batch_size=_check_batch_size(batch_size))
 
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         """The name of a finished embedding of a dataset spec or stored name, computing or
@@ -1508,9 +1564,13 @@ class Run:
         batch_size: int | None = None,
         overwrite: bool = False,
     ) -> dict:
-        """Train the BN→FC head and fit every detector on the ID training embeddings."""
-        head_opts = head or HeadOptions()
-        det_opts = detectors or DetectorOptions()
+        """Train the BN→FC head and fit every detector on the ID training embeddings.
+
+        ``head`` and ``detectors`` take the options dataclasses or dicts of their fields."""
+        head_opts = _options(head, HeadOptions, "head")
+        det_opts = _options(detectors, DetectorOptions, "detectors")
+        _check_seed(head_opts.seed, "the head's seed")
+        batch_size = _check_batch_size(batch_size)
         train_name = self._ensure_embedded(
             train or self._id_spec("train"),
             batch_size=batch_size,
@@ -1712,6 +1772,10 @@ class Run:
         :meth:`calibrate`) also gets its OOD flags (score < λ) in flags/<name>/<key>; a
         threshold calibrated with other settings is an error.
         """
+        methods = _name_list(methods, "methods")
+        embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
+        alpha = _check_alpha(alpha)
+        batch_size = _check_batch_size(batch_size)
         odin = ODIN(odin_temperature, odin_epsilon)
         classes = {method: method_class(method) for method in methods}  # unknown names fail
         _check_some_method_applies(classes, embeddings)
@@ -1960,6 +2024,9 @@ class Run:
         calibration/<key> with the settings it was made with.
         """
         tpr = check_tpr(tpr)
+        methods = _name_list(methods, "methods")
+        embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
+        alpha = _check_alpha(alpha)
         odin = ODIN(odin_temperature, odin_epsilon)
         scores = self.score(
             dataset,
@@ -2001,10 +2068,12 @@ class Run:
         return calibrations
 
     def flags(self, name: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Stored OOD flags (N,) bool of embedding ``name`` for those ``keys`` whose flags match
-        the stored scores and the current calibration (as ``score`` leaves them)."""
+        """Stored OOD flags (N,) bool of embedding ``name`` (or its dataset's spec) for those
+        ``keys`` whose flags match the stored scores and the current calibration (as ``score``
+        leaves them)."""
+        name = self.stored_name(name)
         out = {}
-        for key in keys:
+        for key in _name_list(keys, "keys"):
             path = f"flags/{name}/{key}"
             record = self.calibration(key)
             if not self.store.has(path) or record is None:
@@ -2039,8 +2108,14 @@ class Run:
         """
         from gradcli.sweep import check_sweep_dims, check_sweeps, run_sweeps
 
+        if isinstance(ood, str | os.PathLike):
+            ood = [ood]
         if not ood:
             raise BadInputError("give at least one --ood dataset")
+        methods = _name_list(methods, "methods")
+        embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
+        alpha = _check_alpha(alpha)
+        batch_size = _check_batch_size(batch_size)
         plan = check_sweeps(sweeps or {})
         odin = ODIN(odin_temperature, odin_epsilon)
         options = {
@@ -2134,6 +2209,70 @@ def _check_finite(
             f"{what} of {source} contain NaN or Inf for {len(rows)} sample(s) ({where} "
             f"{named[:5].tolist()}); check those inputs and the model's weights"
         )
+
+
+def _check_batch_size(batch_size: int | None) -> int | None:
+    """None (chosen from the memory budget) or a whole number ≥ 1, checked before anything is
+    written (a stage records the batch it was made with)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise BadInputError(f"--batch-size must be a whole number, not {batch_size!r}")
+    if batch_size < 1:
+        raise BadInputError(
+            f"--batch-size must be at least 1, not {batch_size} (leave it out to choose it "
+            "from the memory budget)"
+        )
+    return int(batch_size)
+
+
+def _check_seed(seed: int, what: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise BadInputError(f"{what} must be a whole number from 0 to 2**32 - 1, not {seed!r}")
+    return int(seed)
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise BadInputError(f"--alpha must be a finite number, not {alpha!r}")
+    return float(alpha)
+
+
+def _name_list(value: str | Sequence[str], what: str) -> list[str]:
+    """Names from a sequence or from one comma-separated string ("knn,msp")."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    items = list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise BadInputError(f"{what} takes names (strings), not {items!r}")
+    return items
+
+
+def _options(value, cls: type, what: str):
+    """A ``cls`` options dataclass from itself, a dict of its fields, or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BadInputError(
+                f"{what}: unknown option(s) {', '.join(map(str, unknown))}; "
+                f"{cls.__name__} has {', '.join(f.name for f in fields(cls))}"
+            )
+        return cls(**value)
+    raise BadInputError(f"{what} must be a {cls.__name__} or a dict of its fields")
+
+
+def _check_embeddings(embeddings: list[str]) -> list[str]:
+    unknown = [e for e in embeddings if e not in SCORE_EMBEDDINGS]
+    if unknown or not embeddings:
+        raise BadInputError(
+            f"unknown embedding(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(SCORE_EMBEDDINGS)}"
+        )
+    return embeddings
 
 
 def _check_name(name: str) -> None:

@@ -12,6 +12,7 @@ live in :mod:`gradcli.run`; this module holds the dense linear algebra.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,8 @@ def check_method(method: str, k: int | None, num_classes: int) -> None:
     if method == "pca":
         if k is None:
             raise BadInputError("--method pca needs --k, the subspace dimension (e.g. --k 50)")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise BadInputError(f"--k must be a whole number, not {k!r}")
         if k < 1:
             raise BadInputError("--k must be at least 1")
         return

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from gradcli.errors import BadInputError
 from gradcli.grads import energy
 from gradcli.models import load_model
 from gradcli.run import BASIS_SHARE, Run
@@ -263,3 +265,67 @@ def test_automatic_batch_size_keeps_peak_memory_within_the_budget(tmp_path):
     assert auto["over_base"] <= budget + PEAK_SLACK, auto
     assert roomier["over_base"] <= 4 * budget + PEAK_SLACK, roomier
     assert whole["over_base"] > budget + PEAK_SLACK, whole
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_wrong_arguments_from_python_are_refused_before_anything_is_written(tiny, tmp_path):
+    run = _tiny_run(tiny, tmp_path / "run")
+    before = _files(tmp_path / "run")
+    cases = [
+        (lambda: run.embed(tiny.test, batch_size=-3), "--batch-size must be at least 1, not -3"),
+        (lambda: run.embed(tiny.test, batch_size=0), "--batch-size must be at least 1, not 0"),
+        (lambda: run.embed(tiny.test, batch_size=2.5), "--batch-size must be a whole number"),
+        (lambda: run.embed(tiny.test, max_samples=5, seed=-1), "--seed must be a whole number"),
+        (
+            lambda: run.extract_subspace(tiny.train, method="pca", k=2.5, overwrite=True),
+            "--k must be a whole number, not 2.5",
+        ),
+        (lambda: run.score(tiny.test, alpha="1"), "--alpha must be a finite number"),
+        (lambda: run.score(tiny.test, embeddings=["gradient"]), "unknown embedding(s) gradient"),
+        (lambda: run.fit_head(head={"epoch": 2}), "head: unknown option(s) epoch"),
+        (lambda: run.fit_head(head=[2]), "head must be a HeadOptions or a dict"),
+        (lambda: run.calibrate(tiny.test, tpr="0.95"), "the target TPR must be in (0, 1]"),
+        (lambda: run.load_embedding("nope"), "no embedding 'nope'"),
+        (lambda: run.flags("nope", ["knn-grad"]), "no embedding 'nope'"),
+        (lambda: Run(tmp_path / "other", memory_budget=-1), "memory_budget must be a positive"),
+        (lambda: Run(tmp_path / "other", memory_budget="lots"), "--memory-budget takes a size"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(BadInputError) as refused:
+            call()
+        assert needle in str(refused.value) and "\n" not in str(refused.value)
+    assert _files(tmp_path / "run") == before
+    assert not (tmp_path / "other").exists()
+    # The refused batch size was not recorded: a plain embed runs with the automatic one.
+    assert run.embed(tiny.test) == "npz-test"
+
+
+def test_python_callers_may_pass_paths_single_names_and_option_dicts(tiny, tmp_path):
+    run = _tiny_run(tiny, tmp_path / "run", memory_budget="512M")
+    assert run.memory_budget == 512 << 20
+    test_file = Path(tiny.test.removeprefix("npz:"))
+    assert run.embed(test_file) == "npz-test"  # a Path to an .npz file is npz:PATH
+    assert run.store.group_attrs("embed/npz-test")["provenance"]["dataset"] == tiny.test
+    run.fit_head(test=tiny.test, head={"epochs": 2}, detectors={"knn_k": 3})
+    assert run.store.group_attrs("head")["provenance"]["epochs"] == 2
+    assert run.store.group_attrs("detectors/grad/knn")["provenance"]["k"] == 3
+    scores = run.score(tiny.ood, methods="knn,msp", embeddings="grad")
+    assert sorted(scores) == ["knn-grad", "msp-grad"]
+    # An embedding is found by its name or by its dataset's spec.
+    by_spec, by_name = run.load_embedding(tiny.ood), run.load_embedding("npz-ood")
+    np.testing.assert_array_equal(by_spec["grad"], by_name["grad"])
+    assert run.flags(tiny.ood, "knn-grad") == {}  # nothing calibrated yet
+    # Another file of the same name does not silently take the first one's default name.
+    other = tmp_path / "elsewhere" / test_file.name
+    other.parent.mkdir()
+    with np.load(test_file) as arrays:
+        np.savez(other, x=arrays["x"][:7], y=arrays["y"][:7])
+    with pytest.raises(BadInputError, match="already holds the embedding of") as clash:
+        run.embed(f"npz:{other}")
+    assert "--name NAME" in str(clash.value)
+    assert run.embed(f"npz:{other}", name="other-test") == "other-test"
+    assert run.load_embedding(f"npz:{other}")["grad"].shape[0] == 7
+    assert run.load_embedding(tiny.test)["grad"].shape[0] != 7
