@@ -1532,10 +1532,37 @@ class Run:
         when it is not there yet."""
         return self._ensure_embedded(spec_or_name, batch_size=_check_batch_size(batch_size))
 
+    def _embedded_as(self, spec: str, max_samples: int | None, seed: int) -> str | None:
+        """The stored name of an embedding of ``spec`` with this subset, preferring its
+        default name; None when there is none or several."""
+        try:
+            source = data_mod.resolve_dataset(spec, data_root=self.data_root)
+        except GradcliError:
+            return None
+        found = []
+        for name in self.embedding_names():
+            record = self.store.group_attrs(f"embed/{name}").get("provenance") or {}
+            same_subset = record.get("max_samples") == max_samples and (
+                max_samples is None or record.get("seed", 0) == seed
+            )
+            if record.get("dataset") == source.spec and same_subset:
+                found.append(name)
+        if source.slug in found:
+            return source.slug
+        return found[0] if len(found) == 1 else None
+
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         """The name of a finished embedding of a dataset spec or stored name, computing or
-        finishing it first (an interrupted embedding resumes from its recorded dataset)."""
-        if spec_or_name in self.embedding_names():
+        finishing it first (an interrupted embedding resumes from its recorded dataset; a
+        spec embedded under a name of its own is found by that name)."""
+        names = self.embedding_names()
+        if spec_or_name not in names:
+            found = self._embedded_as(
+                spec_or_name, kwargs.get("max_samples"), kwargs.get("seed", 0)
+            )
+            if found is not None:
+                return self.embed(spec_or_name, name=found, **kwargs)
+        if spec_or_name in names:
             if self.store.stage_complete(f"embed/{spec_or_name}"):
                 return spec_or_name
             record = self.store.group_attrs(f"embed/{spec_or_name}").get("provenance") or {}

@@ -327,5 +327,9 @@ def test_python_callers_may_pass_paths_single_names_and_option_dicts(tiny, tmp_p
         run.embed(f"npz:{other}")
     assert "--name NAME" in str(clash.value)
     assert run.embed(f"npz:{other}", name="other-test") == "other-test"
+    # ... and is then found under that name by its spec, for scoring too.
+    assert run.embedding_for(f"npz:{other}") == "other-test"
+    scored = run.score(f"npz:{other}", methods="knn", embeddings="grad")["knn-grad"]
+    np.testing.assert_array_equal(scored, run.store.read("scores/other-test/knn-grad"))
     assert run.load_embedding(f"npz:{other}")["grad"].shape[0] == 7
     assert run.load_embedding(tiny.test)["grad"].shape[0] != 7
