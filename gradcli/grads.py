@@ -101,9 +101,32 @@ class EnergyGradients:
             return energy(logits)[0]
 
         self._per_sample = vmap(grad(sample_energy), in_dims=(None, 0))
+        # torch.func cannot call a TorchScript module: one backward per sample instead.
+        self._scripted = isinstance(model, torch.jit.ScriptModule)
+
+    def _one_by_one(self, x: torch.Tensor) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        chosen = [params[n] for n in self.selection.names]
+        rows = []
+        with torch.enable_grad():
+            for sample in x.split(1):
+                grads = torch.autograd.grad(
+                    energy(self.model(sample))[0], chosen, allow_unused=True
+                )
+                rows.append(
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(grads, chosen, strict=True)
+                        ]
+                    )
+                )
+        return torch.stack(rows).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) inputs -> (B, P) float32 gradients."""
+        if self._scripted:
+            return self._one_by_one(x)
         with torch.enable_grad(), warnings.catch_warnings():
             # torch.func has no batching rule for fused attention yet and says so every call.
             warnings.filterwarnings("ignore", message="There is a performance drop")

@@ -1335,7 +1335,9 @@ class Run:
         if not shared:  # a shard never deletes; stored scores name the embedding they came from
             self.store.delete(f"scores/{name}")
         blocks = self._row_blocks(selection, k)
-        feature_module = model.module.get_submodule(model.feature_layer)
+        # A TorchScript model takes no hooks: its features come from a forward pass of their own.
+        scripted = isinstance(model.module, torch.jit.ScriptModule)
+        feature_module = None if scripted else model.module.get_submodule(model.feature_layer)
         engines = [
             LayerGradients(
                 model.module,
@@ -1348,6 +1350,7 @@ class Run:
         ]
         probe, _ = next(iter(self._loader(source, indices[:1], 1)))
         logits, feat = engines[0].capture(probe.to(self.device))
+        feat = self._features(probe.to(self.device), feat)
         arrays = {
             "grad": ((k,), "float32"),
             "gnorm": ((), "float32"),
@@ -1467,6 +1470,8 @@ class Run:
         for x, y in self._loader(source, indices, batch):
             x = x.to(self.device)
             logits, feat = engine.capture(x)
+            if partial_from is None:
+                feat = self._features(x, feat)
             rows = slice(offset, offset + len(y))
             _check_finite(logits, "logits", source.spec, indices[rows])
             for start, tile in engine.tiles():
@@ -1481,6 +1486,14 @@ class Run:
         if partial_from is None:
             result.update({key: np.concatenate(v) for key, v in out.items()})
         return result
+
+    def _features(self, x: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
+        """Features (B, D) float32 of a batch: those the capture hooked, else (a TorchScript
+        model) from one more forward pass."""
+        if captured is not None:
+            return captured
+        with torch.inference_mode():
+            return self.model.features_and_logits(x)[0].flatten(1).float()
 
     def embedding_names(self) -> list[str]:
         return self.store.children("embed") if self.store.has("embed") else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,37 @@ def test_python_callers_may_pass_paths_single_names_and_option_dicts(tiny, tmp_p
     np.testing.assert_array_equal(scored, run.store.read("scores/other-test/knn-grad"))
     assert run.load_embedding(f"npz:{other}")["grad"].shape[0] == 7
     assert run.load_embedding(tiny.test)["grad"].shape[0] != 7
+
+
+def test_a_torchscript_model_embeds_as_its_python_twin(tiny, tmp_path):
+    """TorchScript takes neither hooks nor torch.func: its per-sample gradients come one
+    backward at a time and its features from a forward pass of their own, and must equal what
+    the same network written in Python gives through the layer engine."""
+    (tmp_path / "seq.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef make():\n"
+        "    torch.manual_seed(3)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()\n"
+    )
+    twin = load_model(f"{tmp_path / 'seq.py'}:make").module
+    with torch.no_grad():  # non-trivial running statistics
+        twin[1].running_mean.uniform_(-0.5, 0.5)
+        twin[1].running_var.uniform_(0.5, 2.0)
+    torch.save(twin.state_dict(), tmp_path / "seq.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+        torch.jit.trace(twin, torch.randn(1, 3, 8, 8)).save(str(tmp_path / "traced.pt"))
+    stored = {}
+    for label, spec, weights in (
+        ("python", f"{tmp_path / 'seq.py'}:make", str(tmp_path / "seq.pt")),
+        ("script", str(tmp_path / "traced.pt"), None),
+    ):
+        run = Run(tmp_path / label)
+        run.set_model(spec, weights, input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+        run.extract_subspace(tiny.train, batch_size=16)
+        stored[label] = (run.load_embedding(run.embed(tiny.test, batch_size=7)), run)
+    python, script = stored["python"], stored["script"]
+    for key in ("stats/mean", "stats/var", "subspace/basis"):
+        np.testing.assert_allclose(script[1].store.read(key), python[1].store.read(key), 1e-4, 1e-7)
+    for key in ("grad", "gnorm", "feat", "logits"):
+        np.testing.assert_allclose(script[0][key], python[0][key], rtol=1e-4, atol=1e-5)
