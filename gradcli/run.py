@@ -311,9 +311,15 @@ class Run:
         }
         model = self._load(args)
         args.update(spec=model.spec, weights=model.weights)  # absolute paths: cwd may change
+        folder = self.store.local_folder
+        if model.weights and folder is not None:
+            inside = os.path.relpath(os.path.realpath(model.weights), os.path.realpath(folder))
+            if not inside.startswith(os.pardir):  # found again when the store is moved
+                args["weights_in_store"] = inside
         record = model.describe()
         existing = self.store.attrs.get("model")
-        if existing is not None and existing != record and not overwrite:
+        same = existing is not None and _same_model(existing, record)
+        if existing is not None and not same and not overwrite:
             what = _model_difference(existing, record)
             raise StaleStoreError(
                 f"store {self.store.url} was made with another model ({what}); "
@@ -321,7 +327,7 @@ class Run:
             )
 
         def record_model() -> None:
-            if existing is not None and existing != record:
+            if existing is not None and not same:
                 for path in ("stats", "subspace", *DOWNSTREAM_OF_SUBSPACE):
                     self.store.delete(path)
             self.store.update_root(model=record, model_args=args)
@@ -362,6 +368,12 @@ class Run:
                 )
             recorded = self.store.attrs["model"]
             weights = args.get("weights")
+            folder = self.store.local_folder
+            if weights and not os.path.isfile(weights) and args.get("weights_in_store") and folder:
+                moved = folder / args["weights_in_store"]  # the store was moved or copied
+                if moved.is_file():
+                    weights = str(moved)
+                    args = {**args, "weights": weights}
             if weights and os.path.isabs(weights) and not os.path.isfile(weights):
                 raise StaleStoreError(
                     f"the weights file {weights} that store {self.store.url} was made with is "
@@ -2336,6 +2348,19 @@ def _check_some_method_applies(classes: Mapping[str, type], embeddings: Sequence
         f"no --method asked for applies to --embedding {'/'.join(embeddings)} ({scores}); "
         "choose another --embedding or --method"
     )
+
+
+def _same_model(old: dict, new: dict) -> bool:
+    """Recorded models are the same when they differ at most in the weights file's path while
+    its sha256 is the same (a moved or copied file)."""
+    if old == new:
+        return True
+    digest = old.get("weights_sha256")
+    if not digest or digest != new.get("weights_sha256"):
+        return False
+    return {k: v for k, v in old.items() if k != "weights"} == {
+        k: v for k, v in new.items() if k != "weights"
+    }
 
 
 def _model_difference(old: dict, new: dict) -> str:

@@ -313,6 +313,12 @@ class RunStore:
     def attrs(self) -> dict[str, Any]:
         return self.root.attrs.asdict()
 
+    @property
+    def local_folder(self) -> Path | None:
+        """The store's folder on a local disk, or None for other stores."""
+        store = self.root.store
+        return Path(store.root) if isinstance(store, LocalStore) else None
+
     @_writes
     def update_root(self, **values: Any) -> None:
         """Merge values into the root attrs, stamping version and format."""

@@ -368,3 +368,35 @@ def test_a_torchscript_model_embeds_as_its_python_twin(tiny, tmp_path):
         np.testing.assert_allclose(script[1].store.read(key), python[1].store.read(key), 1e-4, 1e-7)
     for key in ("grad", "gnorm", "feat", "logits"):
         np.testing.assert_allclose(script[0][key], python[0][key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_moved_store_and_a_moved_weights_file_are_the_same_model(tiny, tmp_path):
+    import shutil
+
+    from gradcli.errors import StaleStoreError
+
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(tiny.weights, first / "weights.pt")  # kept inside the store, as the demo does
+    run = Run(first)
+    preprocess = {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    run.set_model(tiny.model, str(first / "weights.pt"), **preprocess)
+    run.extract_subspace(tiny.train, batch_size=16)
+    want = run.load_embedding(run.embed(tiny.test))
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    # The store finds its weights at their new place (same sha256) and reuses what it holds.
+    again = Run(moved)
+    assert again.model.weights == str(moved / "weights.pt")
+    assert again.store.stage_complete("embed/npz-test")
+    np.testing.assert_array_equal(again.load_embedding("npz-test")["grad"], want["grad"])
+    # The same file under another path is the same model: nothing is recomputed or dropped.
+    copy = tmp_path / "elsewhere.pt"
+    shutil.copy(moved / "weights.pt", copy)
+    digest = again.store.stage_digest("subspace")
+    again.set_model(tiny.model, str(copy), **preprocess)
+    assert again.store.stage_digest("subspace") == digest
+    assert again.store.stage_complete("embed/npz-test")
+    # Other weights are another model, as before.
+    with pytest.raises(StaleStoreError, match="another model"):
+        again.set_model(tiny.model, str(tiny.other_weights), **preprocess)
