@@ -1639,8 +1639,8 @@ class Run:
         train_digest = self.store.stage_digest(f"embed/{train_name}")
         record = {"train": train_name, "train_digest": train_digest, **vars(head_opts)}
         summary: dict = {"train": train_name}
-        if overwrite:
-            for path in ("head", "detectors", "scores"):
+        if overwrite:  # and everything computed from them
+            for path in ("head", "detectors", "scores", "calibration", "flags"):
                 self.store.delete(path)
         if not self.store.open_stage("head", record, overwrite=True):
             self.store.delete("detectors")
@@ -2049,6 +2049,12 @@ class Run:
                     for k in set(source) | set(record.get("source") or {})
                     if source.get(k) != (record.get("source") or {}).get(k)
                 )
+                if "detector" in changed or set(changed) <= {"feat", "grad"}:
+                    raise StaleStoreError(
+                        f"the {key} detector was refit (fit-head) after its threshold was "
+                        f"calibrated on '{record.get('dataset')}'; recalibrate with score "
+                        f"--calibrate-on {record.get('dataset')}"
+                    )
                 raise StaleStoreError(
                     f"the threshold of {key} was calibrated on '{record.get('dataset')}' with "
                     f"other settings ({', '.join(changed)} differ); rerun score with "

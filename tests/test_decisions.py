@@ -239,3 +239,22 @@ def test_a_calibration_set_too_small_for_its_tpr_is_noted(ready, cli, tmp_path):
     run = RunStore(str(copy))
     threshold = run.group_attrs("calibration/knn-grad")["threshold"]
     assert threshold == pytest.approx(np.percentile(run.read("scores/npz-cal/knn-grad"), 50))
+
+
+def test_a_refit_detector_asks_for_recalibration_and_overwrite_drops_thresholds(
+    ready, cli, tmp_path
+):
+    store, cal = ready
+    copy = tmp_path / "run"
+    shutil.copytree(store, copy)
+    base = ["--store", copy, "-q"]
+    assert cli("score", "--dataset", cal, "--method", "knn", "--calibrate-on", cal, *base).code == 0
+    assert cli("fit-head", "--knn-k", "3", "--id-test", "id", *base).code == 0
+    for embedding in ("grad", "both"):
+        score = ["score", "--dataset", "id", "--method", "knn", "--embedding", embedding]
+        refused = cli(*score, *base)
+        _one_line(refused, 3, "detector was refit (fit-head)", "--calibrate-on npz-cal")
+    assert cli("fit-head", "--knn-k", "3", "--id-test", "id", "--overwrite", *base).code == 0
+    run = RunStore(str(copy))
+    assert not run.has("calibration") and not run.has("flags")
+    assert cli("score", "--dataset", "id", "--method", "knn", *base).code == 0
