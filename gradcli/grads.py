@@ -486,11 +486,17 @@ def default_memory_budget() -> int:
 
 
 def plan_row_blocks(
-    sizes: Sequence[int], names: Sequence[str], bytes_per_row: int, budget: int
+    sizes: Sequence[int],
+    names: Sequence[str],
+    bytes_per_row: int,
+    budget: int,
+    remedies: str = "use --basis-dtype bfloat16, or leave it out with --params",
 ) -> list[tuple[int, int]]:
     """Split parameters (in order) into row blocks whose basis rows fit ``budget`` bytes.
 
     Returns [(first_param, end_param)] index ranges; one block when everything fits.
+    ``remedies`` completes the error for a parameter too large alone ("raise
+    --memory-budget, " + remedies), naming what the calling command offers.
     """
     blocks, first, used = [], 0, 0
     for index, size in enumerate(sizes):
@@ -499,7 +505,7 @@ def plan_row_blocks(
             raise BadInputError(
                 f"parameter {names[index]} alone needs {format_size(need)} of basis rows, "
                 f"over the memory budget's {format_size(budget)}; raise --memory-budget, "
-                "use --basis-dtype bfloat16, or leave it out with --params"
+                f"{remedies}"
             )
         if used + need > budget and index > first:
             blocks.append((first, index))

@@ -30,6 +30,7 @@ from gradcli.grads import (
     Projector,
     auto_batch_size,
     default_memory_budget,
+    format_size,
     native_bfloat16,
     parse_size,
     plan_row_blocks,
@@ -829,10 +830,16 @@ class Run:
         if budget < self.memory_budget // 8:
             raise BadInputError(
                 f"PCA over {n:,} samples keeps U = G V ({n:,} x {width}, "
-                f"{u_bytes / 2**30:.1f} GiB) in memory, too much of the memory budget; raise "
-                "--memory-budget or lower --max-samples"
+                f"{format_size(u_bytes)}) in memory, too much of the memory budget's "
+                f"{format_size(self.memory_budget)}; raise --memory-budget or lower --max-samples"
             )
-        plan = plan_row_blocks(selection.sizes, selection.names, width * 4 + 8, budget)
+        plan = plan_row_blocks(
+            selection.sizes,
+            selection.names,
+            width * 4 + 8,
+            budget,
+            remedies="lower --k or --oversample, or leave it out with --params",
+        )
         starts = np.concatenate([[0], np.cumsum(selection.sizes)]).astype(int)
         return [(int(starts[a]), int(starts[b]), list(selection.names[a:b])) for a, b in plan]
 
@@ -2300,7 +2307,10 @@ def _name_list(value: str | Sequence[str], what: str) -> list[str]:
     """Names from a sequence or from one comma-separated string ("knn,msp")."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
-    items = list(value)
+    try:
+        items = list(value)
+    except TypeError:
+        items = [value]
     if not all(isinstance(item, str) for item in items):
         raise BadInputError(f"{what} takes names (strings), not {items!r}")
     return items

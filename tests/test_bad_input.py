@@ -261,6 +261,15 @@ def test_k_larger_than_parameters_or_samples(tiny, cli, tmp_path):
     _fails(cli, 2, "--k 500", "rank", args=args)
 
 
+def test_a_budget_too_small_names_what_each_command_offers(ready, tiny, cli, tmp_path):
+    pca = [*tiny.extract_args(tmp_path / "run"), "--method", "pca", "--k", "2"]
+    _fails(cli, 2, "(90 x 12, 8.44 KiB)", "budget's 1000 B", args=[*pca, "--memory-budget", "1000"])
+    outcome = _fails(cli, 2, "lower --k or --oversample", args=[*pca, "--memory-budget", "20K"])
+    assert "--basis-dtype" not in outcome.err  # extract-subspace has no such option
+    embed = ["embed", "--dataset", tiny.test, "--name", "b", "--store", ready]
+    _fails(cli, 2, "use --basis-dtype bfloat16", args=[*embed, "--memory-budget", "1K"])
+
+
 def test_params_matching_nothing(tiny, cli, tmp_path):
     args = [*tiny.extract_args(tmp_path / "run"), "--params", "layer9.*"]
     _fails(cli, 2, "layer9.*", args=args)

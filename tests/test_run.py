@@ -286,6 +286,7 @@ def test_wrong_arguments_from_python_are_refused_before_anything_is_written(tiny
         ),
         (lambda: run.score(tiny.test, alpha="1"), "--alpha must be a finite number"),
         (lambda: run.score(tiny.test, embeddings=["gradient"]), "unknown embedding(s) gradient"),
+        (lambda: run.score(tiny.test, methods=5), "methods takes names (strings), not [5]"),
         (lambda: run.fit_head(head={"epoch": 2}), "head: unknown option(s) epoch"),
         (lambda: run.fit_head(head=[2]), "head must be a HeadOptions or a dict"),
         (lambda: run.calibrate(tiny.test, tpr="0.95"), "the target TPR must be in (0, 1]"),
