@@ -403,10 +403,16 @@ def extract_subspace(
                 overwrite=overwrite,
             )
         summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
+        if run.skipped:  # unreadable images left out under --on-bad-image skip
+            summary["skipped"] = run.skipped
         text = (
             f"subspace {summary['method']} K={summary['k']} over {summary['num_parameters']:,} "
-            f"parameters from {summary['samples']:,} samples "
-            f"({summary['variance_replaced']} zero-variance entries replaced)"
+            f"parameters from {summary['samples']:,} samples"
+            + (
+                f" ({summary['variance_replaced']} zero-variance entries replaced)"
+                if not no_variance
+                else " (no variance scaling)"
+            )
             + (" [reused from store]" if summary["reused"] else "")
             + f" -> {store}"
         )
@@ -475,6 +481,8 @@ def embed(
     shape = run.store.shape(f"embed/{stored}/grad")
     complete = run.store.stage_complete(f"embed/{stored}")
     summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
+    if run.skipped:
+        summary["skipped"] = run.skipped
     text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
     if part is not None:
         done = run.store.read(f"embed/{stored}/done") if not complete else None
@@ -895,14 +903,15 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
         raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
 
 
-@app.command(epilog="Example: gradcli inspect --store artifacts/r18 --dataset svhn --plot plots/")
+@app.command(epilog="Example: gradcli inspect --store artifacts/pca --dataset svhn --plot plots/")
 def inspect(
     dataset: Annotated[
         list[str] | None,
         typer.Option(help="Embed these datasets first to report their reconstruction error."),
     ] = None,
     plot: Annotated[
-        str | None, typer.Option(help="Write spectrum plots (PNG) to this folder.")
+        str | None,
+        typer.Option(help="Write the PCA spectrum plots (PNG) to this folder (PCA stores)."),
     ] = None,
     store: StoreOpt = DEFAULT_STORE,
     device: DeviceOpt = "cpu",

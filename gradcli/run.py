@@ -527,7 +527,7 @@ class Run:
 
         stats_done = self._on_writer(open_stats)
         if not stats_done:
-            self._compute_statistics(source, indices, selection, batch_size)
+            self._compute_statistics(source, indices, selection, batch_size, no_variance)
         subspace_record = {
             "stats": self.store.stage_digest("stats"),
             "method": method,
@@ -623,7 +623,11 @@ class Run:
             ),
             "method": method,
             "samples": int(len(indices)),
-            "variance_replaced": int(self.store.group_attrs("stats").get("variance_replaced", 0)),
+            "variance_replaced": (  # --no-variance divides by none
+                0
+                if no_variance
+                else int(self.store.group_attrs("stats").get("variance_replaced", 0))
+            ),
             "reused": bool(stats_done and sub_done),
         }
 
@@ -1159,7 +1163,12 @@ class Run:
         self.store.set_attrs(state, iteration=iteration, cursor=0)
 
     def _compute_statistics(
-        self, source, indices: np.ndarray, selection: ParameterSelection, batch_size: int | None
+        self,
+        source,
+        indices: np.ndarray,
+        selection: ParameterSelection,
+        batch_size: int | None,
+        no_variance: bool = False,
     ) -> None:
         model = self.model
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
@@ -1207,7 +1216,7 @@ class Run:
             )
 
         self._on_writer(write_stats, value=False)
-        if replaced:
+        if replaced and not no_variance:  # --no-variance does not divide by it
             self.progress.note(
                 f"{replaced} parameters had zero or non-finite gradient variance; "
                 "their variance was set to the largest finite one"
@@ -2201,6 +2210,10 @@ class Run:
         check_sweep_dims(plan, {k: self.store.shape(f"embed/{id_name}/{k}")[1] for k in kinds})
         results = Results(id_name=id_name, ood_names=[], convention=convention)
         results.id_scores = id_scores
+        id_labels = self.store.read(f"embed/{id_name}/labels")
+        if len(id_labels) and ((id_labels >= 0) & (id_labels < self.model.num_classes)).all():
+            grads = self.store.read(f"embed/{id_name}/grad")
+            results.head_accuracy = accuracy(self.load_head(), grads, id_labels)
         for spec in ood:
             ood_name = self._ensure_embedded(spec)
             if ood_name == id_name:

@@ -133,6 +133,8 @@ def test_bad_image_fails_by_default_and_skip_counts_it(damage, ready, cli, tmp_p
     )
     assert outcome.code == 0, outcome.err
     assert outcome.json()["rows"] == 6
+    ((spec, skipped),) = outcome.json()["skipped"].items()  # pipelines see what was left out
+    assert spec == f"folder:{folder}" and len(skipped) == 1 and skipped[0].endswith("bad.jpg")
     attrs = RunStore(str(ready)).group_attrs(f"embed/skip-{damage}")
     assert attrs["skipped_images"] == 1 and attrs["skipped_examples"][0].endswith("bad.jpg")
 

@@ -10,9 +10,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import PREPROCESS
 from sklearn.metrics import roc_auc_score
 
+from gradcli.run import Run
 from gradcli.store import RunStore
 
 
@@ -129,6 +131,13 @@ def test_evaluate_json_and_rerun_reuses(pipeline, tiny, cli):
     assert document["id"] == "id-test" and document["ood"] == ["npz-ood"]
     rows = {(r["method"], r["embedding"], r["ood"]) for r in document["results"]}
     assert ("knn", "grad", "average") in rows and ("energy", "ensemble", "npz-ood") in rows
+    # The gradient head's accuracy on the labelled ID test set, as a brute-force argmax.
+    run = Run(store)
+    with torch.no_grad():
+        logits = run.load_head()(torch.from_numpy(run.load_embedding("id-test")["grad"]))
+    labels = run.load_embedding("id-test")["labels"]
+    want = float((logits.argmax(1).numpy() == labels).mean())
+    assert document["head_accuracy"] == pytest.approx(want)
     again = cli(*tiny_extract(tiny, store), "--json")
     assert again.code == 0 and again.json()["reused"] is True
 
@@ -395,3 +404,13 @@ def test_version_as_text_and_json(cli):
 
     assert cli("version").out.strip() == __version__
     assert cli("version", "--json").json() == {"version": __version__}
+
+
+def test_no_variance_reports_no_replaced_variances(tiny, tmp_path, cli):
+    scaled = cli(*tiny.extract_args(tmp_path / "scaled"), "--json")
+    assert scaled.code == 0 and scaled.json()["variance_replaced"] > 0  # the tiny net has some
+    plain = cli(*tiny.extract_args(tmp_path / "plain"), "--no-variance", "--json")
+    assert plain.code == 0 and plain.json()["variance_replaced"] == 0
+    loud = [a for a in tiny.extract_args(tmp_path / "loud") if a != "--quiet"]
+    text = cli(*loud, "--no-variance")
+    assert "(no variance scaling)" in text.out and "set to the largest" not in text.err
