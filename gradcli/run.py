@@ -1526,28 +1526,32 @@ class Run:
     def embedding_names(self) -> list[str]:
         return self.store.children("embed") if self.store.has("embed") else []
 
+    def _embeddings_of(self, spec: str) -> tuple[data_mod.ImageSource | None, dict[str, dict]]:
+        """The source of a dataset spec (None when it is no readable spec) and its stored
+        embeddings, name -> recorded provenance."""
+        try:
+            source = data_mod.resolve_dataset(spec, data_root=self.data_root)
+        except GradcliError:
+            return None, {}
+        records = {
+            name: self.store.group_attrs(f"embed/{name}").get("provenance") or {}
+            for name in self.embedding_names()
+        }
+        return source, {n: r for n, r in records.items() if r.get("dataset") == source.spec}
+
     def stored_name(self, spec_or_name: str) -> str:
         """The store name of an embedding given by its name or by its dataset's spec."""
         names = self.embedding_names()
         if spec_or_name in names:
             return spec_or_name
-        try:
-            source = data_mod.resolve_dataset(spec_or_name, data_root=self.data_root)
-        except GradcliError:
-            source = None
-        if source is not None:
-            of_it = [
-                name
-                for name in names
-                if (self.store.group_attrs(f"embed/{name}").get("provenance") or {}).get("dataset")
-                == source.spec
-            ]
-            if source.slug in of_it or len(of_it) == 1:
-                return source.slug if source.slug in of_it else of_it[0]
-            if of_it:
-                raise BadInputError(
-                    f"{source.spec} is embedded as {', '.join(of_it)}: name the one you mean"
-                )
+        source, found = self._embeddings_of(spec_or_name)
+        chosen = _preferred(source, list(found))
+        if chosen is not None:
+            return chosen
+        if found:
+            raise BadInputError(
+                f"{source.spec} is embedded as {', '.join(found)}: name the one you mean"
+            )
         raise BadInputError(
             f"no embedding '{spec_or_name}' in {self.store.url} (stored: "
             f"{', '.join(names) or 'none'}); embed it first: gradcli embed --dataset SPEC"
@@ -1576,21 +1580,14 @@ class Run:
     def _embedded_as(self, spec: str, max_samples: int | None, seed: int) -> str | None:
         """The stored name of an embedding of ``spec`` with this subset, preferring its
         default name; None when there is none or several."""
-        try:
-            source = data_mod.resolve_dataset(spec, data_root=self.data_root)
-        except GradcliError:
-            return None
-        found = []
-        for name in self.embedding_names():
-            record = self.store.group_attrs(f"embed/{name}").get("provenance") or {}
-            same_subset = record.get("max_samples") == max_samples and (
-                max_samples is None or record.get("seed", 0) == seed
-            )
-            if record.get("dataset") == source.spec and same_subset:
-                found.append(name)
-        if source.slug in found:
-            return source.slug
-        return found[0] if len(found) == 1 else None
+        source, found = self._embeddings_of(spec)
+        same_subset = [
+            name
+            for name, record in found.items()
+            if record.get("max_samples") == max_samples
+            and (max_samples is None or record.get("seed", 0) == seed)
+        ]
+        return _preferred(source, same_subset)
 
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         """The name of a finished embedding of a dataset spec or stored name, computing or
@@ -2344,6 +2341,13 @@ def _options(value, cls: type, what: str):
             )
         return cls(**value)
     raise BadInputError(f"{what} must be a {cls.__name__} or a dict of its fields")
+
+
+def _preferred(source: data_mod.ImageSource | None, names: list[str]) -> str | None:
+    """Of the embeddings of one source: its default name when among them, else the only one."""
+    if source is not None and source.slug in names:
+        return source.slug
+    return names[0] if len(names) == 1 else None
 
 
 def _check_embeddings(embeddings: list[str]) -> list[str]:
