@@ -111,16 +111,12 @@ class EnergyGradients:
         with torch.enable_grad():
             for sample in x.split(1):
                 grads = torch.autograd.grad(
-                    energy(self.model(sample))[0], chosen, allow_unused=True
+                    energy(self.model(sample))[0],
+                    chosen,
+                    allow_unused=True,
+                    materialize_grads=True,  # zeros for parameters the energy does not reach
                 )
-                rows.append(
-                    torch.cat(
-                        [
-                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads, chosen, strict=True)
-                        ]
-                    )
-                )
+                rows.append(torch.cat([g.reshape(-1) for g in grads]))
         return torch.stack(rows).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
