@@ -541,15 +541,16 @@ def fit_head(
     """Train the BN→FC head on ID training gradients and fit every detector."""
     from gradcli.run import DetectorOptions, HeadOptions
 
-    for option, value in (
-        ("--epochs", epochs),
-        ("--head-batch-size", head_batch_size),
-        ("--knn-k", knn_k),
-    ):
-        if value < 1:
-            raise BadInputError(f"{option} must be at least 1")
-    if not 0 < react_percentile <= 100:
-        raise BadInputError("--react-percentile must be in (0, 100]")
+    head = HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed)  # checks them
+    detectors = DetectorOptions(
+        react_percentile,
+        bats_lambda,
+        clip_dims,
+        knn_k,
+        temperature,
+        vim_dim,
+        gradnorm_temperature,
+    )
     run = _open_run(
         store,
         device,
@@ -564,16 +565,8 @@ def fit_head(
         summary = run.fit_head(
             train=train,
             test=test,
-            head=HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed),
-            detectors=DetectorOptions(
-                react_percentile,
-                bats_lambda,
-                clip_dims,
-                knn_k,
-                temperature,
-                vim_dim,
-                gradnorm_temperature,
-            ),
+            head=head,
+            detectors=detectors,
             batch_size=batch_size,
             overwrite=overwrite,
         )

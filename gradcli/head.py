@@ -113,7 +113,7 @@ def train_head(
     if epochs < 1:
         raise BadInputError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 2:
-        raise BadInputError(f"--batch-size must be at least 2 (BatchNorm), got {batch_size}")
+        raise BadInputError(f"--head-batch-size must be at least 2 (BatchNorm), got {batch_size}")
     if not lr > 0:
         raise BadInputError(f"--lr must be positive, got {lr}")
     if z.shape[0] < 2:

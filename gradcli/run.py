@@ -124,6 +124,17 @@ class HeadOptions:
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked before any embedding is computed; named as fit-head's options.
+        if self.epochs < 1:
+            raise BadInputError(f"--epochs must be at least 1, not {self.epochs}")
+        if self.batch_size < 2:
+            raise BadInputError(
+                f"--head-batch-size must be at least 2 (BatchNorm), not {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise BadInputError(f"--lr must be positive, not {self.lr}")
+
 
 @dataclass
 class DetectorOptions:
@@ -137,7 +148,17 @@ class DetectorOptions:
     vim_dim: int | None = None
     gradnorm_temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        # Checked before any embedding is computed; named as fit-head's options.
+        if self.knn_k < 1:
+            raise BadInputError(f"--knn-k must be at least 1, not {self.knn_k}")
+        if not 0 < self.react_percentile <= 100:
+            raise BadInputError(
+                f"--react-percentile must be in (0, 100], not {self.react_percentile}"
+            )
+
     def for_method(self, method: str) -> dict:
+        """The options of ``method``'s detector, by its own parameter names."""
         table = {
             "energy": {"temperature": self.temperature},
             "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},

@@ -272,6 +272,18 @@ def test_a_budget_too_small_names_what_each_command_offers(ready, tiny, cli, tmp
     _fails(cli, 2, "use --basis-dtype bfloat16", args=[*embed, "--memory-budget", "1K"])
 
 
+def test_fit_head_options_are_checked_before_anything_is_computed(ready, cli):
+    for option, value, needle in (
+        ("--head-batch-size", "1", "--head-batch-size must be at least 2"),
+        ("--epochs", "0", "--epochs must be at least 1"),
+        ("--lr", "0", "--lr must be positive"),
+        ("--knn-k", "0", "--knn-k must be at least 1"),
+        ("--react-percentile", "0", "--react-percentile must be in (0, 100]"),
+    ):
+        args = ["fit-head", option, value, "--train", "npz:/nowhere.npz", "--store", ready]
+        _fails(cli, 2, needle, store=ready, args=args)  # before the training set is looked at
+
+
 def test_params_matching_nothing(tiny, cli, tmp_path):
     args = [*tiny.extract_args(tmp_path / "run"), "--params", "layer9.*"]
     _fails(cli, 2, "layer9.*", args=args)
