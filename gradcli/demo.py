@@ -15,6 +15,7 @@ from torch import nn
 
 from gradcli.data import list_datasets, make_loader, resolve_dataset
 from gradcli.models import load_model
+from gradcli.progress import NullProgress, Progress
 from gradcli.run import Results, Run
 
 ID_TRAIN = "mnist5k:train"
@@ -23,8 +24,11 @@ OOD_CANDIDATES = ("fashion", "animals", "texture-patches", "digits")
 WEIGHTS_FILE = "mnist_cnn.pt"
 
 
-def train_demo_model(path: Path, *, epochs: int = 4, seed: int = 0, progress=None) -> Path:
+def train_demo_model(
+    path: Path, *, epochs: int = 4, seed: int = 0, progress: Progress | None = None
+) -> Path:
     """Train the built-in ``mnist_cnn`` on mnist5k:train and save its state_dict to ``path``."""
+    progress = progress or NullProgress()
     torch.manual_seed(seed)
     model = load_model("mnist_cnn")
     module = model.module.train()
@@ -57,10 +61,10 @@ def present_ood_sets() -> list[str]:
     return [name for name in OOD_CANDIDATES if name in found]
 
 
-def run_demo(store: str | os.PathLike = "artifacts/demo", *, progress=None) -> Results:
+def run_demo(
+    store: str | os.PathLike = "artifacts/demo", *, progress: Progress | None = None
+) -> Results:
     """Train (once), extract, embed, fit, score and evaluate; returns the results."""
-    from gradcli.progress import NullProgress
-
     progress = progress or NullProgress()
     folder = Path(store)
     weights = folder / WEIGHTS_FILE

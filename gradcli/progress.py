@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Progress as Bars
 
 Advance = Callable[[int], None]
+
+
+class Progress(Protocol):
+    """What library code reports to: a bar per stage and one-line notes."""
+
+    def task(
+        self, description: str, total: int | None = None
+    ) -> contextlib.AbstractContextManager[Advance]: ...
+
+    def note(self, message: str) -> None: ...
 
 
 class NullProgress:
@@ -48,7 +59,7 @@ class RichProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=self.console, transient=False) as bar:
+        with Bars(*columns, console=self.console, transient=False) as bar:
             task_id = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task_id, n)
 

@@ -13,7 +13,7 @@ import numbers
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -40,7 +40,7 @@ from gradcli.grads import (
 from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_arrays, train_head
 from gradcli.metrics import check_tpr, evaluate_scores, threshold_at_tpr
 from gradcli.models import LoadedModel, load_model, sha256_file
-from gradcli.progress import NullProgress
+from gradcli.progress import NullProgress, Progress
 from gradcli.scores import BASE_METHODS, DETECTORS, INPUT_DETECTORS, get_detector, method_class
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.baselines import ODIN
@@ -237,13 +237,13 @@ class Run:
         *,
         device: str = "cpu",
         data_root: str | os.PathLike | None = None,
-        progress=None,
+        progress: Progress | None = None,
         num_workers: int | None = None,
         create: bool = True,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         basis_dtype: str = "float32",
         on_bad_image: str = "fail",
-        should_stop=None,
+        should_stop: Callable[[], bool] | None = None,
         group: ProcessGroup | None = None,
         storage_options: Mapping | None = None,
     ) -> None:
