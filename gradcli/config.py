@@ -1,4 +1,4 @@
-"""Run configuration shared by several modules: input preprocessing and option validation."""
+"""Input preprocessing shared by several modules: size, channels, normalisation, resize."""
 
 from __future__ import annotations
 
@@ -48,13 +48,3 @@ class Preprocess:
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(
-            input_size=tuple(d["input_size"]),
-            channels=int(d["channels"]),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-            resize=d.get("resize"),
-        )

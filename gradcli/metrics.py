@@ -27,8 +27,6 @@ CONVENTIONS: dict[str, str] = {
     ),
 }
 
-METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out", "id_acceptance")
-
 
 def _check_scores(scores: ArrayLike, which: str) -> np.ndarray:
     """Return ``scores`` as a 1-D float64 array; reject empty, non-1-D, non-numeric and

@@ -14,16 +14,9 @@ import numpy as np
 from gradcli.distributed import shard_range
 from gradcli.errors import BadInputError
 from gradcli.run import Run
+from gradcli.scores.residual import reconstruction_error
 
 STAGES = ("stats", "subspace", "head")
-
-
-def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
-    """(N,) relative error sqrt(1 − ‖z‖²/‖G‖²) from reduced gradients z (N, K) and ‖G‖ (N,)."""
-    total = np.square(gnorm.astype(np.float64))
-    captured = np.square(z.astype(np.float64)).sum(axis=1)
-    ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
-    return np.sqrt(np.clip(1.0 - ratio, 0.0, None))
 
 
 def shard_status(done: np.ndarray, count: int) -> dict:

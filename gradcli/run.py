@@ -45,7 +45,7 @@ from gradcli.scores import BASE_METHODS, DETECTORS, INPUT_DETECTORS, get_detecto
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.baselines import ODIN
 from gradcli.scores.ensemble import ensemble_scores
-from gradcli.store import RunStore
+from gradcli.store import RESERVED_KEYS, RunStore
 from gradcli.subspace import (
     Subspace,
     average_gradient_basis,
@@ -980,7 +980,7 @@ class Run:
                 )
                 self.store.set_attrs(state, phase="orth1")
 
-    def _blocked_pass(self, engine, projector, source, indices, batch, each) -> None:
+    def _blocked_pass(self, engine, source, indices, batch, each) -> None:
         """One pass over the data for one layer block: ``each(rows, start, tile)`` per tile."""
         offset = 0
         for x, _ in self._loader(source, indices, batch):
@@ -1017,7 +1017,7 @@ class Run:
             def add(rows, first, tile, projector=projector):
                 projector.add(first, tile, u[rows], unused[rows])
 
-            self._blocked_pass(engines[b], projector, source, indices, batch, add)
+            self._blocked_pass(engines[b], source, indices, batch, add)
             engines[b].release()
             _check_finite(u, "gradients", source.spec)
             uslot = 1 - uslot
@@ -1048,7 +1048,7 @@ class Run:
                 local = slice(first - start, first - start + tile.shape[1])
                 y[local].addmm_(projector.normalise(first, tile).T, u32[rows])
 
-            self._blocked_pass(engines[b], projector, source, indices, batch, accumulate)
+            self._blocked_pass(engines[b], source, indices, batch, accumulate)
             engines[b].release()
             self.store.write_rows(f"{state}/S{1 - attrs['v']}", start, y.cpu().numpy())
             self.store.set_attrs(state, block=b + 1)
@@ -2385,7 +2385,7 @@ def _check_name(name: str) -> None:
     """An embedding name is one store key: ASCII letters, digits, '.', '-', '_', not hidden,
     not Zarr's own metadata file."""
     valid = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
-    if not valid or name in ("embed", "zarr.json"):
+    if not valid or name == "embed" or name in RESERVED_KEYS:
         raise BadInputError(
             f"--name '{name}' is not a valid name; use ASCII letters, digits, '.', '-' or '_'"
         )

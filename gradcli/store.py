@@ -44,6 +44,7 @@ SLAB_CHUNKS = 4
 TRANSPOSE_ROWS = 1024  # rows per block of a transposing copy
 ASIDE = ".replaced"  # what a running command replaces, kept until it succeeds
 LOCKS = ".locks"  # which process computes which stage, while it runs
+RESERVED_KEYS = ("zarr.json",)  # Zarr v3's own metadata file: no group or array may take it
 
 
 def _member_names(group: zarr.Group) -> list[str]:

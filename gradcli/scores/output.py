@@ -21,9 +21,6 @@ class MSP(Detector):
     name = "msp"
     needs_fit = False
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def _score(self, data: Embedding, readout: Readout | None) -> np.ndarray:
         logits = readout_logits(data, readout, self.name)
         return torch.softmax(logits, dim=1).amax(dim=1).numpy()

@@ -8,6 +8,15 @@ from gradcli.errors import BadInputError
 from gradcli.scores.base import Detector, Embedding, Readout
 
 
+def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
+    """(N,) float64 relative error ``sqrt(1 − ‖z‖²/‖G‖²)`` of reduced gradients z (N, K) with
+    ‖G‖ (N,); 1 where ‖G‖ is 0."""
+    total = np.square(np.asarray(gnorm, dtype=np.float64))
+    captured = np.square(np.asarray(z, dtype=np.float64)).sum(axis=1)
+    ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
+    return np.sqrt(np.clip(1.0 - ratio, 0.0, None))
+
+
 def _gnorm(data: Embedding, method: str) -> np.ndarray:
     if data.gnorm is None:
         raise BadInputError(
@@ -30,10 +39,7 @@ class Residual(Detector):
     kinds = ("grad",)
 
     def _score(self, data: Embedding, readout: Readout | None) -> np.ndarray:
-        total = _gnorm(data, self.name) ** 2
-        captured = np.square(np.asarray(data.z, dtype=np.float64)).sum(axis=1)
-        ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
-        return -np.sqrt(np.clip(1.0 - ratio, 0.0, None))
+        return -reconstruction_error(data.z, _gnorm(data, self.name))
 
 
 class GradientNorm(Detector):
