@@ -15,11 +15,14 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from gradcli.errors import BadInputError
+
+T = TypeVar("T")
 
 SLURM_ENV = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
 TIMEOUT_ENV = "GRADCLI_DIST_TIMEOUT"  # seconds a rank waits for the others (default 1800)
@@ -38,6 +41,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def check_shard(index: int, count: int, source: str) -> tuple[int, int]:
+    """``(index, count)`` of a shard, or a one-line error naming ``source`` (the option)."""
     if count < 1:
         raise BadInputError(f"{source}: the shard count N must be at least 1, got {count}")
     if not 0 <= index < count:
@@ -105,6 +109,7 @@ class ProcessGroup:
 
     @property
     def active(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world > 1
 
     @property
@@ -140,7 +145,7 @@ class ProcessGroup:
             tensor.copy_(work)
         return tensor
 
-    def broadcast_object(self, value):
+    def broadcast_object(self, value: T) -> T:
         """Rank 0's picklable ``value`` on every rank."""
         if not self.active:
             return value
@@ -157,6 +162,7 @@ class ProcessGroup:
         return bool(self.all_reduce_(torch.tensor([float(flag)]), op="max").item())
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
         if self.active:
             import torch.distributed as dist
 
@@ -175,6 +181,7 @@ class ProcessGroup:
         return -(-longest // batch)
 
     def close(self) -> None:
+        """Leave the process group (nothing to leave in one process)."""
         if self.active:
             import torch.distributed as dist
 

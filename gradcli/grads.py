@@ -20,8 +20,9 @@ import copy
 import fnmatch
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, vmap
 
 from gradcli.errors import BadInputError
+
+if TYPE_CHECKING:
+    from gradcli.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ class GradientStatistics:
         self.update_rows(0, grads, labels)
         self.commit(labels if labels is not None else torch.zeros(grads.shape[0]))
 
-    def all_reduce(self, group) -> None:
+    def all_reduce(self, group: ProcessGroup) -> None:
         """Merge the statistics of every rank of ``group`` (a
         :class:`gradcli.distributed.ProcessGroup`) into each, in float64: counts and sums add;
         centred sums combine by Chan's parallel formula ``M2 = Σ_r M2_r + n_r (μ_r − μ)²``."""
@@ -763,7 +767,7 @@ class LayerGradients:
             ws = self._workspace = torch.empty(numel, device=device)
         return ws[:numel]
 
-    def tiles(self):
+    def tiles(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start_row, tile (B, r) float32) covering every selected parameter once.
 
         Tiles are scratch: a consumer may overwrite one (it is never a view of the captured

@@ -1,6 +1,8 @@
 """OOD detection metrics: FPR at a fixed TPR, AUROC, AUPR-In and AUPR-Out.
 
-Scores follow one sign convention everywhere: higher = more in-distribution (ID). Two
+Scores follow one sign convention everywhere: higher = more in-distribution (ID). Every function
+takes ID scores (N,) and OOD scores (M,) as 1-D arrays of any real dtype or tensors, read as
+float64; empty, non-finite or non-numeric input is a one-line ``BadInputError``. Two
 conventions for FPR95 exist in the literature and give different numbers on the same scores,
 so every result names the one it used (see ``CONVENTIONS``).
 """

@@ -189,6 +189,7 @@ class Results:
     ood_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def average(self, key: tuple[str, str]) -> dict[str, float]:
+        """Each metric of row ``key`` (method, embedding) averaged over the OOD sets."""
         per_set = self.rows[key]
         metrics = next(iter(per_set.values())).keys()
         return {m: float(np.mean([per_set[o][m] for o in self.ood_names])) for m in metrics}
@@ -430,6 +431,7 @@ class Run:
 
     @property
     def selection(self) -> ParameterSelection:
+        """The parameters the store's gradients are taken over, as recorded at extraction."""
         record = self.store.attrs.get("params")
         if record is None:
             raise BadInputError(
@@ -1545,6 +1547,7 @@ class Run:
             return self.model.features_and_logits(x)[0].flatten(1).float()
 
     def embedding_names(self) -> list[str]:
+        """Names of the embeddings in the store, finished or not."""
         return self.store.children("embed") if self.store.has("embed") else []
 
     def _embeddings_of(self, spec: str) -> tuple[data_mod.ImageSource | None, dict[str, dict]]:
@@ -1722,6 +1725,7 @@ class Run:
         return summary
 
     def load_head(self) -> GradientHead:
+        """The fitted BN→FC head, in eval mode."""
         if not self.store.stage_complete("head"):
             raise BadInputError(
                 f"store {self.store.url} has no fitted head; run 'gradcli fit-head' first"

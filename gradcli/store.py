@@ -312,6 +312,7 @@ class RunStore:
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The root attrs: format version, model record, ID specs."""
         return self.root.attrs.asdict()
 
     @property
@@ -330,13 +331,16 @@ class RunStore:
 
     # -- generic access ----------------------------------------------------------------
     def has(self, path: str) -> bool:
+        """Whether a group or array exists at ``path``."""
         return path in self.root
 
     def group_attrs(self, path: str) -> dict[str, Any]:
+        """The attrs of the group or array at ``path``; {} when there is none."""
         return self.root[path].attrs.asdict() if path in self.root else {}
 
     @_writes
     def set_attrs(self, path: str, **values: Any) -> None:
+        """Update (merge into) the attrs at ``path``."""
         self.root[path].attrs.update(values)
 
     @_writes
@@ -346,6 +350,7 @@ class RunStore:
         self.root.require_group(path).attrs.update(attrs)
 
     def children(self, path: str = "") -> list[str]:
+        """Names of the members of the group at ``path`` (the root by default); [] for an array."""
         node = self.root[path] if path else self.root
         if not isinstance(node, zarr.Group):
             return []
@@ -361,6 +366,7 @@ class RunStore:
 
     @_reads
     def shape(self, path: str) -> tuple[int, ...]:
+        """Shape of the array at ``path``, without reading it."""
         return tuple(self.root[path].shape)
 
     @_reads
@@ -486,6 +492,7 @@ class RunStore:
         )
 
     def read_bytes(self, path: str) -> bytes:
+        """A byte blob stored by :meth:`write_bytes` (a serialised FAISS index)."""
         return self.read(path).tobytes()
 
     @_writes
@@ -736,9 +743,11 @@ class RunStore:
         self.root[path].attrs.update({**summary, COMPLETE: True})
 
     def stage_complete(self, path: str) -> bool:
+        """Whether the stage at ``path`` was marked complete by :meth:`complete_stage`."""
         return path in self.root and bool(self.root[path].attrs.get(COMPLETE, False))
 
     def stage_digest(self, path: str) -> str | None:
+        """The digest of a stage's provenance, which downstream stages record; None if absent."""
         return self.root[path].attrs.get(DIGEST) if path in self.root else None
 
     @_writes
