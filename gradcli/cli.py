@@ -261,7 +261,7 @@ def _check_alpha(alpha: float) -> None:
 
 def _methods(value: str) -> list[str]:
     """Method names from --method; "all" is every embedding-based method (odin only by name)."""
-    from gradcli.scores import BASE_METHODS, METHODS
+    from gradcli.scores import METHODS, resolve_methods
 
     items = _csv(value) or ["all"]
     unknown = [m for m in items if m not in (*METHODS, "ensemble", "all")]
@@ -270,10 +270,7 @@ def _methods(value: str) -> list[str]:
             f"unknown --method {', '.join(unknown)}; choose from {', '.join(METHODS)}, "
             "ensemble or all (see gradcli methods)"
         )
-    chosen = [m for m in items if m not in ("ensemble", "all")]
-    if "all" in items:
-        return list(dict.fromkeys([*BASE_METHODS, *chosen]))
-    return chosen or list(BASE_METHODS)
+    return resolve_methods([m for m in items if m != "ensemble"])  # ensemble: an embedding
 
 
 def _embeddings(value: str, methods_value: str) -> list[str]:

@@ -41,7 +41,14 @@ from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_array
 from gradcli.metrics import check_tpr, evaluate_scores, threshold_at_tpr
 from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress, Progress
-from gradcli.scores import BASE_METHODS, DETECTORS, INPUT_DETECTORS, get_detector, method_class
+from gradcli.scores import (
+    BASE_METHODS,
+    DETECTORS,
+    INPUT_DETECTORS,
+    get_detector,
+    method_class,
+    resolve_methods,
+)
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.baselines import ODIN
 from gradcli.scores.ensemble import ensemble_scores
@@ -1862,7 +1869,7 @@ class Run:
         :meth:`calibrate`) also gets its OOD flags (score < λ) in flags/<name>/<key>; a
         threshold calibrated with other settings is an error.
         """
-        methods = _name_list(methods, "methods")
+        methods = resolve_methods(_name_list(methods, "methods"))
         embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
         alpha = _check_alpha(alpha)
         batch_size = _check_batch_size(batch_size)
@@ -2120,7 +2127,7 @@ class Run:
         calibration/<key> with the settings it was made with.
         """
         tpr = check_tpr(tpr)
-        methods = _name_list(methods, "methods")
+        methods = resolve_methods(_name_list(methods, "methods"))
         embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
         alpha = _check_alpha(alpha)
         odin = ODIN(odin_temperature, odin_epsilon)
@@ -2208,7 +2215,7 @@ class Run:
             ood = [ood]
         if not ood:
             raise BadInputError("give at least one --ood dataset")
-        methods = _name_list(methods, "methods")
+        methods = resolve_methods(_name_list(methods, "methods"))
         embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
         alpha = _check_alpha(alpha)
         batch_size = _check_batch_size(batch_size)

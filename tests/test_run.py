@@ -316,6 +316,8 @@ def test_python_callers_may_pass_paths_single_names_and_option_dicts(tiny, tmp_p
     assert run.store.group_attrs("detectors/grad/knn")["provenance"]["k"] == 3
     scores = run.score(tiny.ood, methods="knn,msp", embeddings="grad")
     assert sorted(scores) == ["knn-grad", "msp-grad"]
+    every = run.score(tiny.ood, methods="all", embeddings="grad")
+    assert {"knn-grad", "residual-grad", "gnorm-grad"} <= set(every) and "odin-grad" not in every
     # An embedding is found by its name or by its dataset's spec.
     by_spec, by_name = run.load_embedding(tiny.ood), run.load_embedding("npz-ood")
     np.testing.assert_array_equal(by_spec["grad"], by_name["grad"])

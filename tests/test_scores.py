@@ -335,3 +335,14 @@ def test_a_readout_of_another_width_and_non_numeric_embeddings_are_refused():
         Embedding(z=np.zeros((2, D)), labels=[0.5, 1.0])
     floats = Embedding(z=np.zeros((2, D)), labels=np.array([1.0, -1.0]))
     assert floats.labels.dtype == np.int64 and floats.labels.tolist() == [1, -1]
+
+
+def test_resolve_methods_expands_all_and_refuses_unknown_names():
+    from gradcli.scores import resolve_methods
+
+    assert resolve_methods(["all"]) == list(BASE_METHODS) == resolve_methods([])
+    assert resolve_methods(["all", "odin"]) == [*BASE_METHODS, "odin"]
+    assert resolve_methods(["knn", "msp", "knn"]) == ["knn", "msp"]
+    assert "odin" not in BASE_METHODS  # it needs the images again: only by name
+    with pytest.raises(BadInputError, match="unknown method 'knnn'"):
+        resolve_methods(["knnn"])

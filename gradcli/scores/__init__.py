@@ -9,6 +9,7 @@ images happens only when such a method is named.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gradcli.errors import BadInputError
@@ -47,6 +48,18 @@ def method_class(name: str) -> type[Detector] | type[InputDetector]:
     if cls is None:
         raise BadInputError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
     return cls
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Method names with ``all`` expanded to every embedding-based method (odin, which needs
+    the images again, only by name); unknown names are a one-line error. None given: all."""
+    for name in names:
+        if name != "all":
+            method_class(name)
+    chosen = [name for name in names if name != "all"]
+    if "all" in names or not chosen:
+        return list(dict.fromkeys([*BASE_METHODS, *chosen]))
+    return list(dict.fromkeys(chosen))
 
 
 def get_detector(name: str, **options: Any) -> Detector | InputDetector:
@@ -105,4 +118,5 @@ __all__ = [
     "ensemble_scores",
     "get_detector",
     "method_class",
+    "resolve_methods",
 ]
