@@ -87,3 +87,14 @@ def test_bfloat16_basis_changes_demo_auroc_by_at_most_0_002(demo_store):
                 ood_bf16 = bf16.score(f"{ood}-bf16", methods=[method])[key]
                 change = abs(auroc(id_bf16, ood_bf16) - auroc(id_exact, ood_exact))
                 assert change <= 0.002, (key, ood, change)
+
+
+def test_train_demo_model_needs_no_progress_object(tmp_path):
+    import torch
+
+    from gradcli.demo import train_demo_model
+    from gradcli.models import load_model
+
+    path = train_demo_model(tmp_path / "w.pt", epochs=0)  # no steps: the set-up and the save
+    state = torch.load(path, weights_only=True)
+    assert state.keys() == load_model("mnist_cnn").module.state_dict().keys()
