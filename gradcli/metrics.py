@@ -24,8 +24,9 @@ CONVENTIONS: dict[str, str] = {
         "FPR95 = share of OOD scores at or above it"
     ),
     "openood": (
-        "OOD positive: threshold at the 95th percentile of OOD scores, so 95% of OOD samples "
-        "score at or below it; FPR95 = share of ID scores at or below it"
+        "OOD positive, as OpenOOD computes it: threshold at the lowest OOD score at or below "
+        "which at least 95% of OOD samples lie (the first ROC point reaching TPR 0.95); FPR95 = "
+        "share of ID scores at or below it"
     ),
 }
 
@@ -76,7 +77,9 @@ def threshold_at_tpr(id_scores: ArrayLike, tpr: float = 0.95) -> float:
 
 
 def _openood_threshold(ood_scores: np.ndarray, tpr: float) -> float:
-    return float(np.percentile(ood_scores, 100.0 * tpr))
+    # The smallest score with at least ``tpr`` of OOD at or below it: no interpolation, as
+    # OpenOOD's first point of sklearn's ROC curve with TPR >= tpr.
+    return float(np.quantile(ood_scores, tpr, method="inverted_cdf"))
 
 
 def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
@@ -95,8 +98,9 @@ def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -
 def fpr_at_tpr_openood(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
     """OpenOOD's variant (OOD positive): FPR on ID data when ``tpr`` of the OOD data is flagged.
 
-    threshold = ``np.percentile(ood_scores, 100·tpr)``; a score ``<=`` threshold flags OOD;
-    FPR = share of ID scores ``<=`` threshold.
+    threshold = the lowest OOD score with at least ``tpr`` of the OOD scores ``<=`` it
+    (``np.quantile(..., method="inverted_cdf")``, OpenOOD's first ROC point reaching ``tpr``);
+    a score ``<=`` threshold flags OOD; FPR = share of ID scores ``<=`` threshold.
     """
     tpr = check_tpr(tpr)
     id_array = _check_scores(id_scores, "ID")

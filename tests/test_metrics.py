@@ -25,8 +25,9 @@ def test_fpr_hand_computed():
     id_scores = np.arange(1.0, 21.0)  # 5th percentile: 1 + 0.05·19 = 1.95
     ood_scores = np.array([0.5, 1.94, 1.96, 2.0, 10.0, 12.0])
     assert fpr_at_tpr(id_scores, ood_scores) == pytest.approx(4 / 6)
-    # OpenOOD: 95th percentile of OOD = 10 + 0.75·(12 − 10) = 11.5; ID <= 11.5 → 11 of 20.
-    assert fpr_at_tpr_openood(id_scores, ood_scores) == pytest.approx(11 / 20)
+    # OpenOOD: 95% of 6 OOD scores needs all 6, so the threshold is 12; ID <= 12 → 12 of 20
+    # (no interpolation: 11.5, the interpolated 95th percentile, would flag only 5 of 6).
+    assert fpr_at_tpr_openood(id_scores, ood_scores) == pytest.approx(12 / 20)
     assert fpr_at_tpr(id_scores, ood_scores, tpr=0.5) == pytest.approx(1 / 6)  # threshold 10.5
 
 
@@ -49,6 +50,18 @@ def test_metrics_match_sklearn_and_roc_curve():
         average_precision_score(1 - labels, -scores)
     )
     assert aupr_in(id_scores, ood_scores) != pytest.approx(aupr_out(id_scores, ood_scores))
+
+
+@pytest.mark.parametrize("n_ood", [137, 200, 203])
+def test_openood_fpr_is_openood_s_own_computation(n_ood):
+    """OpenOOD: roc_curve with OOD positive on negated scores, FPR at the first TPR >= 0.95;
+    sample counts where 95% falls between samples, and tied scores."""
+    rng = np.random.default_rng(n_ood)
+    id_scores = np.round(rng.normal(1.0, 1.0, 311), 1)  # rounding makes ties
+    ood_scores = np.round(rng.normal(0.0, 1.0, n_ood), 1)
+    indicator = np.r_[np.zeros(id_scores.size), np.ones(ood_scores.size)]
+    fprs, tprs, _ = roc_curve(indicator, -np.r_[id_scores, ood_scores])
+    assert fpr_at_tpr_openood(id_scores, ood_scores) == fprs[np.argmax(tprs >= 0.95)]
 
 
 def test_evaluate_scores_conventions():
