@@ -49,8 +49,8 @@ from gradcli.scores import (
     method_class,
     resolve_methods,
 )
-from gradcli.scores.base import Embedding, Readout
-from gradcli.scores.baselines import ODIN
+from gradcli.scores.base import Detector, Embedding, Readout
+from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.store import RESERVED_KEYS, RunStore
 from gradcli.subspace import (
@@ -1751,7 +1751,9 @@ class Run:
         return Readout.from_linear(linear.weight.detach().cpu(), bias)
 
     @staticmethod
-    def _as_embedding(arrays: dict[str, np.ndarray], kind: str) -> Embedding:
+    def as_embedding(arrays: dict[str, np.ndarray], kind: str) -> Embedding:
+        """An embedding's arrays (as :meth:`load_embedding` gives them) as the detectors'
+        input for ``kind`` "grad" (reduced gradients, with ‖G‖) or "feat" (features)."""
         return Embedding(
             z=arrays["grad"] if kind == "grad" else arrays["feat"],
             logits=arrays["logits"],
@@ -1778,7 +1780,7 @@ class Run:
             for kind, method in pairs:
                 if kind not in readouts:
                     readouts[kind] = self.readout(kind)
-                    trains[kind] = self._as_embedding(train_data, kind)
+                    trains[kind] = self.as_embedding(train_data, kind)
                 readout = readouts[kind]
                 path = f"detectors/{kind}/{method}"
                 config = options.for_method(method)
@@ -1810,7 +1812,9 @@ class Run:
             train_data = self.load_embedding(train_name)
             self._fit_detectors(train_name, train_data, DetectorOptions(), only=missing)
 
-    def _detector(self, kind: str, method: str):
+    def fitted_detector(self, kind: str, method: str) -> Detector | None:
+        """The detector fit-head fitted for ``method`` on ``kind`` embeddings; None where it
+        does not apply to this model (e.g. no last Linear layer)."""
         path = f"detectors/{kind}/{method}"
         if not self.store.stage_complete(path):
             raise BadInputError(
@@ -1850,8 +1854,8 @@ class Run:
         embeddings: Sequence[str] = SCORE_EMBEDDINGS,
         alpha: float = 1.0,
         batch_size: int | None = None,
-        odin_temperature: float = 1000.0,
-        odin_epsilon: float = 0.0014,
+        odin_temperature: float = ODIN_TEMPERATURE,
+        odin_epsilon: float = ODIN_EPSILON,
         write_flags: bool = True,
         shard: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
@@ -1929,12 +1933,12 @@ class Run:
                 elif method in INPUT_DETECTORS:
                     scores = self._input_scores(name, odin, batch_size)
                 else:
-                    detector = self._detector(kind, method)
+                    detector = self.fitted_detector(kind, method)
                     if detector is None:
                         continue
                     if kind not in readouts:
                         readouts[kind] = self.readout(kind)
-                        data[kind] = self._as_embedding(arrays, kind)
+                        data[kind] = self.as_embedding(arrays, kind)
                     with torch.inference_mode():
                         scores = detector.score(data[kind], readouts[kind])
                 _check_finite(torch.from_numpy(np.asarray(scores)), f"{key} scores", name)
@@ -2117,8 +2121,8 @@ class Run:
         embeddings: Sequence[str] = SCORE_EMBEDDINGS,
         alpha: float = 1.0,
         batch_size: int | None = None,
-        odin_temperature: float = 1000.0,
-        odin_epsilon: float = 0.0014,
+        odin_temperature: float = ODIN_TEMPERATURE,
+        odin_epsilon: float = ODIN_EPSILON,
     ) -> dict[str, dict]:
         """Store the paper's threshold λ for each score on held-out ID data ``dataset``.
 
@@ -2198,8 +2202,8 @@ class Run:
         alpha: float = 1.0,
         convention: str = "paper",
         batch_size: int | None = None,
-        odin_temperature: float = 1000.0,
-        odin_epsilon: float = 0.0014,
+        odin_temperature: float = ODIN_TEMPERATURE,
+        odin_epsilon: float = ODIN_EPSILON,
         sweeps: Mapping[str, Sequence[float]] | None = None,
     ) -> Results:
         """Every missing stage, then metrics of ID test scores against each OOD set.

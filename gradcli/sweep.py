@@ -115,7 +115,7 @@ def check_sweep_dims(plan: Mapping[str, Sequence[float | int]], dims: Mapping[st
 def _detector(run: Run, kind: str, method: str, option: str, value: Any, train: dict) -> Any:
     """The stored detector with ``option`` set to ``value``; refitted in memory on the ID
     training embedding when its fitted state depends on that option."""
-    stored = run._detector(kind, method)
+    stored = run.fitted_detector(kind, method)
     if stored is None:
         return None
     config = {**stored.config(), option: value}
@@ -126,7 +126,7 @@ def _detector(run: Run, kind: str, method: str, option: str, value: Any, train: 
         name = run.store.group_attrs("head")["provenance"]["train"]
         train["arrays"] = run.load_embedding(name)
     detector = get_detector(method, **config)
-    return detector.fit(run._as_embedding(train["arrays"], kind), run.readout(kind))
+    return detector.fit(run.as_embedding(train["arrays"], kind), run.readout(kind))
 
 
 def run_sweeps(
@@ -147,7 +147,7 @@ def run_sweeps(
     arrays = {name: run.load_embedding(name) for name in names}
     kinds = [k for k in ("grad", "feat") if k in embeddings or "ensemble" in embeddings]
     readouts = {kind: run.readout(kind) for kind in kinds}
-    data = {(n, k): run._as_embedding(arrays[n], k) for n in names for k in kinds}
+    data = {(n, k): run.as_embedding(arrays[n], k) for n in names for k in kinds}
     train: dict = {}
     records: list[dict] = []
     for parameter_name, values in plan.items():

@@ -26,6 +26,9 @@ from gradcli.scores.base import (
     scalar,
 )
 
+ODIN_TEMPERATURE = 1000.0  # ODIN's defaults (Liang et al., ICLR 2018)
+ODIN_EPSILON = 0.0014
+
 
 def _check_temperature(temperature: float, method: str, option: str) -> float:
     if not (temperature > 0 and np.isfinite(temperature)):
@@ -258,7 +261,9 @@ class ODIN(InputDetector):
     name = "odin"
     option_names = ("temperature", "epsilon")
 
-    def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
+    def __init__(
+        self, temperature: float = ODIN_TEMPERATURE, epsilon: float = ODIN_EPSILON
+    ) -> None:
         self.temperature = _check_temperature(temperature, self.name, "--odin-temperature")
         if not (epsilon >= 0 and np.isfinite(epsilon)):
             raise BadInputError(f"odin: --odin-epsilon must be 0 or more, got {epsilon}")
