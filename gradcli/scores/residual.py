@@ -10,7 +10,7 @@ from gradcli.scores.base import Detector, Embedding, Readout
 
 def reconstruction_error(z: np.ndarray, gnorm: np.ndarray) -> np.ndarray:
     """(N,) float64 relative error ``sqrt(1 − ‖z‖²/‖G‖²)`` of reduced gradients z (N, K) with
-    ‖G‖ (N,); 1 where ‖G‖ is 0."""
+    ‖G‖ (N,); 0 where ‖G‖ is 0 (nothing to reconstruct)."""
     total = np.square(np.asarray(gnorm, dtype=np.float64))
     captured = np.square(np.asarray(z, dtype=np.float64)).sum(axis=1)
     ratio = np.divide(captured, total, out=np.ones_like(total), where=total > 0)
