@@ -16,10 +16,10 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from gradcli import __version__
 from gradcli.errors import (
@@ -44,12 +44,9 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-try:  # Typer from 0.29 on raises its own copy of click's exceptions
-    from typer.exceptions import TyperException as _TyperUsageError
-except ImportError:  # earlier versions raise click's
-    _TyperUsageError = click.ClickException
-USAGE_ERRORS = (click.ClickException, _TyperUsageError)
-STOPS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+# Typer (0.29 on) raises its own exceptions and no longer depends on click.
+USAGE_ERRORS = (TyperException,)
+STOPS = (KeyboardInterrupt, typer.Abort)
 
 
 def _out() -> Console:
@@ -1035,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Typer hands back an Exit's code, and turns a Ctrl-C that reaches it into Exit(130).
         code = app(args=args, prog_name="gradcli", standalone_mode=False)
-    except (click.exceptions.Exit, typer.Exit) as stop:
+    except typer.Exit as stop:
         code = stop.exit_code
     except USAGE_ERRORS as problem:
         return _usage_error(problem)

@@ -326,7 +326,7 @@ class RunStore:
         """Merge values into the root attrs, stamping version and format."""
         base = {"gradcli_version": __version__, "format_version": FORMAT_VERSION}
         if "created" not in self.root.attrs:
-            base["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            base["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.root.attrs.update({**base, **values})
 
     # -- generic access ----------------------------------------------------------------
