@@ -123,9 +123,12 @@ def load_split(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tensor, torch.from_numpy(source.labels().astype(np.int64))
 
 
-def train_cifar(root: Path, path: Path, minutes: float, seed: int = 0) -> dict:
-    """Train SmallResNet on train/ for at most ``minutes`` of wall-clock time (SGD, one-cycle,
-    crop + flip); save the state_dict and report the test accuracy."""
+def train_cifar(
+    root: Path, path: Path, minutes: float, seed: int = 0, epochs: int | None = None
+) -> dict:
+    """Train SmallResNet on train/ for ``epochs`` epochs, or as many as a timing probe says fit
+    in ``minutes`` of wall-clock time (SGD, one-cycle, crop + flip); save the state_dict and
+    report the test accuracy."""
     torch.manual_seed(seed)
     x, y = load_split(root / "train")
     xt, yt = load_split(root / "test")
@@ -147,7 +150,8 @@ def train_cifar(root: Path, path: Path, minutes: float, seed: int = 0) -> dict:
         loss.backward()
         optimiser.step()
     per_step = (time.perf_counter() - probe) / 3
-    epochs = max(1, int(minutes * 60 * 0.9 / (per_step * steps_per_epoch)))
+    if epochs is None:
+        epochs = max(1, int(minutes * 60 * 0.9 / (per_step * steps_per_epoch)))
     model = SmallResNet()
     optimiser = torch.optim.SGD(
         model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
