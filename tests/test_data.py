@@ -431,10 +431,15 @@ def test_list_datasets_marks_what_is_found(tmp_path: Path) -> None:
 
 def test_preprocess_colour_to_grey_and_normalise_by_hand() -> None:
     images = random_image(np.random.default_rng(8), (2, 5, 7, 3))
-    out = preprocess_batch(torch.from_numpy(images), Preprocess((5, 7), 1, (0.4,), (0.2,)))
+    grey = Preprocess((5, 7), 1, (0.4,), (0.2,), resize_rounding="float")
+    out = preprocess_batch(torch.from_numpy(images), grey)
     expected = ((images.astype(np.float64) @ LUMA) / 255.0 - 0.4) / 0.2
     assert out.shape == (2, 1, 5, 7) and out.dtype == torch.float32
     np.testing.assert_allclose(out[:, 0].numpy(), expected, rtol=0, atol=1e-5)
+    # uint8 (the default) rounds the luma as PIL's convert("L") does
+    rounded = preprocess_batch(torch.from_numpy(images), Preprocess((5, 7), 1, (0.4,), (0.2,)))
+    pil = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in images])
+    np.testing.assert_allclose(rounded[:, 0].numpy(), (pil / 255.0 - 0.4) / 0.2, atol=1e-6)
 
 
 def test_preprocess_grey_to_three_channels_with_per_channel_stats() -> None:

@@ -347,7 +347,8 @@ def test_torchvision_resnet18_from_hub_cache_and_from_a_local_file(tmp_path, mon
 
 
 def test_torchvision_default_recipe_and_small_mobilenet():
-    loaded = load_model("mobilenet_v2", input_size=(48, 64), num_classes=3)
+    loaded = load_model("mobilenet_v2", input_size=(48, 64), num_classes=3, random_weights=True)
+    assert loaded.describe()["random_weights"] is True
     assert loaded.feature_layer == "classifier.1"
     assert loaded.num_classes == 3 and loaded.feature_dim == 1280
     assert loaded.preprocess.input_size == (48, 64)
