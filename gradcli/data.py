@@ -250,7 +250,7 @@ def preprocess_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tens
         x = images.permute(0, 3, 1, 2).to(torch.int64)
         if preprocess.channels == 1 and x.shape[1] == 3:
             x = _pil_luma(x)
-        x = _resize(x, preprocess, _pil_bilinear).to(torch.float32)
+        x = _resize(x.to(torch.float64), preprocess, _pil_bilinear).to(torch.float32)
     else:
         x = images.permute(0, 3, 1, 2).to(torch.float32)
         if preprocess.channels == 1 and x.shape[1] == 3:
@@ -267,16 +267,19 @@ def preprocess_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tens
 def _resize(
     x: torch.Tensor,
     preprocess: Preprocess,
-    interpolate: Callable[[torch.Tensor, int, int], torch.Tensor],
+    interpolate: Callable[[torch.Tensor, int, int, tuple[int, int, int, int]], torch.Tensor],
 ) -> torch.Tensor:
-    """(B, C, H, W) → (B, C, h, w), following torchvision's Resize + CenterCrop rules."""
+    """(B, C, H, W) → (B, C, h, w), following torchvision's Resize + CenterCrop rules.
+
+    ``interpolate(x, height, width, window)`` resizes to height × width and returns the
+    ``window`` (top, left, rows, columns) of the result."""
     if preprocess.input_size is None:
         return x
     height, width = x.shape[-2:]
     target_h, target_w = preprocess.input_size
     if preprocess.resize is None:
         if (height, width) != (target_h, target_w):
-            x = interpolate(x, target_h, target_w)
+            x = interpolate(x, target_h, target_w, (0, 0, target_h, target_w))
         return x
     short, long = min(height, width), max(height, width)
     new_short, new_long = preprocess.resize, int(preprocess.resize * long / short)
@@ -287,17 +290,19 @@ def _resize(
             f"than --input-size {target_h}x{target_w}; use a --resize of at least "
             f"{max(target_h, target_w)}"
         )
-    if (new_h, new_w) != (height, width):
-        x = interpolate(x, new_h, new_w)
     top = int(round((new_h - target_h) / 2.0))
     left = int(round((new_w - target_w) / 2.0))
+    if (new_h, new_w) != (height, width):
+        return interpolate(x, new_h, new_w, (top, left, target_h, target_w))
     return x[..., top : top + target_h, left : left + target_w]
 
 
-def _bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return F.interpolate(
-        x, size=(height, width), mode="bilinear", antialias=True, align_corners=False
-    )
+def _bilinear(
+    x: torch.Tensor, height: int, width: int, window: tuple[int, int, int, int]
+) -> torch.Tensor:
+    top, left, rows, columns = window
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x[..., top : top + rows, left : left + columns]
 
 
 # PIL's fixed-point resampling: coefficients carry 22 fractional bits (32 - 8 - 2).
@@ -311,9 +316,9 @@ def _pil_luma(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=128)
-def _pil_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL's bilinear (antialiased) coefficients for one axis: source indices (out, k) int64
-    and fixed-point weights (out, k) int64, zero-weight taps pointing at index 0."""
+def _pil_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """PIL's bilinear (antialiased) coefficients for one axis as a dense (in, out) float64
+    matrix of its fixed-point integers (22 fractional bits)."""
     scale = float(in_size) / out_size
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale  # the bilinear filter's support is 1
@@ -330,33 +335,40 @@ def _pil_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         total = total + weights[:, tap]
     weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0, 1, total)[:, None], 0)
     fixed = np.trunc(weights * (1 << _PIL_PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
-    index = np.where(valid, offsets[None, :] + xmin[:, None], 0)
-    return torch.from_numpy(index), torch.from_numpy(fixed.astype(np.int64))
+    matrix = np.zeros((in_size, out_size))
+    rows = np.where(valid, offsets[None, :] + xmin[:, None], 0)
+    np.add.at(matrix, (rows, np.arange(out_size)[:, None]), np.where(valid, fixed, 0.0))
+    return torch.from_numpy(matrix)
 
 
-def _pil_resample_last(x: torch.Tensor, out_size: int) -> torch.Tensor:
-    """One PIL pass along the last axis: (..., n) int64 in 0..255 → (..., out_size) int64."""
-    index, weights = _pil_taps(int(x.shape[-1]), out_size)
-    total = torch.full((*x.shape[:-1], out_size), 1 << (_PIL_PRECISION_BITS - 1))
-    for tap in range(index.shape[1]):  # a few taps; each one a vectorised gather
-        total += x[..., index[:, tap]] * weights[:, tap]
-    return (total >> _PIL_PRECISION_BITS).clamp_(0, 255)
+def _pil_round(total: torch.Tensor) -> torch.Tensor:
+    """Fixed-point sums → 8-bit values as PIL: add one half, shift, clip to 0..255."""
+    total += 1 << (_PIL_PRECISION_BITS - 1)
+    return total.div_(1 << _PIL_PRECISION_BITS).floor_().clamp_(0, 255)
 
 
-def _pil_bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, C, H, W) int64 in 0..255 → (B, C, height, width) int64, exactly as PIL's
-    ``Image.resize(..., BILINEAR)``: two separable passes, each rounded to 8 bits, in PIL's
-    order (vertical first when the height shrinks more than twice as much as the width)."""
+def _pil_bilinear(
+    x: torch.Tensor, height: int, width: int, window: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """(B, C, H, W) float64 integers in 0..255 → the ``window`` (top, left, rows, columns)
+    of the image resized to height × width, exactly as PIL's ``Image.resize(..., BILINEAR)``:
+    two separable passes, each rounded to 8 bits, in PIL's order (vertical first when the
+    height shrinks more than twice as much as the width). Each pass is one float64 matrix
+    product whose integer products and sums stay below 2^53, so it is PIL's integer
+    arithmetic exactly; only the window's rows and columns are computed."""
     in_h, in_w = x.shape[-2:]
+    top, left, rows, columns = window
     horizontal_first = not (in_h - height > 0 and in_h - height > (in_w - width) * 2)
 
     def horizontal(t: torch.Tensor) -> torch.Tensor:
-        return _pil_resample_last(t, width) if t.shape[-1] != width else t
+        if in_w == width:
+            return t[..., left : left + columns]
+        return _pil_round(t @ _pil_matrix(in_w, width)[:, left : left + columns])
 
     def vertical(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[-2] == height:
-            return t
-        return _pil_resample_last(t.transpose(-1, -2), height).transpose(-1, -2)
+        if in_h == height:
+            return t[..., top : top + rows, :]
+        return _pil_round(_pil_matrix(in_h, height)[:, top : top + rows].T @ t)
 
     return vertical(horizontal(x)) if horizontal_first else horizontal(vertical(x))
 
