@@ -250,6 +250,19 @@ def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
         _out().print(text, highlight=False)
 
 
+def _preprocess(run) -> dict | None:
+    """The store model's preprocessing for a summary: its fields and a one-line ``text``."""
+    from gradcli.config import Preprocess
+
+    record = (run.store.attrs.get("model") or {}).get("preprocess")
+    return Preprocess.from_dict(record).summary() if record else None
+
+
+def _with_preprocess(text: str, summary: dict) -> str:
+    entry = summary.get("preprocess")
+    return f"{text}\npreprocess: {entry['text']}" if entry else text
+
+
 def _check_alpha(alpha: float) -> None:
     """Checked first: a calibration stored with another α would otherwise be named instead."""
     if not math.isfinite(alpha):
@@ -328,7 +341,30 @@ def extract_subspace(
     feature_layer: Annotated[
         str | None, typer.Option(help="Module whose input is the feature vector.")
     ] = None,
-    input_size: Annotated[str | None, typer.Option(help="Model input size, N or HxW.")] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights", help="Run a torchvision architecture with untrained weights."
+        ),
+    ] = False,
+    input_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Model input size, N or HxW (default: the model's recipe; user models take "
+            "images at their stored size)."
+        ),
+    ] = None,
+    resize: Annotated[
+        int | None,
+        typer.Option(help="Resize the shorter side to N, then centre-crop to --input-size."),
+    ] = None,
+    resize_rounding: Annotated[
+        str,
+        typer.Option(
+            help="Resized pixels: uint8 (rounded to 8 bits as torchvision's PIL Resize + "
+            "ToTensor) or float (unrounded interpolation)."
+        ),
+    ] = "uint8",
     mean: Annotated[str | None, typer.Option(help="Per-channel mean, comma-separated.")] = None,
     std: Annotated[str | None, typer.Option(help="Per-channel std, comma-separated.")] = None,
     num_classes: Annotated[
@@ -380,6 +416,9 @@ def extract_subspace(
                 num_classes=num_classes,
                 trust_checkpoint=trust_checkpoint,
                 overwrite=overwrite,
+                resize=resize,
+                resize_rounding=resize_rounding,
+                random_weights=random_weights,
             )
             summary = run.extract_subspace(
                 dataset,
@@ -397,6 +436,9 @@ def extract_subspace(
                 overwrite=overwrite,
             )
         summary.update(store=store, model=loaded.spec, classes=loaded.num_classes)
+        summary["preprocess"] = loaded.preprocess.summary()
+        if loaded.random_weights:
+            summary["random_weights"] = True
         if run.skipped:  # unreadable images left out under --on-bad-image skip
             summary["skipped"] = run.skipped
         text = (
@@ -410,6 +452,9 @@ def extract_subspace(
             + (" [reused from store]" if summary["reused"] else "")
             + f" -> {store}"
         )
+        if loaded.random_weights:
+            text += "\nnote: untrained (random) weights, as --random-weights asked"
+        text = _with_preprocess(text, summary)
         if group.is_writer:
             _emit(summary, as_json, text)
     finally:
@@ -475,6 +520,7 @@ def embed(
     shape = run.store.shape(f"embed/{stored}/grad")
     complete = run.store.stage_complete(f"embed/{stored}")
     summary = {"name": stored, "rows": shape[0], "k": shape[1], "store": store}
+    summary["preprocess"] = _preprocess(run)
     if run.skipped:
         summary["skipped"] = run.skipped
     text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
@@ -487,7 +533,7 @@ def embed(
                 f"shard {part[0]}/{part[1]} of '{stored}' finished; {n_done}/{len(done)} chunks "
                 "done in all, the last shard to finish completes the embedding"
             )
-    _emit(summary, as_json, text)
+    _emit(summary, as_json, _with_preprocess(text, summary))
 
 
 @app.command("fit-head", epilog="Example: gradcli fit-head --epochs 10 --store artifacts/r18")
@@ -571,7 +617,8 @@ def fit_head(
             f", ID test accuracy {100 * summary['test_accuracy']:.2f}% on '{summary['test']}' "
             f"(model: {100 * summary['model_test_accuracy']:.2f}%)"
         )
-    _emit(summary, as_json, text)
+    summary["preprocess"] = _preprocess(run)
+    _emit(summary, as_json, _with_preprocess(text, summary))
 
 
 @app.command(
@@ -694,8 +741,9 @@ def score(
             )
             items = [f"{name}#{row}" for row in range(len(next(iter(scores.values()), [])))]
         export_scores(target, items, scores, flags)
+    preprocess = _preprocess(run)
     if as_json:
-        _emit(summary, True)
+        _emit({**summary, "preprocess": preprocess}, True)
         return
     table = Table(title=f"scores of {dataset}")
     columns = ["score", "n", "mean", "std"] + (["λ", "flagged OOD"] if flags else [])
@@ -714,6 +762,8 @@ def score(
             )
         table.add_row(*row)
     _out().print(table)
+    if preprocess:
+        _out().print(f"preprocess: {preprocess['text']}", highlight=False, markup=False)
     if target is not None:
         _out().print(f"wrote {target}", highlight=False)
 
@@ -823,11 +873,14 @@ def evaluate(
         )
     _write_results(results, results_dir, store, results_json, results_csv, run.store)
     written = write_report(run, results, report, density_dim=density_dim) if report else []
+    preprocess = _preprocess(run)
     if as_json:
-        print(results_json(results))
+        print(json.dumps({**json.loads(results_json(results)), "preprocess": preprocess}, indent=2))
         return
     console = _out()
     console.print(results_table(results))
+    if preprocess:
+        console.print(f"preprocess: {preprocess['text']}", highlight=False, markup=False)
     for table in sweep_tables(results.sweeps):
         console.print(table)
     if written:

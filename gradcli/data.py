@@ -238,15 +238,25 @@ def preprocess_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tens
 
     Channels are converted to ``preprocess.channels`` (grey replicated, colour → BT.601 luma),
     the image is resized (shorter side to ``resize`` then centre crop, or straight to
-    ``input_size``; bilinear with antialiasing), scaled to [0, 1] and normalised by mean/std.
+    ``input_size``; bilinear with antialiasing; kept at its size when ``input_size`` is None),
+    scaled to [0, 1] and normalised by mean/std. With ``resize_rounding="uint8"`` luma and
+    resized pixels are rounded to 8 bits exactly as PIL does, so that the result equals
+    torchvision's ``Resize`` + ``CenterCrop`` on PIL images followed by ``ToTensor`` and
+    ``Normalize``; ``"float"`` keeps the interpolated values.
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected (B, H, W, 1|3) images, got shape {tuple(images.shape)}")
-    x = images.permute(0, 3, 1, 2).to(torch.float32)
-    if preprocess.channels == 1 and x.shape[1] == 3:
-        luma = torch.tensor(_LUMA_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1)
-        x = (x * luma).sum(dim=1, keepdim=True)
-    x = _resize(x, preprocess)
+    if preprocess.resize_rounding == "uint8":
+        x = images.permute(0, 3, 1, 2).to(torch.int64)
+        if preprocess.channels == 1 and x.shape[1] == 3:
+            x = _pil_luma(x)
+        x = _resize(x.to(torch.float64), preprocess, _pil_bilinear).to(torch.float32)
+    else:
+        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        if preprocess.channels == 1 and x.shape[1] == 3:
+            luma = torch.tensor(_LUMA_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1)
+            x = (x * luma).sum(dim=1, keepdim=True)
+        x = _resize(x, preprocess, _bilinear)
     if preprocess.channels == 3 and x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -254,13 +264,22 @@ def preprocess_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tens
     return (x / 255.0 - mean) / std
 
 
-def _resize(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """(B, C, H, W) float → (B, C, h, w), following torchvision's Resize + CenterCrop rules."""
+def _resize(
+    x: torch.Tensor,
+    preprocess: Preprocess,
+    interpolate: Callable[[torch.Tensor, int, int, tuple[int, int, int, int]], torch.Tensor],
+) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, h, w), following torchvision's Resize + CenterCrop rules.
+
+    ``interpolate(x, height, width, window)`` resizes to height × width and returns the
+    ``window`` (top, left, rows, columns) of the result."""
+    if preprocess.input_size is None:
+        return x
     height, width = x.shape[-2:]
     target_h, target_w = preprocess.input_size
     if preprocess.resize is None:
         if (height, width) != (target_h, target_w):
-            x = _bilinear(x, target_h, target_w)
+            x = interpolate(x, target_h, target_w, (0, 0, target_h, target_w))
         return x
     short, long = min(height, width), max(height, width)
     new_short, new_long = preprocess.resize, int(preprocess.resize * long / short)
@@ -271,17 +290,87 @@ def _resize(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
             f"than --input-size {target_h}x{target_w}; use a --resize of at least "
             f"{max(target_h, target_w)}"
         )
-    if (new_h, new_w) != (height, width):
-        x = _bilinear(x, new_h, new_w)
     top = int(round((new_h - target_h) / 2.0))
     left = int(round((new_w - target_w) / 2.0))
+    if (new_h, new_w) != (height, width):
+        return interpolate(x, new_h, new_w, (top, left, target_h, target_w))
     return x[..., top : top + target_h, left : left + target_w]
 
 
-def _bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return F.interpolate(
-        x, size=(height, width), mode="bilinear", antialias=True, align_corners=False
-    )
+def _bilinear(
+    x: torch.Tensor, height: int, width: int, window: tuple[int, int, int, int]
+) -> torch.Tensor:
+    top, left, rows, columns = window
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x[..., top : top + rows, left : left + columns]
+
+
+# PIL's fixed-point resampling: coefficients carry 22 fractional bits (32 - 8 - 2).
+_PIL_PRECISION_BITS = 22
+
+
+def _pil_luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) int64 RGB → (B, 1, H, W) int64 luma, rounded as PIL's ``convert("L")``."""
+    weights = torch.tensor((19595, 38470, 7471), dtype=torch.int64).view(1, 3, 1, 1)
+    return ((x * weights).sum(dim=1, keepdim=True) + 0x8000) >> 16
+
+
+@functools.lru_cache(maxsize=128)
+def _pil_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """PIL's bilinear (antialiased) coefficients for one axis as a dense (in, out) float64
+    matrix of its fixed-point integers (22 fractional bits)."""
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter's support is 1
+    ksize = int(np.ceil(support)) * 2 + 1
+    centers = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    xmin = np.maximum(np.trunc(centers - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(centers + support + 0.5).astype(np.int64), in_size) - xmin
+    offsets = np.arange(ksize, dtype=np.int64)
+    valid = offsets[None, :] < xmax[:, None]
+    position = (offsets[None, :] + xmin[:, None] - centers[:, None] + 0.5) * (1.0 / filterscale)
+    weights = np.where(valid, np.clip(1.0 - np.abs(position), 0.0, None), 0.0)
+    total = np.zeros(out_size)
+    for tap in range(ksize):  # summed in PIL's order, tap by tap
+        total = total + weights[:, tap]
+    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0, 1, total)[:, None], 0)
+    fixed = np.trunc(weights * (1 << _PIL_PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
+    matrix = np.zeros((in_size, out_size))
+    rows = np.where(valid, offsets[None, :] + xmin[:, None], 0)
+    np.add.at(matrix, (rows, np.arange(out_size)[:, None]), np.where(valid, fixed, 0.0))
+    return torch.from_numpy(matrix)
+
+
+def _pil_round(total: torch.Tensor) -> torch.Tensor:
+    """Fixed-point sums → 8-bit values as PIL: add one half, shift, clip to 0..255."""
+    total += 1 << (_PIL_PRECISION_BITS - 1)
+    return total.div_(1 << _PIL_PRECISION_BITS).floor_().clamp_(0, 255)
+
+
+def _pil_bilinear(
+    x: torch.Tensor, height: int, width: int, window: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """(B, C, H, W) float64 integers in 0..255 → the ``window`` (top, left, rows, columns)
+    of the image resized to height × width, exactly as PIL's ``Image.resize(..., BILINEAR)``:
+    two separable passes, each rounded to 8 bits, in PIL's order (vertical first when the
+    height shrinks more than twice as much as the width). Each pass is one float64 matrix
+    product whose integer products and sums stay below 2^53, so it is PIL's integer
+    arithmetic exactly; only the window's rows and columns are computed."""
+    in_h, in_w = x.shape[-2:]
+    top, left, rows, columns = window
+    horizontal_first = not (in_h - height > 0 and in_h - height > (in_w - width) * 2)
+
+    def horizontal(t: torch.Tensor) -> torch.Tensor:
+        if in_w == width:
+            return t[..., left : left + columns]
+        return _pil_round(t @ _pil_matrix(in_w, width)[:, left : left + columns])
+
+    def vertical(t: torch.Tensor) -> torch.Tensor:
+        if in_h == height:
+            return t[..., top : top + rows, :]
+        return _pil_round(_pil_matrix(in_h, height)[:, top : top + rows].T @ t)
+
+    return vertical(horizontal(x)) if horizontal_first else horizontal(vertical(x))
 
 
 class PreprocessedDataset(Dataset):
@@ -312,17 +401,42 @@ class PreprocessedDataset(Dataset):
                     f"use indices from 0 to {len(source) - 1}"
                 )
 
+        self._stored_size: tuple[int, int] | None = None
+
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _check_stored_size(self, images: np.ndarray | list[np.ndarray], rows: np.ndarray) -> None:
+        """Without an input size every image is fed at its stored size, so all must share
+        the size of the dataset's first image; else a one-line error asks for --input-size."""
+        if self.preprocess.input_size is not None or len(self.indices) == 0:
+            return
+        if self._stored_size is None:
+            self._stored_size = tuple(self.source.load(int(self.indices[0]))[0].shape[:2])
+        shapes = [tuple(images.shape[1:3])] if isinstance(images, np.ndarray) else None
+        shapes = shapes or [tuple(image.shape[:2]) for image in images]
+        for offset, shape in enumerate(shapes):
+            if shape != self._stored_size:
+                height, width = self._stored_size
+                item = self.source.item_id(int(rows[offset if len(shapes) > 1 else 0]))
+                raise BadInputError(
+                    f"images of {self.source.spec} differ in size ({height}x{width} and "
+                    f"{shape[0]}x{shape[1]} at {item}) and the model has no fixed input size; "
+                    "pass --input-size HxW to resize them all"
+                )
+
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source.load(int(self.indices[position]))
+        row = int(self.indices[position])
+        image, label = self.source.load(row)
+        self._check_stored_size([image], np.array([row]))
         x = preprocess_batch(torch.from_numpy(image)[None], self.preprocess)[0]
         return x, label
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """Batched fetch used by DataLoader: one vectorised preprocessing call per batch."""
-        images, labels = self.source.load_many(self.indices[np.asarray(positions, dtype=np.int64)])
+        rows = self.indices[np.asarray(positions, dtype=np.int64)]
+        images, labels = self.source.load_many(rows)
+        self._check_stored_size(images, rows)
         if isinstance(images, list) and len({image.shape for image in images}) == 1:
             images = np.stack(images)
         if isinstance(images, np.ndarray):

@@ -5,11 +5,16 @@ A model spec is one of:
 1. a torchvision classification architecture name (``resnet18``, ``vit_b_16``, ...), built
    without weights; ``weights`` is a local checkpoint or a torchvision weights name such as
    ``IMAGENET1K_V1`` that must already sit in the torch hub cache (nothing is ever downloaded);
+   without weights, ``random_weights=True`` must say that untrained weights are meant;
 2. a built-in network: ``cifar_resnet18``, ``wrn28_10`` (CIFAR, 32×32) or ``mnist_cnn``
    (the small 28×28 demo model);
 3. a user factory, ``path/to/file.py:factory`` or ``package.module:factory``: a callable that
    returns an ``nn.Module``;
 4. a TorchScript file (``.pt``, ``.pth``, ``.ts``, ``.torchscript``).
+
+Built-in and torchvision models come with their preprocessing recipe (size, resize/crop,
+mean/std); user factories and TorchScript files get images at their stored size unless an
+input size is given.
 
 The features are the input of one layer, by default the last ``nn.Linear`` in module order
 (the classifier), so that the score functions can use both the penultimate features and the
@@ -45,6 +50,7 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 IMAGENET_PREPROCESS = Preprocess((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, resize=256)
+_PROBE_SIZE = (224, 224)  # a model without a fixed input size is probed at this size
 
 # Keys under which training scripts commonly nest the state_dict in a checkpoint dict.
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -273,10 +279,11 @@ class LoadedModel:
     preprocess: Preprocess
     num_classes: int
     feature_dim: int | None = None
+    random_weights: bool = False
 
     def describe(self) -> dict:
         """JSON-able summary, recorded in the run store so results name their model."""
-        return {
+        record = {
             "spec": self.spec,
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
@@ -287,6 +294,9 @@ class LoadedModel:
             "architecture": _architecture_name(self.module),
             "num_parameters": sum(p.numel() for p in self.module.parameters()),
         }
+        if self.random_weights:  # a torchvision architecture run untrained, on purpose
+            record["random_weights"] = True
+        return record
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass of ``x`` (B, C, H, W) → features (B, D) float32, logits (B, classes).
@@ -366,12 +376,19 @@ def load_model(
     num_classes: int | None = None,
     trust_checkpoint: bool = False,
     device: str | torch.device = "cpu",
+    resize: int | None = None,
+    resize_rounding: str = "uint8",
+    random_weights: bool = False,
 ) -> LoadedModel:
     """Build the model a spec names, load its weights, and find its feature layer.
 
-    ``input_size``/``mean``/``std`` override the preprocessing recipe; ``num_classes`` sets
-    the output width of built-in and torchvision networks (and is passed to factories).
-    Checkpoints are read with ``weights_only=True`` unless ``trust_checkpoint``.
+    ``input_size``/``resize``/``mean``/``std`` override the preprocessing recipe (user
+    factories and TorchScript files have none: their images keep their stored size unless
+    ``input_size`` is given); ``resize_rounding`` is ``"uint8"`` (PIL/torchvision) or
+    ``"float"``. ``num_classes`` sets the output width of built-in and torchvision networks
+    (and is passed to factories). A torchvision architecture needs ``weights`` or
+    ``random_weights=True``. Checkpoints are read with ``weights_only=True`` unless
+    ``trust_checkpoint``.
     """
     spec = str(spec).strip()
     if not spec:
@@ -380,12 +397,21 @@ def load_model(
         raise BadInputError(f"--num-classes must be at least 1, not {num_classes}")
     torch_device = parse_device(device)
     weights = None if weights is None else str(weights)
+    if random_weights and weights is not None:
+        raise BadInputError(
+            f"--model {spec} got both --weights and --random-weights; drop one of them"
+        )
 
     if _is_factory_spec(spec):
         built = _build_factory(spec, weights, num_classes, trust_checkpoint)
     elif spec in _BUILTINS:
         built = _build_builtin(spec, weights, num_classes, trust_checkpoint)
     elif spec in _torchvision_names():
+        if weights is None and not random_weights:
+            raise BadInputError(
+                f"--model {spec} needs --weights FILE (a local checkpoint) or --random-weights "
+                "to use untrained weights"
+            )
         built = _build_torchvision(spec, weights, num_classes, trust_checkpoint)
     elif spec.lower().endswith(TORCHSCRIPT_SUFFIXES) or os.path.isfile(spec):
         built = _build_torchscript(spec, weights, trust_checkpoint)
@@ -399,7 +425,7 @@ def load_model(
 
     module = built.module
     base = built.preprocess or _default_preprocess(module, mean)
-    preprocess = _override_preprocess(base, input_size, mean, std)
+    preprocess = _override_preprocess(base, input_size, mean, std, resize, resize_rounding)
 
     module.to(torch_device)
     module.eval()
@@ -416,6 +442,7 @@ def load_model(
         classifier=_as_linear(target),
         preprocess=preprocess,
         num_classes=0,
+        random_weights=weights is None and spec in _torchvision_names(),
     )
     features, logits = _probe(loaded, torch_device)
     loaded.num_classes = int(logits.shape[1])
@@ -938,14 +965,15 @@ def _first_conv_in_channels(module: nn.Module) -> int | None:
 
 
 def _default_preprocess(module: nn.Module, mean: Sequence[float] | None) -> Preprocess:
-    """For factories and TorchScript: 224×224, channels from the first Conv2d."""
+    """For factories and TorchScript: images at their stored size, channels from the first
+    Conv2d."""
     channels = _first_conv_in_channels(module)
     if channels is None:
         channels = len(mean) if mean is not None and len(mean) in (1, 3) else 3
     if channels == 1:
-        return Preprocess((224, 224), 1, (0.5,), (0.5,))
+        return Preprocess(None, 1, (0.5,), (0.5,))
     if channels == 3:
-        return Preprocess((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD)
+        return Preprocess(None, 3, IMAGENET_MEAN, IMAGENET_STD)
     raise BadInputError(f"models must take 1 or 3 input channels, not {channels}")
 
 
@@ -954,8 +982,11 @@ def _override_preprocess(
     input_size: tuple[int, int] | int | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    resize_to: int | None = None,
+    resize_rounding: str = "uint8",
 ) -> Preprocess:
-    """Apply user overrides; a resize-then-crop recipe keeps its resize/crop ratio."""
+    """Apply user overrides; a resize-then-crop recipe keeps its resize/crop ratio unless
+    ``resize_to`` sets the shorter side explicitly."""
     size, resize = base.input_size, base.resize
     if input_size is not None:
         if isinstance(input_size, int):
@@ -969,14 +1000,17 @@ def _override_preprocess(
                     f"--input-size takes one size or height,width, not {len(values)} values"
                 )
             size = values
-        if resize is not None:
+        if resize is not None and base.input_size is not None:
             resize = round(resize * min(size) / min(base.input_size))
+    if resize_to is not None:
+        resize = int(resize_to)
     return Preprocess(
         input_size=size,
         channels=base.channels,
         mean=tuple(float(m) for m in mean) if mean is not None else base.mean,
         std=tuple(float(s) for s in std) if std is not None else base.std,
         resize=resize,
+        resize_rounding=resize_rounding,
     )
 
 
@@ -1070,17 +1104,24 @@ def _run_sequential_capturing(
 
 
 def _probe(loaded: LoadedModel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of a zero image: checks the preprocessing fits and measures widths."""
+    """One forward of a zero image: checks the preprocessing fits and measures widths.
+
+    Without an input size (images at their stored size) the probe is 224×224, so a model
+    that takes one fixed other size needs ``--input-size``."""
     p = loaded.preprocess
+    size = p.input_size or _PROBE_SIZE
     dtype = next((t.dtype for t in loaded.module.parameters() if t.is_floating_point()), None)
-    x = torch.zeros(1, p.channels, *p.input_size, device=device, dtype=dtype or torch.float32)
+    x = torch.zeros(1, p.channels, *size, device=device, dtype=dtype or torch.float32)
     try:
         with torch.no_grad():
             return loaded.features_and_logits(x)
     except BadInputError:
         raise
     except Exception as err:
+        fix = "pass --input-size, --mean and --std that fit the model"
+        if p.input_size is None:
+            fix = "pass --input-size with the size the model takes (and --mean, --std)"
         raise BadInputError(
-            f"model {loaded.spec} fails on a {p.channels}×{p.input_size[0]}×{p.input_size[1]} "
-            f"input ({_one_line(err)}); pass --input-size, --mean and --std that fit the model"
+            f"model {loaded.spec} fails on a {p.channels}×{size[0]}×{size[1]} "
+            f"input ({_one_line(err)}); {fix}"
         ) from err

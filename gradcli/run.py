@@ -327,8 +327,17 @@ class Run:
         num_classes: int | None = None,
         trust_checkpoint: bool = False,
         overwrite: bool = False,
+        resize: int | None = None,
+        resize_rounding: str = "uint8",
+        random_weights: bool = False,
     ) -> LoadedModel:
-        """Load a model and record it in the store; a different recorded model is an error."""
+        """Load a model and record it in the store; a different recorded model is an error.
+
+        A torchvision architecture needs ``weights`` or ``random_weights=True``; user models
+        get their images at the stored size unless ``input_size`` (and ``resize``) is given;
+        ``resize_rounding`` ("uint8" as torchvision's PIL pipeline, or "float") applies when
+        images are resized.
+        """
         args = {
             "spec": spec,
             "weights": weights,
@@ -338,6 +347,9 @@ class Run:
             "std": list(std) if std else None,
             "num_classes": num_classes,
             "trust_checkpoint": trust_checkpoint,
+            "resize": resize,
+            "resize_rounding": resize_rounding,
+            "random_weights": bool(random_weights),
         }
         model = self._load(args)
         args.update(spec=model.spec, weights=model.weights)  # absolute paths: cwd may change
@@ -379,6 +391,10 @@ class Run:
             num_classes=args.get("num_classes"),
             trust_checkpoint=bool(args.get("trust_checkpoint")),
             device=self.device,
+            resize=args.get("resize"),
+            resize_rounding=args.get("resize_rounding", "float"),  # stores made before: float
+            # stores made before the flag existed ran a weightless architecture untrained
+            random_weights=bool(args.get("random_weights", not args.get("weights"))),
         )
         if self.group.active:  # without a weights file each rank would draw its own weights
             with torch.no_grad():
@@ -418,6 +434,9 @@ class Run:
                         f"(sha256 {recorded['weights_sha256'][:12]} -> {digest[:12]}); "
                         "restore the file, or start over with --overwrite or a new --store"
                     )
+            if "resize_rounding" not in args and args.get("input_size") is None:
+                # made before user models kept their images' size: keep the recorded size
+                args = {**args, "input_size": (recorded.get("preprocess") or {}).get("input_size")}
             loaded = self._load(args)
             now = loaded.describe()
             shape = [  # what a changed model file shows (keys an older store lacks are skipped)

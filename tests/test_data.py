@@ -431,10 +431,15 @@ def test_list_datasets_marks_what_is_found(tmp_path: Path) -> None:
 
 def test_preprocess_colour_to_grey_and_normalise_by_hand() -> None:
     images = random_image(np.random.default_rng(8), (2, 5, 7, 3))
-    out = preprocess_batch(torch.from_numpy(images), Preprocess((5, 7), 1, (0.4,), (0.2,)))
+    grey = Preprocess((5, 7), 1, (0.4,), (0.2,), resize_rounding="float")
+    out = preprocess_batch(torch.from_numpy(images), grey)
     expected = ((images.astype(np.float64) @ LUMA) / 255.0 - 0.4) / 0.2
     assert out.shape == (2, 1, 5, 7) and out.dtype == torch.float32
     np.testing.assert_allclose(out[:, 0].numpy(), expected, rtol=0, atol=1e-5)
+    # uint8 (the default) rounds the luma as PIL's convert("L") does
+    rounded = preprocess_batch(torch.from_numpy(images), Preprocess((5, 7), 1, (0.4,), (0.2,)))
+    pil = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in images])
+    np.testing.assert_allclose(rounded[:, 0].numpy(), (pil / 255.0 - 0.4) / 0.2, atol=1e-6)
 
 
 def test_preprocess_grey_to_three_channels_with_per_channel_stats() -> None:
@@ -551,3 +556,95 @@ def test_a_folder_linked_into_itself_is_walked_once(tmp_path):
     os.symlink(tmp_path / "a", tmp_path / "b" / "a-too")  # a's image is b's as well, once
     source = resolve_dataset(f"folder:{tmp_path}")
     assert sorted(source.relative_paths) == ["a/0.png", "b/0.png", "b/a-too/0.png"]
+
+
+# ---------------------------------------------------------------- rounding and stored size
+
+
+def _torchvision_pipeline(preprocess: Preprocess):
+    """The common evaluation pipeline on PIL images: (Grayscale,) Resize, CenterCrop,
+    ToTensor, Normalize."""
+    from torchvision import transforms
+
+    steps = [transforms.Grayscale()] if preprocess.channels == 1 else []
+    size = preprocess.input_size
+    if preprocess.resize is not None:
+        steps += [transforms.Resize(preprocess.resize), transforms.CenterCrop(size)]
+    else:
+        steps.append(transforms.Resize(size))
+    steps += [transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)]
+    return transforms.Compose(steps)
+
+
+@pytest.mark.parametrize(
+    "shape, preprocess",
+    [
+        ((4, 48, 64, 3), Preprocess((28, 28), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32)),
+        ((4, 300, 200, 3), Preprocess((224, 224), 3, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25), 256)),
+        ((3, 37, 53, 3), Preprocess((20, 29), 3, (0.5,) * 3, (0.25,) * 3)),  # straight, down
+        ((3, 8, 8, 3), Preprocess((32, 32), 3, (0.5,) * 3, (0.25,) * 3)),  # straight, up
+        ((3, 90, 31, 3), Preprocess((40, 30), 3, (0.5,) * 3, (0.25,) * 3)),  # height shrinks most
+        ((3, 33, 45, 3), Preprocess((28, 28), 1, (0.1307,), (0.3081,))),  # colour → grey model
+    ],
+)
+def test_default_resize_equals_torchvision_pil_pipeline(shape, preprocess) -> None:
+    from torchvision import transforms
+
+    assert preprocess.resize_rounding == "uint8"  # the default
+    images = random_image(np.random.default_rng(sum(shape)), shape)
+    out = preprocess_batch(torch.from_numpy(images), preprocess)  # one batched call
+    pipeline = _torchvision_pipeline(preprocess)
+    assert any(isinstance(t, transforms.Resize) for t in pipeline.transforms)
+    expected = torch.stack([pipeline(Image.fromarray(image)) for image in images])
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_float_rounding_keeps_unrounded_interpolation() -> None:
+    import torch.nn.functional as F
+
+    images = random_image(np.random.default_rng(21), (3, 48, 64, 3))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    floats = Preprocess((28, 28), 3, mean, std, resize=32, resize_rounding="float")
+    out = preprocess_batch(torch.from_numpy(images), floats)
+    # Independently: antialiased bilinear on floats, 48x64 → 32x42, crop at (2, 7), normalise.
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+    resized = F.interpolate(x, size=(32, 42), mode="bilinear", antialias=True, align_corners=False)
+    crop = resized[..., 2:30, 7:35] / 255.0
+    expected = (crop - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+    rounded = preprocess_batch(torch.from_numpy(images), Preprocess((28, 28), 3, mean, std, 32))
+    grey_levels = ((rounded - out) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs()
+    assert 0 < grey_levels.max() <= 1.0 + 1e-3  # up to one grey level apart
+    with pytest.raises(BadInputError, match="--resize-rounding must be one of uint8, float"):
+        Preprocess((28, 28), 3, mean, std, resize_rounding="int")
+
+
+def test_stored_size_feeds_images_unresized(tmp_path: Path) -> None:
+    images = random_image(np.random.default_rng(22), (5, 8, 8, 3))
+    np.savez(tmp_path / "small.npz", x=images, y=np.arange(5) % 2)
+    native = Preprocess(None, 3, (0.5,) * 3, (0.25,) * 3)
+    loader = make_loader(resolve_dataset(f"npz:{tmp_path / 'small.npz'}"), native, batch_size=2)
+    x = torch.cat([batch for batch, _ in loader])
+    expected = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.25
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    assert native.describe() == "stored size (no resize), mean 0.5,0.5,0.5 std 0.25,0.25,0.25"
+
+
+def test_a_folder_of_mixed_sizes_without_input_size_asks_for_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(23)
+    for i, side in enumerate((8, 8, 8, 10)):
+        write_image(tmp_path / f"{i}.png", random_image(rng, (side, side, 3)))
+    source = resolve_dataset(f"folder:{tmp_path}")
+    native = Preprocess(None, 3, (0.5,) * 3, (0.25,) * 3)
+    for batch_size in (1, 2, 4):  # the odd image alone in a batch, or mixed into one
+        with pytest.raises(BadInputError, match=r"differ in size \(8x8 and 10x10 at .*3\.png\)"):
+            list(make_loader(source, native, batch_size=batch_size))
+    with pytest.raises(BadInputError, match="pass --input-size HxW"):
+        list(make_loader(source, native, batch_size=4))
+    sized = Preprocess((8, 8), 3, (0.5,) * 3, (0.25,) * 3)  # with a size they all fit
+    assert torch.cat([x for x, _ in make_loader(source, sized, batch_size=4)]).shape[1:] == (
+        3,
+        8,
+        8,
+    )

@@ -347,7 +347,8 @@ def test_torchvision_resnet18_from_hub_cache_and_from_a_local_file(tmp_path, mon
 
 
 def test_torchvision_default_recipe_and_small_mobilenet():
-    loaded = load_model("mobilenet_v2", input_size=(48, 64), num_classes=3)
+    loaded = load_model("mobilenet_v2", input_size=(48, 64), num_classes=3, random_weights=True)
+    assert loaded.describe()["random_weights"] is True
     assert loaded.feature_layer == "classifier.1"
     assert loaded.num_classes == 3 and loaded.feature_dim == 1280
     assert loaded.preprocess.input_size == (48, 64)
@@ -560,3 +561,155 @@ def test_bad_num_classes_and_device():
         load_model("mnist_cnn", num_classes=0)
     with pytest.raises(BadInputError, match="unknown device"):
         load_model("mnist_cnn", device="toaster")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input size of user models, weights of torchvision models, preprocessing in summaries
+# ---------------------------------------------------------------------------------------------
+
+_RECORDING_SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    LOG = {log!r}
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            with open(LOG, "a") as log:
+                log.write("x".join(str(d) for d in x.shape[1:]) + "\\n")
+            return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+    def make():
+        return Recording()
+    """
+)
+
+
+def _recording_model(tmp_path):
+    log = tmp_path / "shapes.txt"
+    source = tmp_path / "recording.py"
+    source.write_text(_RECORDING_SOURCE.format(log=str(log)))
+    return f"{source}:make", log
+
+
+def test_user_model_sees_images_at_their_stored_size(tmp_path, cli):
+    import numpy as np
+
+    spec, log = _recording_model(tmp_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "eight.npz", x=images, y=np.arange(6) % 2)
+    store = tmp_path / "store"
+    extract = ["extract-subspace", "--model", spec, "--dataset", f"npz:{tmp_path / 'eight.npz'}"]
+    outcome = cli(*extract, "--store", store, "-q", "--json")
+    assert outcome.code == 0, outcome.err
+    shapes = log.read_text().split()
+    assert shapes[0] == "3x224x224"  # the probe, before any data
+    assert len(shapes) > 1 and set(shapes[1:]) == {"3x8x8"}  # every image fed at 8x8
+    summary = outcome.json()["preprocess"]
+    assert summary["input_size"] is None and summary["resize"] is None
+    assert summary["text"].startswith("stored size (no resize), mean 0.485,0.456,0.406")
+    # the text summary says it too, and --input-size still resizes
+    log.unlink()
+    again = cli(*extract, "--input-size", "12", "--store", tmp_path / "s2", "-q")
+    assert again.code == 0, again.err
+    assert set(log.read_text().split()[1:]) == {"3x12x12"}
+    assert "preprocess: resized to 12x12 (uint8 rounding), mean 0.485" in again.out
+
+
+def test_mixed_sizes_without_input_size_is_a_one_line_error(tmp_path, cli):
+    import numpy as np
+    from PIL import Image
+
+    spec, _ = _recording_model(tmp_path)
+    rng = np.random.default_rng(1)
+    for label, side in (("a", 8), ("a", 8), ("b", 12), ("b", 8)):
+        folder = tmp_path / "mixed" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        Image.fromarray(image).save(folder / f"{len(list(folder.iterdir()))}-{side}.png")
+    dataset = f"folder:{tmp_path / 'mixed'}"
+    outcome = cli(
+        "extract-subspace", "--model", spec, "--dataset", dataset, "--store", tmp_path / "s", "-q"
+    )
+    assert outcome.code != 0
+    lines = [line for line in outcome.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in outcome.err, outcome.err
+    assert "differ in size (8x8 and 12x12" in outcome.err and "--input-size" in outcome.err
+    fixed = cli(
+        "extract-subspace",
+        *("--model", spec, "--dataset", dataset, "--input-size", "8"),
+        *("--store", tmp_path / "s2", "-q"),
+    )
+    assert fixed.code == 0, fixed.err
+
+
+def test_torchscript_and_factories_default_to_stored_size(tmp_path):
+    spec, _ = _recording_model(tmp_path)
+    assert load_model(spec).preprocess.input_size is None
+    assert load_model(spec, input_size=16).preprocess.input_size == (16, 16)
+    cropped = load_model(spec, input_size=16, resize=20).preprocess
+    assert (cropped.input_size, cropped.resize) == ((16, 16), 20)
+    with pytest.raises(BadInputError, match="--resize 20 needs --input-size"):
+        load_model(spec, resize=20)
+
+
+def test_zoo_models_keep_their_recipe():
+    import numpy as np
+
+    from gradcli.data import preprocess_batch
+
+    loaded = load_model("shufflenet_v2_x0_5", random_weights=True)
+    recipe = loaded.preprocess
+    assert (recipe.input_size, recipe.resize) == ((224, 224), 256)
+    assert (recipe.mean, recipe.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    image = np.random.default_rng(2).integers(0, 256, size=(1, 300, 200, 3), dtype=np.uint8)
+    assert preprocess_batch(torch.from_numpy(image), recipe).shape == (1, 3, 224, 224)
+    assert load_model("mnist_cnn").preprocess.input_size == (28, 28)  # built-ins too
+
+
+def test_torchvision_models_need_weights_or_random_weights(tmp_path, tiny, cli):
+    from gradcli.run import Run
+    from gradcli.store import RunStore
+
+    message = (
+        "--model resnet18 needs --weights FILE (a local checkpoint) or --random-weights to use "
+        "untrained weights"
+    )
+    with pytest.raises(BadInputError) as caught:
+        load_model("resnet18")
+    assert str(caught.value) == message
+    with pytest.raises(BadInputError, match="needs --weights FILE"):
+        Run(tmp_path / "py").set_model("shufflenet_v2_x0_5", num_classes=3)
+    outcome = cli(
+        "extract-subspace",
+        *("--model", "resnet18", "--dataset", tiny.train, "--store", tmp_path / "cli"),
+    )
+    assert outcome.code == 2 and outcome.err.strip().splitlines() == [f"error: {message}"]
+    assert not load_model("shufflenet_v2_x0_5", random_weights=True).describe().get("weights")
+    with pytest.raises(BadInputError, match="both --weights and --random-weights"):
+        load_model("mnist_cnn", str(tmp_path / "w.pt"), random_weights=True)
+    # Untrained on purpose: it runs, and the store says so.
+    ran = cli(
+        "extract-subspace",
+        *("--model", "shufflenet_v2_x0_5", "--random-weights", "--num-classes", "3"),
+        *("--input-size", "32", "--dataset", tiny.train, "--max-samples", "12"),
+        *("--store", tmp_path / "random", "-q", "--json"),
+    )
+    assert ran.code == 0, ran.err
+    assert ran.json()["random_weights"] is True
+    record = RunStore(str(tmp_path / "random")).attrs
+    assert record["model"]["random_weights"] is True and record["model_args"]["random_weights"]
+    assert record["model"]["preprocess"]["resize"] == round(256 * 32 / 224)
+    # later stages reload the recorded model without asking again
+    assert Run(tmp_path / "random").model.random_weights
+    python = Run(tmp_path / "py2")
+    assert python.set_model("shufflenet_v2_x0_5", num_classes=3, random_weights=True).random_weights
