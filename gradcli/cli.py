@@ -85,7 +85,7 @@ BasisDtypeOpt = Annotated[
     str, typer.Option(help="Basis precision in memory: float32 or bfloat16 (half the memory).")
 ]
 BatchOpt = Annotated[
-    int | None, typer.Option(min=1, help="Images per gradient batch (default: from memory).")
+    int | None, typer.Option(help="Images per gradient batch (default: from memory).")
 ]
 OdinTemperatureOpt = Annotated[
     float, typer.Option(help="ODIN temperature T (odin runs only when named in --method).")
@@ -95,8 +95,18 @@ OdinEpsilonOpt = Annotated[
 ]
 METHOD_HELP = (
     "msp, energy, maxlogit, react, bats, maha, knn, vim, gradnorm, residual, gnorm, odin, "
-    "ensemble or all (comma-separated; all = every method but odin, which needs the images)."
+    "ensemble or all (comma-separated or repeated; all = every method but odin, which needs "
+    "the images)."
 )
+MethodOpt = Annotated[list[str] | None, typer.Option(metavar="NAMES", help=METHOD_HELP)]
+EmbeddingOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="KINDS",
+        help="grad, feat or both (both adds the ensemble; comma-separated or repeated) "
+        "[default: both].",
+    ),
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -256,11 +266,23 @@ def _check_alpha(alpha: float) -> None:
         raise BadInputError(f"--alpha must be a finite number, not {alpha}")
 
 
-def _methods(value: str) -> list[str]:
+def _one_of(value, alias, name: str, alias_name: str):
+    """The value of an option or of its hidden old name, refusing both."""
+    if value is not None and alias is not None:
+        raise BadInputError(f"{name} and {alias_name} name the same option; give it once")
+    return alias if value is None else value
+
+
+def _joined(values: list[str] | None) -> list[str]:
+    """The items of a repeatable option, each occurrence also split at commas."""
+    return [item for value in values or [] for item in _csv(value) or []]
+
+
+def _methods(value: list[str] | None) -> list[str]:
     """Method names from --method; "all" is every embedding-based method (odin only by name)."""
     from gradcli.scores import METHODS, resolve_methods
 
-    items = _csv(value) or ["all"]
+    items = _joined(value) or ["all"]
     unknown = [m for m in items if m not in (*METHODS, "ensemble", "all")]
     if unknown:
         raise BadInputError(
@@ -270,13 +292,17 @@ def _methods(value: str) -> list[str]:
     return resolve_methods([m for m in items if m != "ensemble"])  # ensemble: an embedding
 
 
-def _embeddings(value: str, methods_value: str) -> list[str]:
+def _embeddings(value: list[str] | None, methods_value: list[str] | None) -> list[str]:
+    """Embedding kinds from --embedding (default both) and an 'ensemble' named in --method."""
     choices = {"grad": ["grad"], "feat": ["feat"], "both": ["grad", "feat", "ensemble"]}
-    if value not in choices:
-        raise BadInputError(f"--embedding must be grad, feat or both, not '{value}'")
-    if "ensemble" in (_csv(methods_value) or []):
-        return ["ensemble"] if value == "both" else choices[value] + ["ensemble"]
-    return choices[value]
+    items = _joined(value) or ["both"]
+    wrong = [item for item in items if item not in choices]
+    if wrong:
+        raise BadInputError(f"--embedding must be grad, feat or both, not '{wrong[0]}'")
+    kinds = list(dict.fromkeys(kind for item in items for kind in choices[item]))
+    if "ensemble" in _joined(methods_value):
+        return ["ensemble"] if items == ["both"] else list(dict.fromkeys([*kinds, "ensemble"]))
+    return kinds
 
 
 @app.command(
@@ -582,10 +608,8 @@ def score(
     dataset: Annotated[
         str, typer.Option(help="Dataset spec or the name of an embedding in the store.")
     ],
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
-    embedding: Annotated[
-        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
-    ] = "both",
+    method: MethodOpt = None,
+    embedding: EmbeddingOpt = None,
     alpha: Annotated[
         float, typer.Option(help="Ensemble weight: feature score + alpha * gradient score.")
     ] = 1.0,
@@ -725,15 +749,18 @@ def score(
 def evaluate(
     ood: Annotated[
         list[str],
-        typer.Option(help="OOD dataset spec or stored embedding name; repeat for several."),
+        typer.Option(
+            metavar="SPEC",
+            help="OOD dataset spec or stored embedding name; comma-separated or repeated.",
+        ),
     ],
     id_dataset: Annotated[
-        str | None, typer.Option("--id", help="ID test set (default: the subspace's test split).")
+        str | None,
+        typer.Option("--id-test", help="ID test set (default: the subspace's test split)."),
     ] = None,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
-    embedding: Annotated[
-        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
-    ] = "both",
+    id_alias: Annotated[str | None, typer.Option("--id", hidden=True)] = None,
+    method: MethodOpt = None,
+    embedding: EmbeddingOpt = None,
     alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = 1.0,
     fpr_convention: Annotated[
         str, typer.Option(help="paper (ID positive) or openood (OOD positive).")
@@ -751,8 +778,9 @@ def evaluate(
     sweep: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="PARAM=VALUES",
             help="PARAMETER=V1,V2,... over stored embeddings: k (knn), percentile (react), "
-            "lambda (bats), temperature (energy), d (clipped dims); repeat for several."
+            "lambda (bats), temperature (energy), d (clipped dims); repeat for several.",
         ),
     ] = None,
     odin_temperature: OdinTemperatureOpt = 1000.0,
@@ -775,12 +803,13 @@ def evaluate(
         check_density_dim,
         results_csv,
         results_json,
-        results_table,
+        results_tables,
         sweep_tables,
         write_report,
     )
     from gradcli.sweep import check_sweeps, parse_sweep
 
+    id_dataset = _one_of(id_dataset, id_alias, "--id-test", "--id")
     if fpr_convention not in CONVENTIONS:
         raise BadInputError(f"--fpr-convention must be one of {', '.join(CONVENTIONS)}")
     sweeps: dict[str, list[float]] = {}
@@ -810,7 +839,7 @@ def evaluate(
         check_density_dim(run, density_dim)
     with run.store.restoring_on_failure():
         results = run.evaluate(
-            ood,
+            _joined(ood),
             id_dataset=id_dataset,
             methods=methods,
             embeddings=embeddings,
@@ -827,7 +856,8 @@ def evaluate(
         print(results_json(results))
         return
     console = _out()
-    console.print(results_table(results))
+    for table in results_tables(results, console.width):
+        console.print(table)
     for table in sweep_tables(results.sweeps):
         console.print(table)
     if written:
@@ -894,7 +924,9 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
 def inspect(
     dataset: Annotated[
         list[str] | None,
-        typer.Option(help="Embed these datasets first to report their reconstruction error."),
+        typer.Option(
+            metavar="SPEC", help="Embed these datasets first to report their reconstruction error."
+        ),
     ] = None,
     plot: Annotated[
         str | None,
@@ -1025,13 +1057,95 @@ def version(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     _emit({"version": __version__}, as_json, __version__)
 
 
+# Hidden old spellings of an option, counted with the option itself ("given twice").
+ALIASES = {"--id": "--id-test"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Out-of-distribution detection with low-dimensional gradients."""
+
+
+_COMMAND = None
+
+
+def _command():
+    """The app's command tree (built once), with help that shows no value for a flag and a
+    name instead of a Python type for options that take several values."""
+    global _COMMAND
+    if _COMMAND is None:
+        from typer._click.core import Context
+
+        root = typer.main.get_command(app)
+        for command in [root, *getattr(root, "commands", {}).values()]:
+            for param in command.get_params(Context(command)):
+                if getattr(param, "is_flag", False):
+                    param.metavar = ""
+                elif getattr(param, "multiple", False) and param.metavar is None:
+                    param.metavar = "TEXT"
+        _COMMAND = root
+    return _COMMAND
+
+
+def _check_repeats(root, args: list[str]) -> None:
+    """Refuse an option given twice unless it takes several values (a list option): the last
+    one would otherwise silently win."""
+    position = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if position is None:
+        return
+    command = getattr(root, "commands", {}).get(args[position])
+    if command is None:
+        return
+    by_name = {}
+    for param in command.params:
+        for name in (*param.opts, *getattr(param, "secondary_opts", ())):
+            by_name[name] = param
+    seen: dict[str, str] = {}
+    tokens = iter(args[position + 1 :])
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            continue
+        name = token.split("=", 1)[0]
+        param = by_name.get(name)
+        if param is None:
+            continue  # unknown: Typer names it
+        if not getattr(param, "is_flag", False) and "=" not in token:
+            next(tokens, None)  # the option's value
+        if getattr(param, "multiple", False) or getattr(param, "count", False):
+            continue
+        canonical = ALIASES.get(param.opts[0], param.opts[0])
+        if canonical in seen:
+            first = seen[canonical]
+            if first == name:
+                raise BadInputError(f"{name} given twice; give it once")
+            raise BadInputError(f"{first} and {name} name the same option; give it once")
+        seen[canonical] = name
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and maps errors to one-line messages and exit codes."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
+        command = _command()
+        _check_repeats(command, args)
         # Typer hands back an Exit's code, and turns a Ctrl-C that reaches it into Exit(130).
-        code = app(args=args, prog_name="gradcli", standalone_mode=False)
+        code = command(args=args, prog_name="gradcli", standalone_mode=False)
     except typer.Exit as stop:
         code = stop.exit_code
     except USAGE_ERRORS as problem:

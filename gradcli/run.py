@@ -416,7 +416,8 @@ class Run:
                     raise StaleStoreError(
                         f"weights file {weights} changed since store {self.store.url} was made "
                         f"(sha256 {recorded['weights_sha256'][:12]} -> {digest[:12]}); "
-                        "restore the file, or start over with --overwrite or a new --store"
+                        "restore the file, or start over with 'gradcli extract-subspace ... "
+                        "--overwrite' or a new --store"
                     )
             loaded = self._load(args)
             now = loaded.describe()
@@ -431,7 +432,8 @@ class Run:
                 )
                 raise StaleStoreError(
                     f"model {args['spec']} is not the one store {self.store.url} was made with "
-                    f"({what}); restore it, or start over with --overwrite or a new --store"
+                    f"({what}); restore it, or start over with 'gradcli extract-subspace ... "
+                    "--overwrite' or a new --store"
                 )
             self._model = loaded
         return self._model
@@ -747,7 +749,8 @@ class Run:
             if low_block is None:
                 raise BadInputError(
                     "this PCA checkpoint was saved by bfloat16 iterations on a CPU; resume it "
-                    "on a CPU (--device cpu) or start over with --overwrite"
+                    "on a CPU (--device cpu) or start over with 'gradcli extract-subspace ... "
+                    "--overwrite'"
                 )
             block = None  # the next pass needs only the copy; its Y makes the next block
         normalisation = Projector(mean, scale, torch.empty(p, 0), device=self.device)
@@ -1368,7 +1371,8 @@ class Run:
                     f"the name '{name}' already holds the embedding of {stored}; embed "
                     f"{source.spec} under a name of its own (gradcli embed --dataset "
                     f"{source.spec} --name NAME; in Python embed(spec, name=NAME)) and use "
-                    "NAME, or pass --overwrite to replace the stored one"
+                    f"NAME, or replace the stored one (gradcli embed --dataset {source.spec} "
+                    "--overwrite)"
                 )
         model = self.model
         selection = self.selection
@@ -1386,6 +1390,14 @@ class Run:
             "preprocess": model.preprocess.to_dict(),
             "basis_dtype": self.basis_dtype,
         }
+        attrs = self.store.group_attrs(path) if self.store.has(path) else {}
+        left_out = attrs.get("skipped_images") or 0
+        changed = attrs.get("provenance") != record
+        if left_out and changed and self.on_bad_image == "fail" and not overwrite:
+            raise StaleStoreError(
+                f"embedding '{name}' was made with --on-bad-image skip ({left_out} unreadable "
+                "image(s) left out); pass --on-bad-image skip here too"
+            )
         if self.store.open_stage(
             path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
         ):
@@ -1643,7 +1655,7 @@ class Run:
     def _id_spec(self, which: str) -> str:
         spec = self.store.attrs.get(f"id_{which}")
         if not spec:
-            option = "fit-head --train SPEC" if which == "train" else "--id SPEC"
+            option = "fit-head --train SPEC" if which == "train" else "--id-test SPEC"
             raise BadInputError(
                 f"store {self.store.url} does not know the ID {which} set; pass {option}"
             )
@@ -1993,13 +2005,13 @@ class Run:
             raise StaleStoreError(
                 f"the images of {spec} changed since '{name}' was embedded, so {needed_by} "
                 f"would score other images; re-embed it (gradcli embed --dataset {spec} "
-                "--overwrite) or restore the files"
+                f"--name {name} --overwrite) or restore the files"
             )
         indices = self._subset(len(source), provenance.get("max_samples"), provenance.get("seed"))
         if len(indices) != provenance.get("rows"):
             raise StaleStoreError(
                 f"'{name}' has {provenance.get('rows')} rows but {spec} now gives {len(indices)}; "
-                f"re-embed it (gradcli embed --dataset {spec} --overwrite)"
+                f"re-embed it (gradcli embed --dataset {spec} --name {name} --overwrite)"
             )
         return source, indices
 
