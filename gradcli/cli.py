@@ -504,10 +504,12 @@ def embed(
     if run.skipped:
         summary["skipped"] = run.skipped
     text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
-    if part is not None:
-        done = run.store.read(f"embed/{stored}/done") if not complete else None
-        n_done = int(done.sum()) if done is not None else None
-        summary.update(shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done)
+    if part is not None:  # every shard reports the same keys, with the store's counts
+        done = run.store.read(f"embed/{stored}/done")
+        n_done = int(done.sum())
+        summary.update(
+            shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done, chunks=len(done)
+        )
         if not complete:
             text = (
                 f"shard {part[0]}/{part[1]} of '{stored}' finished; {n_done}/{len(done)} chunks "
@@ -539,6 +541,13 @@ def fit_head(
     knn_k: Annotated[
         int, typer.Option(help="KNN: the k-th neighbour's distance is the score.")
     ] = 50,
+    knn_normalise: Annotated[
+        bool,
+        typer.Option(
+            "--knn-normalise/--no-knn-normalise",
+            help="KNN: L2-normalise embeddings before the neighbour search [default: normalise].",
+        ),
+    ] = True,
     temperature: Annotated[float, typer.Option(help="Energy temperature T.")] = 1.0,
     vim_dim: Annotated[
         int | None,
@@ -570,6 +579,7 @@ def fit_head(
         temperature,
         vim_dim,
         gradnorm_temperature,
+        knn_normalise,
     )
     run = _open_run(
         store,
@@ -626,7 +636,10 @@ def score(
     ] = None,
     export: Annotated[
         str | None,
-        typer.Option(help="Write one row per input (item, scores, OOD flags) to a .csv/.parquet."),
+        typer.Option(
+            help="Write one row per input (item, scores, OOD flags) to a .csv/.parquet file, or "
+            "to stdout with '-' (CSV; JSON lines with --json)."
+        ),
     ] = None,
     odin_temperature: OdinTemperatureOpt = 1000.0,
     odin_epsilon: OdinEpsilonOpt = 0.0014,
@@ -650,7 +663,7 @@ def score(
     per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>. With --shard the
     model pass of odin is split; the last shard to finish writes every score.
     """
-    from gradcli.export import check_export_path, export_scores
+    from gradcli.export import STDOUT, check_export_path, export_scores, write_rows
     from gradcli.metrics import check_tpr
 
     part = _shard(shard, shard_from_env)
@@ -660,6 +673,7 @@ def score(
             "the shards have finished"
         )
 
+    to_stdout = export == STDOUT
     target = check_export_path(export) if export else None
     _check_alpha(alpha)
     if tpr is not None and calibrate_on is None:
@@ -690,7 +704,7 @@ def score(
         scores = run.score(dataset, **options, shard=part)
     if part is not None and not scores:
         _emit(
-            {"shard": f"{part[0]}/{part[1]}", "complete": False},
+            {"shard": f"{part[0]}/{part[1]}", "complete": False, "scores": {}},
             as_json,
             f"shard {part[0]}/{part[1]} of {dataset} finished; the last shard to finish writes "
             "the scores",
@@ -717,8 +731,13 @@ def score(
                 highlight=False,
             )
             items = [f"{name}#{row}" for row in range(len(next(iter(scores.values()), [])))]
+        if to_stdout:  # the rows alone on stdout, for a pipe
+            write_rows(sys.stdout, items, scores, flags, json_lines=as_json)
+            return
         export_scores(target, items, scores, flags)
     if as_json:
+        if part is not None:  # the same keys as an unfinished shard's
+            summary = {"shard": f"{part[0]}/{part[1]}", "complete": True, "scores": summary}
         _emit(summary, True)
         return
     table = Table(title=f"scores of {dataset}")
@@ -1038,17 +1057,36 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """The built-in offline benchmark: a small CNN on MNIST digits against every offline OOD set."""
-    from gradcli.demo import run_demo
+    from gradcli.demo import ID_TEST, ID_TRAIN, run_demo, skipped_ood_sets
     from gradcli.progress import NullProgress, RichProgress
-    from gradcli.report import results_csv, results_json, results_table
+    from gradcli.report import results_csv, results_json, results_tables
 
     progress = NullProgress() if quiet else RichProgress(err)
+    skipped = skipped_ood_sets()
     results = run_demo(store, progress=progress)
     _write_results(results, None, store, results_json, results_csv)
+    folder = Path(store).resolve()
+    written = [str(folder / "results.json"), str(folder / "results.csv")]
     if as_json:
-        print(results_json(results))
-    else:
-        _out().print(results_table(results))
+        document = json.loads(results_json(results))
+        document.update(
+            store=str(folder),
+            results_files=written,
+            id_train=ID_TRAIN,
+            id_test=ID_TEST,
+            skipped=skipped,
+        )
+        print(json.dumps(document, indent=2))
+        return
+    console = _out()
+    for table in results_tables(results, console.width):
+        console.print(table)
+    ran = ", ".join(results.ood_names)
+    lines = [f"demo: ID {ID_TRAIN} (train) and {ID_TEST} (test) against {ran}"]
+    lines += [f"{name}: skipped, {why}" for name, why in skipped.items()]
+    lines.append(f"store: {folder} (rerun: gradcli evaluate --store {store} --ood ...)")
+    lines.append(f"results: {written[0]} and {written[1]}")
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: gradcli version --json")

@@ -154,6 +154,7 @@ class DetectorOptions:
     temperature: float = 1.0
     vim_dim: int | None = None
     gradnorm_temperature: float = 1.0
+    knn_normalise: bool = True
 
     def __post_init__(self) -> None:
         # Checked before any embedding is computed; named as fit-head's options.
@@ -170,7 +171,7 @@ class DetectorOptions:
             "energy": {"temperature": self.temperature},
             "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},
             "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims},
-            "knn": {"k": self.knn_k},
+            "knn": {"k": self.knn_k, **({} if self.knn_normalise else {"normalise": False})},
             "vim": {"dim": self.vim_dim},
             "gradnorm": {"temperature": self.gradnorm_temperature},
         }
@@ -1632,6 +1633,21 @@ class Run:
         ]
         return _preferred(source, same_subset)
 
+    def _note_embedding(
+        self, spec: str, who: str, max_samples: int | None = None, seed: int = 0
+    ) -> None:
+        """Say that ``who`` embeds ``spec`` first when no finished embedding of it is stored
+        (that is where its time goes)."""
+        if spec in self.embedding_names():
+            name = spec
+        else:
+            try:
+                name = self._embedded_as(spec, max_samples, seed)
+            except GradcliError:
+                return  # the embedding itself names the problem
+        if name is None or not self.store.stage_complete(f"embed/{name}"):
+            self.progress.note(f"{who}: embedding {spec} first (no stored embedding)")
+
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         """The name of a finished embedding of a dataset spec or stored name, computing or
         finishing it first (an interrupted embedding resumes from its recorded dataset; a
@@ -1679,12 +1695,13 @@ class Run:
         det_opts = _options(detectors, DetectorOptions, "detectors")
         _check_seed(head_opts.seed, "the head's seed")
         batch_size = _check_batch_size(batch_size)
-        train_name = self._ensure_embedded(
-            train or self._id_spec("train"),
-            batch_size=batch_size,
-            max_samples=None if train else self.store.attrs.get("id_max_samples"),
-            seed=self.store.attrs.get("id_seed", 0),
-        )
+        train_spec = train or self._id_spec("train")
+        subset = {
+            "max_samples": None if train else self.store.attrs.get("id_max_samples"),
+            "seed": self.store.attrs.get("id_seed", 0),
+        }
+        self._note_embedding(train_spec, "fit-head", **subset)
+        train_name = self._ensure_embedded(train_spec, batch_size=batch_size, **subset)
         train_data = self.load_embedding(train_name)
         labels = train_data["labels"]
         if (labels < 0).any():
@@ -1722,6 +1739,7 @@ class Run:
         summary["train_accuracy"] = self.store.group_attrs("head")["train_accuracy"]
         test_spec = test or self.store.attrs.get("id_test")
         if test_spec:
+            self._note_embedding(test_spec, "fit-head")
             test_name = self._ensure_embedded(test_spec, batch_size=batch_size)
             test_data = self.load_embedding(test_name)
             classes = self.model.num_classes
