@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -414,3 +416,169 @@ def test_no_variance_reports_no_replaced_variances(tiny, tmp_path, cli):
     loud = [a for a in tiny.extract_args(tmp_path / "loud") if a != "--quiet"]
     text = cli(*loud, "--no-variance")
     assert "(no variance scaling)" in text.out and "set to the largest" not in text.err
+
+
+# -- options given twice, lists, help --------------------------------------------------------
+
+
+def _params(command: str) -> set[str]:
+    """Every option name (and negative name) of a gradcli command."""
+    from gradcli.cli import _command
+
+    found = _command().commands[command].params
+    return {name for p in found for name in (*p.opts, *getattr(p, "secondary_opts", ()))}
+
+
+def test_a_single_value_option_given_twice_is_refused(pipeline, tiny, cli):
+    store, _ = pipeline
+    _one_line_error(
+        cli("fit-head", "--knn-k", "3", "--knn-k", "4", "--store", store),
+        2,
+        "--knn-k given twice; give it once",
+    )
+    _one_line_error(
+        cli("evaluate", "--ood", tiny.ood, "--alpha=1", "--alpha", "2", "--store", store),
+        2,
+        "--alpha given twice",
+    )
+    both = cli("evaluate", "--ood", tiny.ood, "--id", "id-test", "--id-test", "id-test")
+    _one_line_error(both, 2, "--id", "--id-test", "same option")
+
+
+def test_repeated_and_comma_separated_methods_and_embeddings_add_up(pipeline, tiny, cli):
+    store, _ = pipeline
+    base = ["evaluate", "--ood", tiny.ood, "--id-test", "id-test", "--store", store, "-q", "--json"]
+
+    def rows(*extra):
+        outcome = cli(*base, *extra)
+        assert outcome.code == 0, outcome.err
+        return {(r["method"], r["embedding"]) for r in outcome.json()["results"]}
+
+    repeated = rows("--method", "knn", "--method", "energy", "--embedding", "grad")
+    assert repeated == {("knn", "grad"), ("energy", "grad")}  # the last alone before
+    assert rows("--method", "knn,energy", "--embedding", "grad") == repeated
+    kinds = rows("--method", "knn", "--embedding", "grad", "--embedding", "feat")
+    assert kinds == {("knn", "grad"), ("knn", "feat")}
+
+
+def test_help_shows_value_names_not_python_types_and_version_is_top_level(cli):
+    from gradcli import __version__
+
+    for command in ("evaluate", "score", "fit-head", "inspect", "embed"):
+        text = cli(command, "--help").out
+        assert "<bool>" not in text and "<list" not in text, command
+    text = cli("evaluate", "--help").out
+    assert "--ood" in text and "SPEC" in text and "PARAM=VALUES" in text and "NAMES" in text
+    assert "--id-test" in text and "--id " not in text  # the old name works, hidden
+    top = cli("--version")
+    assert top.code == 0 and top.out.strip() == __version__
+    assert cli("version").out.strip() == __version__
+
+
+def test_batch_size_zero_gets_the_usual_one_line_message(pipeline, tiny, cli):
+    store, _ = pipeline
+    outcome = cli("evaluate", "--ood", tiny.ood, "--batch-size", "0", "--store", store, "-q")
+    _one_line_error(outcome, 2, "--batch-size must be at least 1, not 0")
+    assert "Input should" not in outcome.err
+
+
+# -- errors suggest commands that exist and work -------------------------------------------
+
+SUGGESTED = re.compile(r"gradcli ([a-z][a-z-]*)([^')]*)")
+
+
+def _check_suggestions(message: str, running: str) -> list[str]:
+    """Every ``gradcli CMD ... --flag`` in ``message`` names flags CMD has; every other
+    ``--flag`` is one the command that failed (``running``) has. Returns the suggested
+    command lines."""
+    commands = []
+    for match in SUGGESTED.finditer(message):
+        command, rest = match.groups()
+        assert command in _commands(), (command, message)
+        for flag in re.findall(r"--[a-z][a-z-]*", rest):
+            assert flag in _params(command), (flag, command, message)
+        commands.append(match.group(0).strip())
+    rest = SUGGESTED.sub("", message)
+    for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest):
+        assert flag in _params(running), (flag, running, message)
+    return commands
+
+
+def _commands() -> set[str]:
+    from gradcli.cli import _command
+
+    return set(_command().commands)
+
+
+def _small_train(tmp_path, n: int) -> str:
+    from conftest import _blobs
+
+    x, y = _blobs(np.random.default_rng(11), n)
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    return f"npz:{tmp_path / 'small.npz'}"
+
+
+def test_knn_k_too_large_suggests_fit_head_and_that_works(tiny, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("GRADCLI_STORE", str(tmp_path / "run"))
+    args = tiny.extract_args(tmp_path / "run")
+    args[args.index("--dataset") + 1] = _small_train(tmp_path, 36)
+    assert cli(*args).code == 0
+    evaluate = ["evaluate", "--ood", tiny.ood, "--id-test", tiny.test, "--method", "knn", "-q"]
+    failed = cli(*evaluate)
+    _one_line_error(failed, 2, "36")
+    (suggested,) = _check_suggestions(failed.err, "evaluate")
+    assert suggested == "gradcli fit-head --knn-k 36"
+    fixed = cli(*shlex.split(suggested)[1:], "-q")
+    assert fixed.code == 0, fixed.err
+    again = cli(*evaluate, "--json")
+    assert again.code == 0, again.err
+    assert (
+        RunStore(str(tmp_path / "run")).group_attrs("detectors/grad/knn")["provenance"]["k"] == 36
+    )
+
+
+def test_changed_images_suggest_an_embed_that_works(pipeline, tiny, tmp_path, cli):
+    store, _ = pipeline
+    x = np.random.default_rng(2).integers(0, 255, size=(12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "other.npz", x=x)
+    spec = f"npz:{tmp_path / 'other.npz'}"
+    evaluate = ["evaluate", "--ood", spec, "--id-test", "id-test", "--method", "knn"]
+    assert cli(*evaluate, "--store", store, "-q").code == 0
+    np.savez(tmp_path / "other.npz", x=255 - x)  # the same file, other images
+    failed = cli(*evaluate, "--store", store, "-q")
+    _one_line_error(failed, 3, "computed from something else")
+    (suggested,) = _check_suggestions(failed.err, "evaluate")
+    assert suggested.startswith("gradcli embed ") and "--overwrite" in suggested
+    assert cli(*shlex.split(suggested)[1:], "-q").code == 0
+    fixed = cli(*evaluate, "--store", store, "-q", "--json")
+    assert fixed.code == 0, fixed.err
+    (name,) = fixed.json()["ood"]
+    stored = RunStore(str(store)).group_attrs(f"embed/{name}")["provenance"]["fingerprint"]
+    from gradcli.data import resolve_dataset
+
+    assert stored == resolve_dataset(spec).fingerprint()  # the new images are embedded
+
+
+def test_embedding_made_with_skip_names_the_skip_option(pipeline, tiny, tmp_path, cli):
+    from PIL import Image
+
+    store, _ = pipeline
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 60, 20, 200)).save(folder / label / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    spec = f"folder:{folder}"
+    assert (
+        cli("embed", "--dataset", spec, "--on-bad-image", "skip", "--store", store, "-q").code == 0
+    )
+    evaluate = ["evaluate", "--ood", spec, "--id-test", "id-test", "--method", "knn"]
+    failed = cli(*evaluate, "--store", store, "-q")
+    _one_line_error(failed, 3, "--on-bad-image skip")
+    assert "--overwrite" not in failed.err
+    _check_suggestions(failed.err, "evaluate")
+    fixed = cli(*evaluate, "--on-bad-image", "skip", "--store", store, "-q", "--json")
+    assert fixed.code == 0, fixed.err
+    (name,) = fixed.json()["ood"]
+    assert RunStore(str(store)).read(f"embed/{name}/grad").shape == (6, 2)  # broken.png left out
