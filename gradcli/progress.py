@@ -139,4 +139,7 @@ class RichProgress:
             yield lambda n=1: bar.advance(task_id, n)
 
     def note(self, message: str) -> None:
+        if self._plain is not None:  # a log: one unwrapped line
+            self._plain.note(message)
+            return
         self.console.print(message, highlight=False)

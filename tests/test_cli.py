@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 import shlex
@@ -582,3 +585,142 @@ def test_embedding_made_with_skip_names_the_skip_option(pipeline, tiny, tmp_path
     assert fixed.code == 0, fixed.err
     (name,) = fixed.json()["ood"]
     assert RunStore(str(store)).read(f"embed/{name}/grad").shape == (6, 2)  # broken.png left out
+
+
+# -- method options, fit-head's note ---------------------------------------------------------
+
+# Each (method, option) `gradcli methods` lists, and the flag that sets it.
+OPTION_FLAGS = {
+    ("energy", "temperature"): ("fit-head", "--temperature"),
+    ("react", "percentile"): ("fit-head", "--react-percentile"),
+    ("react", "clip_dims"): ("fit-head", "--clip-dims"),
+    ("bats", "lam"): ("fit-head", "--bats-lambda"),
+    ("bats", "clip_dims"): ("fit-head", "--clip-dims"),
+    ("knn", "k"): ("fit-head", "--knn-k"),
+    ("knn", "normalise"): ("fit-head", "--no-knn-normalise"),
+    ("vim", "dim"): ("fit-head", "--vim-dim"),
+    ("gradnorm", "temperature"): ("fit-head", "--gradnorm-temperature"),
+    ("odin", "temperature"): ("score", "--odin-temperature"),
+    ("odin", "epsilon"): ("score", "--odin-epsilon"),
+}
+
+
+def test_every_option_gradcli_methods_lists_has_a_flag(cli):
+    listed = {(row["name"], option) for row in cli("methods", "--json").json()["methods"]
+              for option in row["options"]}  # fmt: skip
+    assert listed == set(OPTION_FLAGS)
+    for command, flag in OPTION_FLAGS.values():
+        assert flag in _params(command), (command, flag)
+    assert "--odin-temperature" in _params("evaluate")
+
+
+def test_knn_without_normalising_is_the_raw_kth_neighbour_distance(tiny, tmp_path, cli):
+    store = tmp_path / "run"
+    assert cli(*tiny.extract_args(store)).code == 0
+    fit = ["fit-head", "--knn-k", "4", "--no-knn-normalise", "--store", store]
+    first = cli(*fit)  # not quiet: the plain progress lines and notes on stderr
+    assert first.code == 0, first.err
+    assert f"fit-head: embedding {tiny.train} first (no stored embedding)" in first.err
+    again = cli(*fit)
+    assert again.code == 0 and "first (no stored embedding)" not in again.err
+    outcome = cli("score", "--dataset", tiny.ood, "--method", "knn", "--store", store, "-q")
+    assert outcome.code == 0, outcome.err
+    run = RunStore(str(store))
+    train = run.read("embed/npz-train/grad").astype(np.float64)
+    ood = run.read("embed/npz-ood/grad").astype(np.float64)
+    distances = np.linalg.norm(ood[:, None] - train[None], axis=2)
+    want = -np.sort(distances, axis=1)[:, 3]  # no L2 normalisation
+    np.testing.assert_allclose(run.read("scores/npz-ood/knn-grad"), want, rtol=1e-4, atol=1e-5)
+
+
+# -- progress in a log file ------------------------------------------------------------------
+
+
+class _Log(io.StringIO):
+    """A log file that records what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_progress_off_a_terminal_prints_a_line_every_10_percent_and_flushes(monkeypatch):
+    from rich.console import Console
+
+    from gradcli.progress import RichProgress
+
+    monkeypatch.setenv("GRADCLI_PROGRESS_INTERVAL", "3600")
+    log = _Log()
+    progress = RichProgress(Console(file=log))
+    with progress.task("embed x", total=200) as advance:
+        for _ in range(200):
+            advance(1)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "embed x: started (200 steps)"
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in lines[1:]]
+    assert counts == list(range(20, 201, 20))  # every 10 %, and the last is 200/200
+    assert lines[-1].startswith("embed x: 200/200 (100%)")
+    assert log.flushed[-1] == log.getvalue() and len(log.flushed) >= len(lines)
+
+
+def test_progress_off_a_terminal_prints_at_the_interval(monkeypatch):
+    from rich.console import Console
+
+    from gradcli import progress as module
+
+    clock = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("GRADCLI_PROGRESS_INTERVAL", "20")
+    log = _Log()
+    with module.RichProgress(Console(file=log)).task("pass", total=1000) as advance:
+        for _ in range(12):
+            clock[0] += 7.0  # 7 s per step
+            advance(1)
+    lines = log.getvalue().splitlines()
+    # 20 s or more since the last line: at 21 s, 42 s, 63 s and 84 s after the start
+    assert [line.split(": ")[1].split(" ")[0] for line in lines[1:-1]] == [
+        "3/1,000", "6/1,000", "9/1,000", "12/1,000"
+    ]  # fmt: skip
+    assert lines[-1].startswith("pass: 12/1,000") and lines[-1].endswith("(finished)")
+
+
+# -- export to stdout, shard JSON ------------------------------------------------------------
+
+
+def test_score_export_to_stdout_as_csv_and_json_lines(pipeline, tiny, cli):
+    store, _ = pipeline
+    base = ["score", "--dataset", tiny.ood, "--method", "knn", "--store", store, "-q"]
+    outcome = cli(*base, "--export", "-")
+    assert outcome.code == 0, outcome.err
+    rows = list(csv.DictReader(io.StringIO(outcome.out)))  # nothing but the rows
+    run = RunStore(str(store))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    for key in ("knn-grad", "knn-feat", "knn-ensemble"):
+        np.testing.assert_array_equal(
+            [float(r[key]) for r in rows], run.read(f"scores/npz-ood/{key}").astype(np.float64)
+        )
+    lines = cli(*base, "--export", "-", "--json")
+    assert lines.code == 0, lines.err
+    records = [json.loads(line) for line in lines.out.splitlines()]
+    assert [r["item"] for r in records] == [r["item"] for r in rows]
+    np.testing.assert_array_equal(
+        [r["knn-grad"] for r in records], run.read("scores/npz-ood/knn-grad").astype(np.float64)
+    )
+
+
+def test_every_shard_reports_the_same_json_keys_with_real_counts(pipeline, tiny, cli):
+    store, _ = pipeline
+    embed = ["embed", "--dataset", tiny.test, "--name", "sharded", "--chunk-rows", "10"]
+    first = cli(*embed, "--shard", "0/2", "--store", store, "-q", "--json")
+    assert first.code == 0, first.err
+    marked = int(RunStore(str(store)).read("embed/sharded/done").sum())
+    last = cli(*embed, "--shard", "1/2", "--store", store, "-q", "--json")
+    assert last.code == 0, last.err
+    a, b = first.json(), last.json()
+    assert a.keys() == b.keys()
+    assert 0 < marked < 5  # 45 rows in chunks of 10: 5 chunks, some done by each shard
+    assert (a["complete"], a["chunks_done"], a["chunks"]) == (False, marked, 5)
+    assert (b["complete"], b["chunks_done"], b["chunks"]) == (True, 5, 5)
