@@ -91,7 +91,7 @@ def write_rows(
             handle.write(json.dumps(dict(zip(names, row, strict=True))) + "\n")
     else:
         text = {k: v.astype(np.int8) if v.dtype == bool else v for k, v in columns.items()}
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(list(text))
         writer.writerows(zip(*(v.tolist() for v in text.values()), strict=True))
     handle.flush()
