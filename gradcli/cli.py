@@ -1140,7 +1140,8 @@ def _command():
 
 def _check_repeats(root, args: list[str]) -> None:
     """Refuse an option given twice unless it takes several values (a list option): the last
-    one would otherwise silently win."""
+    one would otherwise silently win. A flag given twice alike (``--quiet -q``) says the same
+    thing twice and is let through; a flag and its negation are refused."""
     position = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
     if position is None:
         return
@@ -1151,7 +1152,7 @@ def _check_repeats(root, args: list[str]) -> None:
     for param in command.params:
         for name in (*param.opts, *getattr(param, "secondary_opts", ())):
             by_name[name] = param
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, bool | None]] = {}
     tokens = iter(args[position + 1 :])
     for token in tokens:
         if token == "--":
@@ -1167,12 +1168,18 @@ def _check_repeats(root, args: list[str]) -> None:
         if getattr(param, "multiple", False) or getattr(param, "count", False):
             continue
         canonical = ALIASES.get(param.opts[0], param.opts[0])
+        flag = getattr(param, "is_flag", False)
+        value = name not in getattr(param, "secondary_opts", ()) if flag else None
         if canonical in seen:
-            first = seen[canonical]
+            first, before = seen[canonical]
+            if flag and value == before:
+                continue
+            if flag:
+                raise BadInputError(f"{first} and {name} contradict each other; give one")
             if first == name:
                 raise BadInputError(f"{name} given twice; give it once")
             raise BadInputError(f"{first} and {name} name the same option; give it once")
-        seen[canonical] = name
+        seen[canonical] = (name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -446,6 +446,13 @@ def test_a_single_value_option_given_twice_is_refused(pipeline, tiny, cli):
     )
     both = cli("evaluate", "--ood", tiny.ood, "--id", "id-test", "--id-test", "id-test")
     _one_line_error(both, 2, "--id", "--id-test", "same option")
+    contradiction = cli("fit-head", "--knn-normalise", "--no-knn-normalise", "--store", store)
+    _one_line_error(contradiction, 2, "--knn-normalise and --no-knn-normalise contradict")
+    alike = cli(
+        "evaluate", "--ood", tiny.ood, "--id-test", "id-test", "--method", "knn", "-q",
+        "--quiet", "--store", store, "--json",
+    )  # fmt: skip
+    assert alike.code == 0, alike.err  # a flag twice says the same thing twice
 
 
 def test_repeated_and_comma_separated_methods_and_embeddings_add_up(pipeline, tiny, cli):
