@@ -731,3 +731,23 @@ def test_every_shard_reports_the_same_json_keys_with_real_counts(pipeline, tiny,
     assert 0 < marked < 5  # 45 rows in chunks of 10: 5 chunks, some done by each shard
     assert (a["complete"], a["chunks_done"], a["chunks"]) == (False, marked, 5)
     assert (b["complete"], b["chunks_done"], b["chunks"]) == (True, 5, 5)
+
+
+def test_every_command_the_package_and_readme_suggest_has_its_flags():
+    """Every ``gradcli CMD ... --flag`` written in an error message, help text or the README
+    names a command that exists with every flag it shows (f-string fields are skipped)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"gradcli ([a-z][a-z-]*)((?:[^'\"`)\n|#]|\{[^}]*\})*)")
+    files = [*sorted((root / "gradcli").rglob("*.py")), root / "README.md"]
+    checked = 0
+    for path in files:
+        for match in pattern.finditer(path.read_text()):
+            command, rest = match.groups()
+            if command not in _commands():
+                continue  # prose such as "gradcli run store"
+            for flag in re.findall(r"--[a-z][a-z-]*", re.sub(r"\{[^}]*\}", "", rest)):
+                assert flag in _params(command), (path.name, match.group(0))
+                checked += 1
+    assert checked > 50
