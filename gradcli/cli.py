@@ -85,7 +85,7 @@ BasisDtypeOpt = Annotated[
     str, typer.Option(help="Basis precision in memory: float32 or bfloat16 (half the memory).")
 ]
 BatchOpt = Annotated[
-    int | None, typer.Option(min=1, help="Images per gradient batch (default: from memory).")
+    int | None, typer.Option(help="Images per gradient batch (default: from memory).")
 ]
 OdinTemperatureOpt = Annotated[
     float, typer.Option(help="ODIN temperature T (odin runs only when named in --method).")
@@ -95,8 +95,18 @@ OdinEpsilonOpt = Annotated[
 ]
 METHOD_HELP = (
     "msp, energy, maxlogit, react, bats, maha, knn, vim, gradnorm, residual, gnorm, odin, "
-    "ensemble or all (comma-separated; all = every method but odin, which needs the images)."
+    "ensemble or all (comma-separated or repeated; all = every method but odin, which needs "
+    "the images)."
 )
+MethodOpt = Annotated[list[str] | None, typer.Option(metavar="NAMES", help=METHOD_HELP)]
+EmbeddingOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="KINDS",
+        help="grad, feat or both (both adds the ensemble; comma-separated or repeated) "
+        "[default: both].",
+    ),
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -269,11 +279,23 @@ def _check_alpha(alpha: float) -> None:
         raise BadInputError(f"--alpha must be a finite number, not {alpha}")
 
 
-def _methods(value: str) -> list[str]:
+def _one_of(value, alias, name: str, alias_name: str):
+    """The value of an option or of its hidden old name, refusing both."""
+    if value is not None and alias is not None:
+        raise BadInputError(f"{name} and {alias_name} name the same option; give it once")
+    return alias if value is None else value
+
+
+def _joined(values: list[str] | None) -> list[str]:
+    """The items of a repeatable option, each occurrence also split at commas."""
+    return [item for value in values or [] for item in _csv(value) or []]
+
+
+def _methods(value: list[str] | None) -> list[str]:
     """Method names from --method; "all" is every embedding-based method (odin only by name)."""
     from gradcli.scores import METHODS, resolve_methods
 
-    items = _csv(value) or ["all"]
+    items = _joined(value) or ["all"]
     unknown = [m for m in items if m not in (*METHODS, "ensemble", "all")]
     if unknown:
         raise BadInputError(
@@ -283,13 +305,17 @@ def _methods(value: str) -> list[str]:
     return resolve_methods([m for m in items if m != "ensemble"])  # ensemble: an embedding
 
 
-def _embeddings(value: str, methods_value: str) -> list[str]:
+def _embeddings(value: list[str] | None, methods_value: list[str] | None) -> list[str]:
+    """Embedding kinds from --embedding (default both) and an 'ensemble' named in --method."""
     choices = {"grad": ["grad"], "feat": ["feat"], "both": ["grad", "feat", "ensemble"]}
-    if value not in choices:
-        raise BadInputError(f"--embedding must be grad, feat or both, not '{value}'")
-    if "ensemble" in (_csv(methods_value) or []):
-        return ["ensemble"] if value == "both" else choices[value] + ["ensemble"]
-    return choices[value]
+    items = _joined(value) or ["both"]
+    wrong = [item for item in items if item not in choices]
+    if wrong:
+        raise BadInputError(f"--embedding must be grad, feat or both, not '{wrong[0]}'")
+    kinds = list(dict.fromkeys(kind for item in items for kind in choices[item]))
+    if "ensemble" in _joined(methods_value):
+        return ["ensemble"] if items == ["both"] else list(dict.fromkeys([*kinds, "ensemble"]))
+    return kinds
 
 
 @app.command(
@@ -524,10 +550,12 @@ def embed(
     if run.skipped:
         summary["skipped"] = run.skipped
     text = f"embedded {shape[0]:,} samples as '{stored}' (K={shape[1]}) -> {store}"
-    if part is not None:
-        done = run.store.read(f"embed/{stored}/done") if not complete else None
-        n_done = int(done.sum()) if done is not None else None
-        summary.update(shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done)
+    if part is not None:  # every shard reports the same keys, with the store's counts
+        done = run.store.read(f"embed/{stored}/done")
+        n_done = int(done.sum())
+        summary.update(
+            shard=f"{part[0]}/{part[1]}", complete=complete, chunks_done=n_done, chunks=len(done)
+        )
         if not complete:
             text = (
                 f"shard {part[0]}/{part[1]} of '{stored}' finished; {n_done}/{len(done)} chunks "
@@ -559,6 +587,13 @@ def fit_head(
     knn_k: Annotated[
         int, typer.Option(help="KNN: the k-th neighbour's distance is the score.")
     ] = 50,
+    knn_normalise: Annotated[
+        bool,
+        typer.Option(
+            "--knn-normalise/--no-knn-normalise",
+            help="KNN: L2-normalise embeddings before the neighbour search [default: normalise].",
+        ),
+    ] = True,
     temperature: Annotated[float, typer.Option(help="Energy temperature T.")] = 1.0,
     vim_dim: Annotated[
         int | None,
@@ -590,6 +625,7 @@ def fit_head(
         temperature,
         vim_dim,
         gradnorm_temperature,
+        knn_normalise,
     )
     run = _open_run(
         store,
@@ -629,10 +665,8 @@ def score(
     dataset: Annotated[
         str, typer.Option(help="Dataset spec or the name of an embedding in the store.")
     ],
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
-    embedding: Annotated[
-        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
-    ] = "both",
+    method: MethodOpt = None,
+    embedding: EmbeddingOpt = None,
     alpha: Annotated[
         float, typer.Option(help="Ensemble weight: feature score + alpha * gradient score.")
     ] = 1.0,
@@ -649,7 +683,10 @@ def score(
     ] = None,
     export: Annotated[
         str | None,
-        typer.Option(help="Write one row per input (item, scores, OOD flags) to a .csv/.parquet."),
+        typer.Option(
+            help="Write one row per input (item, scores, OOD flags) to a .csv/.parquet file, or "
+            "to stdout with '-' (CSV; JSON lines with --json)."
+        ),
     ] = None,
     odin_temperature: OdinTemperatureOpt = 1000.0,
     odin_epsilon: OdinEpsilonOpt = 0.0014,
@@ -673,7 +710,7 @@ def score(
     per-sample OOD flags (score < λ) in flags/<name>/<method>-<embedding>. With --shard the
     model pass of odin is split; the last shard to finish writes every score.
     """
-    from gradcli.export import check_export_path, export_scores
+    from gradcli.export import STDOUT, check_export_path, export_scores, write_rows
     from gradcli.metrics import check_tpr
 
     part = _shard(shard, shard_from_env)
@@ -683,6 +720,7 @@ def score(
             "the shards have finished"
         )
 
+    to_stdout = export == STDOUT
     target = check_export_path(export) if export else None
     _check_alpha(alpha)
     if tpr is not None and calibrate_on is None:
@@ -713,7 +751,12 @@ def score(
         scores = run.score(dataset, **options, shard=part)
     if part is not None and not scores:
         _emit(
-            {"shard": f"{part[0]}/{part[1]}", "complete": False},
+            {
+                "shard": f"{part[0]}/{part[1]}",
+                "complete": False,
+                "scores": {},
+                "preprocess": _preprocess(run),
+            },
             as_json,
             f"shard {part[0]}/{part[1]} of {dataset} finished; the last shard to finish writes "
             "the scores",
@@ -740,10 +783,21 @@ def score(
                 highlight=False,
             )
             items = [f"{name}#{row}" for row in range(len(next(iter(scores.values()), [])))]
+        if to_stdout:  # the rows alone on stdout, for a pipe
+            write_rows(sys.stdout, items, scores, flags, json_lines=as_json)
+            return
         export_scores(target, items, scores, flags)
     preprocess = _preprocess(run)
     if as_json:
-        _emit({**summary, "preprocess": preprocess}, True)
+        document = {**summary, "preprocess": preprocess}
+        if part is not None:  # the same keys as an unfinished shard's
+            document = {
+                "shard": f"{part[0]}/{part[1]}",
+                "complete": True,
+                "scores": summary,
+                "preprocess": preprocess,
+            }
+        _emit(document, True)
         return
     table = Table(title=f"scores of {dataset}")
     columns = ["score", "n", "mean", "std"] + (["λ", "flagged OOD"] if flags else [])
@@ -775,15 +829,18 @@ def score(
 def evaluate(
     ood: Annotated[
         list[str],
-        typer.Option(help="OOD dataset spec or stored embedding name; repeat for several."),
+        typer.Option(
+            metavar="SPEC",
+            help="OOD dataset spec or stored embedding name; comma-separated or repeated.",
+        ),
     ],
     id_dataset: Annotated[
-        str | None, typer.Option("--id", help="ID test set (default: the subspace's test split).")
+        str | None,
+        typer.Option("--id-test", help="ID test set (default: the subspace's test split)."),
     ] = None,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "all",
-    embedding: Annotated[
-        str, typer.Option(help="grad, feat or both (both adds the ensemble).")
-    ] = "both",
+    id_alias: Annotated[str | None, typer.Option("--id", hidden=True)] = None,
+    method: MethodOpt = None,
+    embedding: EmbeddingOpt = None,
     alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = 1.0,
     fpr_convention: Annotated[
         str, typer.Option(help="paper (ID positive) or openood (OOD positive).")
@@ -801,8 +858,9 @@ def evaluate(
     sweep: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="PARAM=VALUES",
             help="PARAMETER=V1,V2,... over stored embeddings: k (knn), percentile (react), "
-            "lambda (bats), temperature (energy), d (clipped dims); repeat for several."
+            "lambda (bats), temperature (energy), d (clipped dims); repeat for several.",
         ),
     ] = None,
     odin_temperature: OdinTemperatureOpt = 1000.0,
@@ -825,12 +883,13 @@ def evaluate(
         check_density_dim,
         results_csv,
         results_json,
-        results_table,
+        results_tables,
         sweep_tables,
         write_report,
     )
     from gradcli.sweep import check_sweeps, parse_sweep
 
+    id_dataset = _one_of(id_dataset, id_alias, "--id-test", "--id")
     if fpr_convention not in CONVENTIONS:
         raise BadInputError(f"--fpr-convention must be one of {', '.join(CONVENTIONS)}")
     sweeps: dict[str, list[float]] = {}
@@ -860,7 +919,7 @@ def evaluate(
         check_density_dim(run, density_dim)
     with run.store.restoring_on_failure():
         results = run.evaluate(
-            ood,
+            _joined(ood),
             id_dataset=id_dataset,
             methods=methods,
             embeddings=embeddings,
@@ -878,7 +937,8 @@ def evaluate(
         print(json.dumps({**json.loads(results_json(results)), "preprocess": preprocess}, indent=2))
         return
     console = _out()
-    console.print(results_table(results))
+    for table in results_tables(results, console.width):
+        console.print(table)
     if preprocess:
         console.print(f"preprocess: {preprocess['text']}", highlight=False, markup=False)
     for table in sweep_tables(results.sweeps):
@@ -947,7 +1007,9 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
 def inspect(
     dataset: Annotated[
         list[str] | None,
-        typer.Option(help="Embed these datasets first to report their reconstruction error."),
+        typer.Option(
+            metavar="SPEC", help="Embed these datasets first to report their reconstruction error."
+        ),
     ] = None,
     plot: Annotated[
         str | None,
@@ -1059,17 +1121,36 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """The built-in offline benchmark: a small CNN on MNIST digits against every offline OOD set."""
-    from gradcli.demo import run_demo
+    from gradcli.demo import ID_TEST, ID_TRAIN, run_demo, skipped_ood_sets
     from gradcli.progress import NullProgress, RichProgress
-    from gradcli.report import results_csv, results_json, results_table
+    from gradcli.report import results_csv, results_json, results_tables
 
     progress = NullProgress() if quiet else RichProgress(err)
+    skipped = skipped_ood_sets()
     results = run_demo(store, progress=progress)
     _write_results(results, None, store, results_json, results_csv)
+    folder = Path(store).resolve()
+    written = [str(folder / "results.json"), str(folder / "results.csv")]
     if as_json:
-        print(results_json(results))
-    else:
-        _out().print(results_table(results))
+        document = json.loads(results_json(results))
+        document.update(
+            store=str(folder),
+            results_files=written,
+            id_train=ID_TRAIN,
+            id_test=ID_TEST,
+            skipped=skipped,
+        )
+        print(json.dumps(document, indent=2))
+        return
+    console = _out()
+    for table in results_tables(results, console.width):
+        console.print(table)
+    ran = ", ".join(results.ood_names)
+    lines = [f"demo: ID {ID_TRAIN} (train) and {ID_TEST} (test) against {ran}"]
+    lines += [f"{name}: skipped, {why}" for name, why in skipped.items()]
+    lines.append(f"store: {folder} (rerun: gradcli evaluate --store {store} --ood ...)")
+    lines.append(f"results: {written[0]} and {written[1]}")
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: gradcli version --json")
@@ -1078,13 +1159,102 @@ def version(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     _emit({"version": __version__}, as_json, __version__)
 
 
+# Hidden old spellings of an option, counted with the option itself ("given twice").
+ALIASES = {"--id": "--id-test"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Out-of-distribution detection with low-dimensional gradients."""
+
+
+_COMMAND = None
+
+
+def _command():
+    """The app's command tree (built once), with help that shows no value for a flag and a
+    name instead of a Python type for options that take several values."""
+    global _COMMAND
+    if _COMMAND is None:
+        from typer._click.core import Context
+
+        root = typer.main.get_command(app)
+        for command in [root, *getattr(root, "commands", {}).values()]:
+            for param in command.get_params(Context(command)):
+                if getattr(param, "is_flag", False):
+                    param.metavar = ""
+                elif getattr(param, "multiple", False) and param.metavar is None:
+                    param.metavar = "TEXT"
+        _COMMAND = root
+    return _COMMAND
+
+
+def _check_repeats(root, args: list[str]) -> None:
+    """Refuse an option given twice unless it takes several values (a list option): the last
+    one would otherwise silently win. A flag given twice alike (``--quiet -q``) says the same
+    thing twice and is let through; a flag and its negation are refused."""
+    position = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if position is None:
+        return
+    command = getattr(root, "commands", {}).get(args[position])
+    if command is None:
+        return
+    by_name = {}
+    for param in command.params:
+        for name in (*param.opts, *getattr(param, "secondary_opts", ())):
+            by_name[name] = param
+    seen: dict[str, tuple[str, bool | None]] = {}
+    tokens = iter(args[position + 1 :])
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            continue
+        name = token.split("=", 1)[0]
+        param = by_name.get(name)
+        if param is None:
+            continue  # unknown: Typer names it
+        if not getattr(param, "is_flag", False) and "=" not in token:
+            next(tokens, None)  # the option's value
+        if getattr(param, "multiple", False) or getattr(param, "count", False):
+            continue
+        canonical = ALIASES.get(param.opts[0], param.opts[0])
+        flag = getattr(param, "is_flag", False)
+        value = name not in getattr(param, "secondary_opts", ()) if flag else None
+        if canonical in seen:
+            first, before = seen[canonical]
+            if flag and value == before:
+                continue
+            if flag:
+                raise BadInputError(f"{first} and {name} contradict each other; give one")
+            if first == name:
+                raise BadInputError(f"{name} given twice; give it once")
+            raise BadInputError(f"{first} and {name} name the same option; give it once")
+        seen[canonical] = (name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and maps errors to one-line messages and exit codes."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
+        command = _command()
+        _check_repeats(command, args)
         # Typer hands back an Exit's code, and turns a Ctrl-C that reaches it into Exit(130).
-        code = app(args=args, prog_name="gradcli", standalone_mode=False)
+        code = command(args=args, prog_name="gradcli", standalone_mode=False)
     except typer.Exit as stop:
         code = stop.exit_code
     except USAGE_ERRORS as problem:

@@ -9,6 +9,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from gradcli import plots
@@ -21,6 +23,7 @@ METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
 LOWER_IS_BETTER = {"fpr95"}
 EMBEDDING_LABELS = {"feat": "feature", "grad": "gradient", "ensemble": "ensemble"}
+PER_SET = ("fpr95", "auroc")
 
 
 def _best(results: Results, column: str, metric: str) -> float:
@@ -66,6 +69,66 @@ def results_table(
             cells.append(_acceptance_text(results, key))
         table.add_row(method, EMBEDDING_LABELS.get(emb, emb), *cells)
     return table
+
+
+def results_tables(results: Results, width: int = 80) -> list[Table]:
+    """The results as tables that fit ``width`` console columns: one per embedding (feature,
+    gradient, ensemble) with rows per method and FPR95 / AUROC (%) per OOD set and their
+    average; a table that would be wider is split by OOD set into several. The best value of
+    each column over all rows is bold green. AUPR-In/Out are in the JSON, CSV and report.
+    """
+    groups: list[tuple[str, tuple[str, ...]]] = [(ood, PER_SET) for ood in results.ood_names]
+    groups.append(("average", PER_SET))
+    if results.calibration:
+        groups.append(("ID accept@λ", ()))
+    best = {(ood, m): _best(results, ood, m) for ood, metrics in groups for m in metrics}
+    keys = ordered_rows(results)
+    kinds = list(dict.fromkeys(emb for _, emb in keys))
+    caption = (
+        f"FPR95 convention ({results.convention}): {CONVENTIONS[results.convention]}. "
+        "Bold: best of the column over all embeddings. AUPR-In/Out: --json, results.csv, --report."
+    )
+    measure = Console(width=10_000, file=io.StringIO())
+
+    def build(kind: str, part: list[tuple[str, tuple[str, ...]]], title: str) -> Table:
+        table = Table(title=title, title_justify="left", caption_justify="left")
+        table.add_column("method", overflow="fold")
+        for ood, metrics in part:
+            if not metrics:
+                table.add_column(ood, justify="right", overflow="fold")
+            for i, metric in enumerate(metrics):  # the set's name heads its first column
+                header = f"{ood if i == 0 else ''}\n{LABELS[metric]}"
+                table.add_column(header, justify="right", overflow="fold")
+        for key in (k for k in keys if k[1] == kind):
+            cells = [key[0]]
+            for ood, metrics in part:
+                if not metrics:
+                    cells.append(_acceptance_text(results, key))
+                for metric in metrics:
+                    value = _value(results, key, ood, metric)
+                    text = f"{100 * value:.2f}"
+                    cells.append(f"[bold green]{text}[/]" if value == best[ood, metric] else text)
+            table.add_row(*cells)
+        return table
+
+    def fits(table: Table) -> bool:
+        return Measurement.get(measure, measure.options, table).maximum <= width
+
+    tables = []
+    for kind in kinds:
+        label = EMBEDDING_LABELS.get(kind, kind)
+        title = f"{label} scores against ID '{results.id_name}' (values in %)"
+        parts: list[list[tuple[str, tuple[str, ...]]]] = [[]]
+        for group in groups:
+            if parts[-1] and not fits(build(kind, [*parts[-1], group], title)):
+                parts.append([])
+            parts[-1].append(group)
+        for i, part in enumerate(parts):
+            named = title + (f", part {i + 1} of {len(parts)}" if len(parts) > 1 else "")
+            tables.append(build(kind, part, named))
+    if tables:
+        tables[-1].caption = caption
+    return tables
 
 
 def ordered_rows(results: Results) -> list[tuple[str, str]]:
@@ -152,8 +215,6 @@ def sweep_tables(records: Sequence[dict]) -> list[Table]:
 
 
 # -- report folder ------------------------------------------------------------------------
-
-PER_SET = ("fpr95", "auroc")
 
 
 def _columns(results: Results) -> list[tuple[str, str]]:

@@ -154,6 +154,7 @@ class DetectorOptions:
     temperature: float = 1.0
     vim_dim: int | None = None
     gradnorm_temperature: float = 1.0
+    knn_normalise: bool = True
 
     def __post_init__(self) -> None:
         # Checked before any embedding is computed; named as fit-head's options.
@@ -170,7 +171,7 @@ class DetectorOptions:
             "energy": {"temperature": self.temperature},
             "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},
             "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims},
-            "knn": {"k": self.knn_k},
+            "knn": {"k": self.knn_k, **({} if self.knn_normalise else {"normalise": False})},
             "vim": {"dim": self.vim_dim},
             "gradnorm": {"temperature": self.gradnorm_temperature},
         }
@@ -432,7 +433,8 @@ class Run:
                     raise StaleStoreError(
                         f"weights file {weights} changed since store {self.store.url} was made "
                         f"(sha256 {recorded['weights_sha256'][:12]} -> {digest[:12]}); "
-                        "restore the file, or start over with --overwrite or a new --store"
+                        "restore the file, or start over with 'gradcli extract-subspace ... "
+                        "--overwrite' or a new --store"
                     )
             if "resize_rounding" not in args and args.get("input_size") is None:
                 # made before user models kept their images' size: keep the recorded size
@@ -450,7 +452,8 @@ class Run:
                 )
                 raise StaleStoreError(
                     f"model {args['spec']} is not the one store {self.store.url} was made with "
-                    f"({what}); restore it, or start over with --overwrite or a new --store"
+                    f"({what}); restore it, or start over with 'gradcli extract-subspace ... "
+                    "--overwrite' or a new --store"
                 )
             self._model = loaded
         return self._model
@@ -766,7 +769,8 @@ class Run:
             if low_block is None:
                 raise BadInputError(
                     "this PCA checkpoint was saved by bfloat16 iterations on a CPU; resume it "
-                    "on a CPU (--device cpu) or start over with --overwrite"
+                    "on a CPU (--device cpu) or start over with 'gradcli extract-subspace ... "
+                    "--overwrite'"
                 )
             block = None  # the next pass needs only the copy; its Y makes the next block
         normalisation = Projector(mean, scale, torch.empty(p, 0), device=self.device)
@@ -1387,7 +1391,8 @@ class Run:
                     f"the name '{name}' already holds the embedding of {stored}; embed "
                     f"{source.spec} under a name of its own (gradcli embed --dataset "
                     f"{source.spec} --name NAME; in Python embed(spec, name=NAME)) and use "
-                    "NAME, or pass --overwrite to replace the stored one"
+                    f"NAME, or replace the stored one (gradcli embed --dataset {source.spec} "
+                    "--overwrite)"
                 )
         model = self.model
         selection = self.selection
@@ -1405,6 +1410,14 @@ class Run:
             "preprocess": model.preprocess.to_dict(),
             "basis_dtype": self.basis_dtype,
         }
+        attrs = self.store.group_attrs(path) if self.store.has(path) else {}
+        left_out = attrs.get("skipped_images") or 0
+        changed = attrs.get("provenance") != record
+        if left_out and changed and self.on_bad_image == "fail" and not overwrite:
+            raise StaleStoreError(
+                f"embedding '{name}' was made with --on-bad-image skip ({left_out} unreadable "
+                "image(s) left out); pass --on-bad-image skip here too"
+            )
         if self.store.open_stage(
             path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
         ):
@@ -1639,6 +1652,21 @@ class Run:
         ]
         return _preferred(source, same_subset)
 
+    def _note_embedding(
+        self, spec: str, who: str, max_samples: int | None = None, seed: int = 0
+    ) -> None:
+        """Say that ``who`` embeds ``spec`` first when no finished embedding of it is stored
+        (that is where its time goes)."""
+        if spec in self.embedding_names():
+            name = spec
+        else:
+            try:
+                name = self._embedded_as(spec, max_samples, seed)
+            except GradcliError:
+                return  # the embedding itself names the problem
+        if name is None or not self.store.stage_complete(f"embed/{name}"):
+            self.progress.note(f"{who}: embedding {spec} first (no stored embedding)")
+
     def _ensure_embedded(self, spec_or_name: str, **kwargs) -> str:
         """The name of a finished embedding of a dataset spec or stored name, computing or
         finishing it first (an interrupted embedding resumes from its recorded dataset; a
@@ -1662,7 +1690,7 @@ class Run:
     def _id_spec(self, which: str) -> str:
         spec = self.store.attrs.get(f"id_{which}")
         if not spec:
-            option = "fit-head --train SPEC" if which == "train" else "--id SPEC"
+            option = "fit-head --train SPEC" if which == "train" else "--id-test SPEC"
             raise BadInputError(
                 f"store {self.store.url} does not know the ID {which} set; pass {option}"
             )
@@ -1686,12 +1714,13 @@ class Run:
         det_opts = _options(detectors, DetectorOptions, "detectors")
         _check_seed(head_opts.seed, "the head's seed")
         batch_size = _check_batch_size(batch_size)
-        train_name = self._ensure_embedded(
-            train or self._id_spec("train"),
-            batch_size=batch_size,
-            max_samples=None if train else self.store.attrs.get("id_max_samples"),
-            seed=self.store.attrs.get("id_seed", 0),
-        )
+        train_spec = train or self._id_spec("train")
+        subset = {
+            "max_samples": None if train else self.store.attrs.get("id_max_samples"),
+            "seed": self.store.attrs.get("id_seed", 0),
+        }
+        self._note_embedding(train_spec, "fit-head", **subset)
+        train_name = self._ensure_embedded(train_spec, batch_size=batch_size, **subset)
         train_data = self.load_embedding(train_name)
         labels = train_data["labels"]
         if (labels < 0).any():
@@ -1729,6 +1758,7 @@ class Run:
         summary["train_accuracy"] = self.store.group_attrs("head")["train_accuracy"]
         test_spec = test or self.store.attrs.get("id_test")
         if test_spec:
+            self._note_embedding(test_spec, "fit-head")
             test_name = self._ensure_embedded(test_spec, batch_size=batch_size)
             test_data = self.load_embedding(test_name)
             classes = self.model.num_classes
@@ -2012,13 +2042,13 @@ class Run:
             raise StaleStoreError(
                 f"the images of {spec} changed since '{name}' was embedded, so {needed_by} "
                 f"would score other images; re-embed it (gradcli embed --dataset {spec} "
-                "--overwrite) or restore the files"
+                f"--name {name} --overwrite) or restore the files"
             )
         indices = self._subset(len(source), provenance.get("max_samples"), provenance.get("seed"))
         if len(indices) != provenance.get("rows"):
             raise StaleStoreError(
                 f"'{name}' has {provenance.get('rows')} rows but {spec} now gives {len(indices)}; "
-                f"re-embed it (gradcli embed --dataset {spec} --overwrite)"
+                f"re-embed it (gradcli embed --dataset {spec} --name {name} --overwrite)"
             )
         return source, indices
 

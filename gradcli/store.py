@@ -102,6 +102,20 @@ _REWRITTEN_BY = {
 }
 
 
+def _recompute(path: str, record: Mapping[str, Any], url: str) -> str:
+    """How to recompute the stage at ``path``: the command that has --overwrite."""
+    stage, _, rest = path.partition("/")
+    command = _REWRITTEN_BY.get(stage)
+    if command == "embed" and record.get("dataset"):
+        return (
+            f"recompute it with 'gradcli embed --dataset {record['dataset']} --name {rest} "
+            f"--store {url} --overwrite'"
+        )
+    if command:
+        return f"recompute it with 'gradcli {command} ... --overwrite'"
+    return "recompute it with --overwrite"
+
+
 def _reads(method):
     """Turn an array that is missing or cannot be decoded (a store damaged by hand or by a
     failing disk) into a one-line error naming it and the command that rewrites it."""
@@ -700,7 +714,7 @@ class RunStore:
                     label = what or path
                     raise StaleStoreError(
                         f"{label} in {self.url} was computed from something else ({diffs}); "
-                        "pass --overwrite to recompute it, or use a new --store"
+                        f"{_recompute(path, record, self.url)}, or use a new --store"
                     )
                 self._claim(path, what)
                 self.delete(path)
@@ -732,8 +746,12 @@ class RunStore:
             diffs = "; ".join(_differences(existing[PROVENANCE], record)[:3])
             raise StaleStoreError(
                 f"{what or path} in {self.url} was computed from something else ({diffs}); "
-                "shards never delete: use a new --name or --store, or recompute it once "
-                "without --shard with --overwrite"
+                "shards never delete: use a new --name or --store, or "
+                + (
+                    "rerun 'gradcli score' once without --shard"
+                    if path.startswith("scores/")
+                    else _recompute(path, record, self.url) + " once, without --shard"
+                )
             )
         return bool(self.root[path].attrs.get(COMPLETE, False))
 

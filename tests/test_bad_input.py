@@ -466,7 +466,11 @@ def test_command_line_mistakes_name_the_option_and_where_help_is(ready, cli):
     )
     _fails(cli, 2, "--nope", store=ready, args=[*embed, "--dataset", "id", "--nope"])
     _fails(
-        cli, 2, "'--batch-size'", store=ready, args=[*embed, "--dataset", "id", "--batch-size", "0"]
+        cli,
+        2,
+        "--batch-size must be at least 1",
+        store=ready,
+        args=[*embed, "--dataset", "id", "--batch-size", "0"],
     )
     _fails(cli, 2, "'nosuch'", "'gradcli --help'", args=["nosuch"])
 

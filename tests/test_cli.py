@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -414,3 +419,335 @@ def test_no_variance_reports_no_replaced_variances(tiny, tmp_path, cli):
     loud = [a for a in tiny.extract_args(tmp_path / "loud") if a != "--quiet"]
     text = cli(*loud, "--no-variance")
     assert "(no variance scaling)" in text.out and "set to the largest" not in text.err
+
+
+# -- options given twice, lists, help --------------------------------------------------------
+
+
+def _params(command: str) -> set[str]:
+    """Every option name (and negative name) of a gradcli command."""
+    from gradcli.cli import _command
+
+    found = _command().commands[command].params
+    return {name for p in found for name in (*p.opts, *getattr(p, "secondary_opts", ()))}
+
+
+def test_a_single_value_option_given_twice_is_refused(pipeline, tiny, cli):
+    store, _ = pipeline
+    _one_line_error(
+        cli("fit-head", "--knn-k", "3", "--knn-k", "4", "--store", store),
+        2,
+        "--knn-k given twice; give it once",
+    )
+    _one_line_error(
+        cli("evaluate", "--ood", tiny.ood, "--alpha=1", "--alpha", "2", "--store", store),
+        2,
+        "--alpha given twice",
+    )
+    both = cli("evaluate", "--ood", tiny.ood, "--id", "id-test", "--id-test", "id-test")
+    _one_line_error(both, 2, "--id", "--id-test", "same option")
+    contradiction = cli("fit-head", "--knn-normalise", "--no-knn-normalise", "--store", store)
+    _one_line_error(contradiction, 2, "--knn-normalise and --no-knn-normalise contradict")
+    alike = cli(
+        "evaluate", "--ood", tiny.ood, "--id-test", "id-test", "--method", "knn", "-q",
+        "--quiet", "--store", store, "--json",
+    )  # fmt: skip
+    assert alike.code == 0, alike.err  # a flag twice says the same thing twice
+
+
+def test_repeated_and_comma_separated_methods_and_embeddings_add_up(pipeline, tiny, cli):
+    store, _ = pipeline
+    base = ["evaluate", "--ood", tiny.ood, "--id-test", "id-test", "--store", store, "-q", "--json"]
+
+    def rows(*extra):
+        outcome = cli(*base, *extra)
+        assert outcome.code == 0, outcome.err
+        return {(r["method"], r["embedding"]) for r in outcome.json()["results"]}
+
+    repeated = rows("--method", "knn", "--method", "energy", "--embedding", "grad")
+    assert repeated == {("knn", "grad"), ("energy", "grad")}  # the last alone before
+    assert rows("--method", "knn,energy", "--embedding", "grad") == repeated
+    kinds = rows("--method", "knn", "--embedding", "grad", "--embedding", "feat")
+    assert kinds == {("knn", "grad"), ("knn", "feat")}
+
+
+def test_help_shows_value_names_not_python_types_and_version_is_top_level(cli):
+    from gradcli import __version__
+
+    for command in ("evaluate", "score", "fit-head", "inspect", "embed"):
+        text = cli(command, "--help").out
+        assert "<bool>" not in text and "<list" not in text, command
+    text = cli("evaluate", "--help").out
+    assert "--ood" in text and "SPEC" in text and "PARAM=VALUES" in text and "NAMES" in text
+    assert "--id-test" in text and "--id " not in text  # the old name works, hidden
+    top = cli("--version")
+    assert top.code == 0 and top.out.strip() == __version__
+    assert cli("version").out.strip() == __version__
+
+
+def test_batch_size_zero_gets_the_usual_one_line_message(pipeline, tiny, cli):
+    store, _ = pipeline
+    outcome = cli("evaluate", "--ood", tiny.ood, "--batch-size", "0", "--store", store, "-q")
+    _one_line_error(outcome, 2, "--batch-size must be at least 1, not 0")
+    assert "Input should" not in outcome.err
+
+
+# -- errors suggest commands that exist and work -------------------------------------------
+
+SUGGESTED = re.compile(r"gradcli ([a-z][a-z-]*)([^')]*)")
+
+
+def _check_suggestions(message: str, running: str) -> list[str]:
+    """Every ``gradcli CMD ... --flag`` in ``message`` names flags CMD has; every other
+    ``--flag`` is one the command that failed (``running``) has. Returns the suggested
+    command lines."""
+    commands = []
+    for match in SUGGESTED.finditer(message):
+        command, rest = match.groups()
+        assert command in _commands(), (command, message)
+        for flag in re.findall(r"--[a-z][a-z-]*", rest):
+            assert flag in _params(command), (flag, command, message)
+        commands.append(match.group(0).strip())
+    rest = SUGGESTED.sub("", message)
+    for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest):
+        assert flag in _params(running), (flag, running, message)
+    return commands
+
+
+def _commands() -> set[str]:
+    from gradcli.cli import _command
+
+    return set(_command().commands)
+
+
+def _small_train(tmp_path, n: int) -> str:
+    from conftest import _blobs
+
+    x, y = _blobs(np.random.default_rng(11), n)
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    return f"npz:{tmp_path / 'small.npz'}"
+
+
+def test_knn_k_too_large_suggests_fit_head_and_that_works(tiny, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("GRADCLI_STORE", str(tmp_path / "run"))
+    args = tiny.extract_args(tmp_path / "run")
+    args[args.index("--dataset") + 1] = _small_train(tmp_path, 36)
+    assert cli(*args).code == 0
+    evaluate = ["evaluate", "--ood", tiny.ood, "--id-test", tiny.test, "--method", "knn", "-q"]
+    failed = cli(*evaluate)
+    _one_line_error(failed, 2, "36")
+    (suggested,) = _check_suggestions(failed.err, "evaluate")
+    assert suggested == "gradcli fit-head --knn-k 36"
+    fixed = cli(*shlex.split(suggested)[1:], "-q")
+    assert fixed.code == 0, fixed.err
+    again = cli(*evaluate, "--json")
+    assert again.code == 0, again.err
+    assert (
+        RunStore(str(tmp_path / "run")).group_attrs("detectors/grad/knn")["provenance"]["k"] == 36
+    )
+
+
+def test_changed_images_suggest_an_embed_that_works(pipeline, tiny, tmp_path, cli):
+    store, _ = pipeline
+    x = np.random.default_rng(2).integers(0, 255, size=(12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "other.npz", x=x)
+    spec = f"npz:{tmp_path / 'other.npz'}"
+    evaluate = ["evaluate", "--ood", spec, "--id-test", "id-test", "--method", "knn"]
+    assert cli(*evaluate, "--store", store, "-q").code == 0
+    np.savez(tmp_path / "other.npz", x=255 - x)  # the same file, other images
+    failed = cli(*evaluate, "--store", store, "-q")
+    _one_line_error(failed, 3, "computed from something else")
+    (suggested,) = _check_suggestions(failed.err, "evaluate")
+    assert suggested.startswith("gradcli embed ") and "--overwrite" in suggested
+    assert cli(*shlex.split(suggested)[1:], "-q").code == 0
+    fixed = cli(*evaluate, "--store", store, "-q", "--json")
+    assert fixed.code == 0, fixed.err
+    (name,) = fixed.json()["ood"]
+    stored = RunStore(str(store)).group_attrs(f"embed/{name}")["provenance"]["fingerprint"]
+    from gradcli.data import resolve_dataset
+
+    assert stored == resolve_dataset(spec).fingerprint()  # the new images are embedded
+
+
+def test_embedding_made_with_skip_names_the_skip_option(pipeline, tiny, tmp_path, cli):
+    from PIL import Image
+
+    store, _ = pipeline
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 60, 20, 200)).save(folder / label / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    spec = f"folder:{folder}"
+    assert (
+        cli("embed", "--dataset", spec, "--on-bad-image", "skip", "--store", store, "-q").code == 0
+    )
+    evaluate = ["evaluate", "--ood", spec, "--id-test", "id-test", "--method", "knn"]
+    failed = cli(*evaluate, "--store", store, "-q")
+    _one_line_error(failed, 3, "--on-bad-image skip")
+    assert "--overwrite" not in failed.err
+    _check_suggestions(failed.err, "evaluate")
+    fixed = cli(*evaluate, "--on-bad-image", "skip", "--store", store, "-q", "--json")
+    assert fixed.code == 0, fixed.err
+    (name,) = fixed.json()["ood"]
+    assert RunStore(str(store)).read(f"embed/{name}/grad").shape == (6, 2)  # broken.png left out
+
+
+# -- method options, fit-head's note ---------------------------------------------------------
+
+# Each (method, option) `gradcli methods` lists, and the flag that sets it.
+OPTION_FLAGS = {
+    ("energy", "temperature"): ("fit-head", "--temperature"),
+    ("react", "percentile"): ("fit-head", "--react-percentile"),
+    ("react", "clip_dims"): ("fit-head", "--clip-dims"),
+    ("bats", "lam"): ("fit-head", "--bats-lambda"),
+    ("bats", "clip_dims"): ("fit-head", "--clip-dims"),
+    ("knn", "k"): ("fit-head", "--knn-k"),
+    ("knn", "normalise"): ("fit-head", "--no-knn-normalise"),
+    ("vim", "dim"): ("fit-head", "--vim-dim"),
+    ("gradnorm", "temperature"): ("fit-head", "--gradnorm-temperature"),
+    ("odin", "temperature"): ("score", "--odin-temperature"),
+    ("odin", "epsilon"): ("score", "--odin-epsilon"),
+}
+
+
+def test_every_option_gradcli_methods_lists_has_a_flag(cli):
+    listed = {(row["name"], option) for row in cli("methods", "--json").json()["methods"]
+              for option in row["options"]}  # fmt: skip
+    assert listed == set(OPTION_FLAGS)
+    for command, flag in OPTION_FLAGS.values():
+        assert flag in _params(command), (command, flag)
+    assert "--odin-temperature" in _params("evaluate")
+
+
+def test_knn_without_normalising_is_the_raw_kth_neighbour_distance(tiny, tmp_path, cli):
+    store = tmp_path / "run"
+    assert cli(*tiny.extract_args(store)).code == 0
+    fit = ["fit-head", "--knn-k", "4", "--no-knn-normalise", "--store", store]
+    first = cli(*fit)  # not quiet: the plain progress lines and notes on stderr
+    assert first.code == 0, first.err
+    assert f"fit-head: embedding {tiny.train} first (no stored embedding)" in first.err
+    again = cli(*fit)
+    assert again.code == 0 and "first (no stored embedding)" not in again.err
+    outcome = cli("score", "--dataset", tiny.ood, "--method", "knn", "--store", store, "-q")
+    assert outcome.code == 0, outcome.err
+    run = RunStore(str(store))
+    train = run.read("embed/npz-train/grad").astype(np.float64)
+    ood = run.read("embed/npz-ood/grad").astype(np.float64)
+    distances = np.linalg.norm(ood[:, None] - train[None], axis=2)
+    want = -np.sort(distances, axis=1)[:, 3]  # no L2 normalisation
+    np.testing.assert_allclose(run.read("scores/npz-ood/knn-grad"), want, rtol=1e-4, atol=1e-5)
+
+
+# -- progress in a log file ------------------------------------------------------------------
+
+
+class _Log(io.StringIO):
+    """A log file that records what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_progress_off_a_terminal_prints_a_line_every_10_percent_and_flushes(monkeypatch):
+    from rich.console import Console
+
+    from gradcli.progress import RichProgress
+
+    monkeypatch.setenv("GRADCLI_PROGRESS_INTERVAL", "3600")
+    log = _Log()
+    progress = RichProgress(Console(file=log))
+    with progress.task("embed x", total=200) as advance:
+        for _ in range(200):
+            advance(1)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "embed x: started (200 steps)"
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in lines[1:]]
+    assert counts == list(range(20, 201, 20))  # every 10 %, and the last is 200/200
+    assert lines[-1].startswith("embed x: 200/200 (100%)")
+    assert log.flushed[-1] == log.getvalue() and len(log.flushed) >= len(lines)
+
+
+def test_progress_off_a_terminal_prints_at_the_interval(monkeypatch):
+    from rich.console import Console
+
+    from gradcli import progress as module
+
+    clock = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("GRADCLI_PROGRESS_INTERVAL", "20")
+    log = _Log()
+    with module.RichProgress(Console(file=log)).task("pass", total=1000) as advance:
+        for _ in range(12):
+            clock[0] += 7.0  # 7 s per step
+            advance(1)
+    lines = log.getvalue().splitlines()
+    # 20 s or more since the last line: at 21 s, 42 s, 63 s and 84 s after the start
+    assert [line.split(": ")[1].split(" ")[0] for line in lines[1:-1]] == [
+        "3/1,000", "6/1,000", "9/1,000", "12/1,000"
+    ]  # fmt: skip
+    assert lines[-1].startswith("pass: 12/1,000") and lines[-1].endswith("(finished)")
+
+
+# -- export to stdout, shard JSON ------------------------------------------------------------
+
+
+def test_score_export_to_stdout_as_csv_and_json_lines(pipeline, tiny, cli):
+    store, _ = pipeline
+    base = ["score", "--dataset", tiny.ood, "--method", "knn", "--store", store, "-q"]
+    outcome = cli(*base, "--export", "-")
+    assert outcome.code == 0, outcome.err
+    rows = list(csv.DictReader(io.StringIO(outcome.out)))  # nothing but the rows
+    run = RunStore(str(store))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    for key in ("knn-grad", "knn-feat", "knn-ensemble"):
+        np.testing.assert_array_equal(
+            [float(r[key]) for r in rows], run.read(f"scores/npz-ood/{key}").astype(np.float64)
+        )
+    lines = cli(*base, "--export", "-", "--json")
+    assert lines.code == 0, lines.err
+    records = [json.loads(line) for line in lines.out.splitlines()]
+    assert [r["item"] for r in records] == [r["item"] for r in rows]
+    np.testing.assert_array_equal(
+        [r["knn-grad"] for r in records], run.read("scores/npz-ood/knn-grad").astype(np.float64)
+    )
+
+
+def test_every_shard_reports_the_same_json_keys_with_real_counts(pipeline, tiny, cli):
+    store, _ = pipeline
+    embed = ["embed", "--dataset", tiny.test, "--name", "sharded", "--chunk-rows", "10"]
+    first = cli(*embed, "--shard", "0/2", "--store", store, "-q", "--json")
+    assert first.code == 0, first.err
+    marked = int(RunStore(str(store)).read("embed/sharded/done").sum())
+    last = cli(*embed, "--shard", "1/2", "--store", store, "-q", "--json")
+    assert last.code == 0, last.err
+    a, b = first.json(), last.json()
+    assert a.keys() == b.keys()
+    assert 0 < marked < 5  # 45 rows in chunks of 10: 5 chunks, some done by each shard
+    assert (a["complete"], a["chunks_done"], a["chunks"]) == (False, marked, 5)
+    assert (b["complete"], b["chunks_done"], b["chunks"]) == (True, 5, 5)
+
+
+def test_every_command_the_package_and_readme_suggest_has_its_flags():
+    """Every ``gradcli CMD ... --flag`` written in an error message, help text or the README
+    names a command that exists with every flag it shows (f-string fields are skipped)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"gradcli ([a-z][a-z-]*)((?:[^'\"`)\n|#]|\{[^}]*\})*)")
+    files = [*sorted((root / "gradcli").rglob("*.py")), root / "README.md"]
+    checked = 0
+    for path in files:
+        for match in pattern.finditer(path.read_text()):
+            command, rest = match.groups()
+            if command not in _commands():
+                continue  # prose such as "gradcli run store"
+            for flag in re.findall(r"--[a-z][a-z-]*", re.sub(r"\{[^}]*\}", "", rest)):
+                assert flag in _params(command), (path.name, match.group(0))
+                checked += 1
+    assert checked > 50

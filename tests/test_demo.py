@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gradcli.demo import present_ood_sets, run_demo
+from gradcli.demo import OOD_CANDIDATES, present_ood_sets, run_demo
+
+RESULT_FILES = ("results.json", "results.csv")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -44,10 +46,20 @@ def test_demo_runs_and_reuses_its_store(demo_dir, cli, monkeypatch):
     assert (store / "results.json").exists() and (store / "mnist_cnn.pt").exists()
     chunk = store / "embed" / "mnist5k-train" / "grad" / "c" / "0" / "0"
     stamp = chunk.stat().st_mtime_ns
+    assert document["store"] == str(store.resolve())
+    assert document["results_files"] == [str(store.resolve() / f) for f in RESULT_FILES]
+    skipped = set(OOD_CANDIDATES) - set(present_ood_sets())
+    assert set(document["skipped"]) == skipped
     second = cli("demo", "--quiet", "--json")
     assert second.code == 0
     assert chunk.stat().st_mtime_ns == stamp  # nothing recomputed
     assert second.json()["results"] == document["results"]
+    text = cli("demo", "--quiet")  # what ran, what was skipped and why, where things are
+    assert text.code == 0, text.err
+    assert f"store: {store.resolve()}" in text.out
+    assert "against " + ", ".join(sorted(expected, key=document["ood"].index)) in text.out
+    for name in skipped:
+        assert f"{name}: skipped, not installed (install it with" in text.out
 
 
 def test_readme_python_example_runs(demo_dir, demo_store, monkeypatch):

@@ -43,3 +43,26 @@ def test_mismatched_lengths_leave_no_file(tmp_path):
     with pytest.raises(BadInputError, match="24 scores for 25 inputs"):
         export_scores(tmp_path / "out.csv", items, scores, flags)
     assert not list(tmp_path.iterdir())
+
+
+def test_rows_on_a_stream_equal_the_csv_file_and_json_lines(tmp_path):
+    import io
+    import json
+
+    from gradcli.export import write_rows
+
+    items, scores, flags = _content()
+    stream = io.StringIO()
+    write_rows(stream, items, scores, flags)
+    written = export_scores(tmp_path / "o.csv", items, scores, flags).read_bytes().decode()
+    assert stream.getvalue() == written and "\r" not in written
+    lines = io.StringIO()
+    write_rows(lines, items, scores, flags, json_lines=True)
+    records = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert [r["item"] for r in records] == items and [r["index"] for r in records] == list(
+        range(len(items))
+    )
+    for key, values in scores.items():
+        np.testing.assert_array_equal([r[key] for r in records], values)
+    assert [r["energy-grad_ood"] for r in records] == flags["energy-grad"].tolist()
+    assert "knn-feat_ood" not in records[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -197,3 +198,47 @@ def test_report_of_a_pca_store_shows_the_spectrum(tiny, tmp_path, cli):
     assert outcome.code == 0, outcome.err
     assert (folder / "spectrum.png").read_bytes()[:8] == PNG
     assert "](spectrum.png)" in (folder / "report.md").read_text()
+
+
+def _row_cells(text: str) -> dict[str, dict[str, list[str]]]:
+    """Body cells per table title prefix ('feature', ...) and method, parts joined in order."""
+    out: dict[str, dict[str, list[str]]] = {}
+    kind = None
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0] in ("feature", "gradient", "ensemble") and "scores" in line:
+            kind = words[0]
+        elif line.startswith("│") and kind:
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            out.setdefault(kind, {}).setdefault(cells[0], []).extend(cells[1:])
+    return out
+
+
+def test_results_tables_fit_80_columns_and_show_every_number():
+    from rich.console import Console
+
+    from gradcli.report import results_tables
+    from gradcli.run import Results
+    from gradcli.scores import METHODS
+
+    rng = np.random.default_rng(7)
+    oods = ["fashion-test", "animals-test", "texture-patches-test", "digits-test"]
+    results = Results(id_name="mnist5k-test", ood_names=oods)
+    metrics = ("fpr95", "auroc", "aupr_in", "aupr_out")
+    for method in METHODS:
+        for emb in ("feat", "grad", "ensemble"):
+            results.rows[method, emb] = {
+                o: dict(zip(metrics, rng.uniform(0, 1, 4), strict=True)) for o in oods
+            }
+    console = Console(width=80, record=True, file=io.StringIO())
+    for table in results_tables(results, 80):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    cells = _row_cells(text)
+    labels = {"feat": "feature", "grad": "gradient", "ensemble": "ensemble"}
+    for (method, emb), per_set in results.rows.items():
+        want = [f"{100 * per_set[o][m]:.2f}" for o in oods for m in ("fpr95", "auroc")]
+        want += [f"{100 * np.mean([per_set[o][m] for o in oods]):.2f}" for m in ("fpr95", "auroc")]
+        assert cells[labels[emb]][method] == want, (method, emb)

@@ -315,14 +315,14 @@ class Detector:
             if option in fitted_with and value != fitted_with[option]:
                 raise StaleStoreError(
                     f"{cls.name} was fitted with {option}={fitted_with[option]}, not {value}: "
-                    "refit it (fit-head --overwrite) or drop the option"
+                    "refit it ('gradcli fit-head --overwrite') or drop the option"
                 )
         detector = cls(**{**fitted_with, **options})
         try:
             detector._load_state(state)
         except KeyError as err:
             raise StaleStoreError(
-                f"the stored {cls.name} state lacks {err}: rerun fit-head with --overwrite"
+                f"the stored {cls.name} state lacks {err}: rerun 'gradcli fit-head --overwrite'"
             ) from err
         detector._fitted = True
         return detector

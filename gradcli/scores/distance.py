@@ -115,7 +115,7 @@ class KNN(Detector):
         if self.k > num_train:
             raise BadInputError(
                 f"knn: k={self.k} exceeds the {num_train} training samples: "
-                f"use --knn-k {num_train} or fewer"
+                f"refit with 'gradcli fit-head --knn-k {num_train}' (or a smaller k)"
             )
 
     def _fit(self, train: Embedding, readout: Readout | None) -> None:
