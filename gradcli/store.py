@@ -211,6 +211,8 @@ class RowChunks:
         """(n_chunks,) bool: which chunks are complete."""
         if self.n_chunks == 0:
             return np.zeros(0, dtype=bool)
+        if self.owner is not None:
+            return np.asarray(self.owner.read(f"{self.group.path}/done"), dtype=bool)
         return np.asarray(self.group["done"][:], dtype=bool)
 
     def pending(self) -> list[int]:
