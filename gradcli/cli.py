@@ -930,12 +930,22 @@ def evaluate(
             odin_epsilon=odin_epsilon,
             sweeps=plan,
         )
-    _write_results(results, results_dir, store, results_json, results_csv, run.store)
+    saved = _write_results(results, results_dir, store, results_json, results_csv, run.store)
     written = write_report(run, results, report, density_dim=density_dim) if report else []
     preprocess = _preprocess(run)
     if as_json:
-        print(json.dumps({**json.loads(results_json(results)), "preprocess": preprocess}, indent=2))
+        document = {**json.loads(results_json(results)), "preprocess": preprocess}
+        print(json.dumps({**document, "written": saved}, indent=2))
         return
+    if not quiet:
+        err.print(
+            f"results written to {' and '.join(saved)}"
+            if saved
+            else f"note: store {store} is read-only: results not saved; pass --results-dir",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     console = _out()
     for table in results_tables(results, console.width):
         console.print(table)
@@ -979,28 +989,92 @@ def methods(
     _out().print(table)
 
 
-def _write_results(results, results_dir, store, to_json, to_csv, run_store=None) -> None:
+def _write_results(results, results_dir, store, to_json, to_csv, run_store=None) -> list[str]:
     """results.json and results.csv into ``--results-dir`` or else the store itself (a local
-    folder or an object-store URL alike)."""
+    folder or an object-store URL alike); returns the files written, [] on a read-only store
+    without ``--results-dir``.
+
+    Results already there for the same ID set and FPR convention are merged with these by
+    (method, embedding, OOD set), the newer replacing the older, so that a run on fewer OOD
+    sets adds to the file instead of truncating it; averages are taken over the merged sets."""
     from gradcli.store import RunStore
 
     try:
         if results_dir is None:
             if run_store is None:
                 run_store = RunStore(store, create=False, storage_options=_storage_options())
-            run_store.write_text("results.json", to_json(results))
-            run_store.write_text("results.csv", to_csv(results))
-            return
+            if run_store.read_only:
+                return []
+            document = _merged_results(run_store.read_text("results.json"), to_json(results))
+            return [
+                run_store.write_text("results.json", document),
+                run_store.write_text("results.csv", _results_csv(document)),
+            ]
         target = Path(results_dir)
         target.mkdir(parents=True, exist_ok=True)
-        (target / "results.json").write_text(to_json(results))
-        (target / "results.csv").write_text(to_csv(results))
+        old = target / "results.json"
+        document = _merged_results(old.read_text() if old.is_file() else None, to_json(results))
+        (target / "results.json").write_text(document)
+        (target / "results.csv").write_text(_results_csv(document))
+        return [str(target / "results.json"), str(target / "results.csv")]
     except BadInputError:
         raise
     except Exception as error:  # OSError locally; fsspec backends raise their own types
         where = results_dir if results_dir is not None else store
         fix = "pass another --results-dir" if results_dir is not None else "pass --results-dir"
         raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
+
+
+def _merged_results(old_text: str | None, new_text: str) -> str:
+    """The results document ``new_text`` merged into ``old_text``: records keyed by (method,
+    embedding, ood), the new ones replacing old ones, averages recomputed per (method,
+    embedding) over its OOD sets. An unreadable old document, or one of another ID set or
+    FPR convention, is replaced."""
+    new = json.loads(new_text)
+    try:
+        old = json.loads(old_text) if old_text else None
+    except json.JSONDecodeError:
+        old = None
+    if (
+        not isinstance(old, dict)
+        or not isinstance(old.get("results"), list)
+        or (old.get("id"), old.get("convention")) != (new.get("id"), new.get("convention"))
+    ):
+        return new_text
+
+    def key(record: dict) -> tuple[str, str, str]:
+        return record["method"], record["embedding"], record["ood"]
+
+    rows = {key(r): r for r in old["results"] if r.get("ood") != "average"}
+    rows.update({key(r): r for r in new["results"] if r["ood"] != "average"})
+    oods = list(dict.fromkeys([*old.get("ood", []), *new["ood"], *(k[2] for k in rows)]))
+    records = []
+    for method, embedding in dict.fromkeys(k[:2] for k in rows):
+        mine = [rows[(method, embedding, o)] for o in oods if (method, embedding, o) in rows]
+        records += mine
+        names = [m for m in mine[0] if m not in ("method", "embedding", "ood")]
+        average = {m: float(sum(r[m] for r in mine) / len(mine)) for m in names}
+        records.append({"method": method, "embedding": embedding, "ood": "average", **average})
+    merged = {**old, **new, "ood": oods, "results": records}
+    calibration = {**old.get("calibration", {}), **new.get("calibration", {})}
+    if calibration:
+        merged["calibration"] = calibration
+    return json.dumps(merged, indent=2)
+
+
+def _results_csv(document: str) -> str:
+    """One CSV row per record of a results document, as ``report.results_csv`` writes."""
+    import csv
+    import io
+
+    from gradcli.report import METRICS
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["method", "embedding", "ood", *METRICS])
+    writer.writeheader()
+    for record in json.loads(document)["results"]:
+        writer.writerow({k: record.get(k) for k in writer.fieldnames})
+    return buffer.getvalue()
 
 
 @app.command(epilog="Example: gradcli inspect --store artifacts/pca --dataset svhn --plot plots/")
@@ -1083,6 +1157,13 @@ def inspect(
             name, str(info["dataset"]), str(tuple(info.get("shape", ()))), chunks, text
         )
     console.print(embeddings)
+    for entry in report["damaged"]:
+        rows = ", ".join(f"{a}-{b - 1}" for a, b in entry["rows"])
+        console.print(
+            f"damaged: {entry['array']} rows {rows} fail their checksum; {entry['fix']}",
+            highlight=False,
+            markup=False,
+        )
     for path in report.get("plots", []):
         console.print(f"wrote {path}")
 

@@ -12,11 +12,32 @@ from pathlib import Path
 import numpy as np
 
 from gradcli.distributed import shard_range
-from gradcli.errors import BadInputError
+from gradcli.errors import BadInputError, StaleStoreError
 from gradcli.run import Run
 from gradcli.scores.residual import reconstruction_error
 
 STAGES = ("stats", "subspace", "head")
+# Arrays up to this size are read whole to verify their chunks' checksums; larger ones (a
+# big model's basis) only where inspect reads them anyway.
+VERIFY_MAX_BYTES = 1 << 30
+
+
+def damaged_arrays(run: Run) -> list[dict]:
+    """Every array of the store (up to :data:`VERIFY_MAX_BYTES`) with chunks that fail their
+    checksum: its path, the row ranges [start, stop) of those chunks, and what rewrites it."""
+    import zarr
+
+    store = run.store
+    found = []
+    for path, node in store.walk():
+        if not isinstance(node, zarr.Array) or node.nbytes > VERIFY_MAX_BYTES:
+            continue
+        rows = store.damaged_rows(path)
+        if rows:
+            found.append(
+                {"array": path, "rows": [list(r) for r in rows], "fix": store.repair_hint(path)}
+            )
+    return found
 
 
 def shard_status(done: np.ndarray, count: int) -> dict:
@@ -41,7 +62,7 @@ def spectrum_of(run: Run) -> dict | None:
         return None
     sub = store.group_attrs("subspace")
     spectrum = {"method": sub["provenance"]["method"], "k": sub.get("k")}
-    if store.has("subspace/eigenvalues"):
+    if store.has("subspace/eigenvalues") and not store.damaged_rows("subspace/eigenvalues"):
         values = store.read("subspace/eigenvalues").astype(np.float64)
         total = float(sub.get("total_variance") or values.sum())
         spectrum.update(
@@ -54,9 +75,13 @@ def spectrum_of(run: Run) -> dict | None:
 
 
 def describe(run: Run) -> dict:
-    """Everything ``inspect`` reports, as plain data."""
+    """Everything ``inspect`` reports, as plain data; arrays with damaged chunks are listed
+    under ``damaged`` and left out of what is computed from them."""
     store = run.store
+    store.require()
     attrs = store.attrs
+    damaged = damaged_arrays(run)
+    broken = {entry["array"] for entry in damaged}
     report: dict = {
         "store": store.url,
         "gradcli_version": attrs.get("gradcli_version"),
@@ -68,6 +93,7 @@ def describe(run: Run) -> dict:
         "id_test": attrs.get("id_test"),
         "stages": {},
         "embeddings": {},
+        "damaged": damaged,
     }
     for stage in STAGES:
         if store.has(stage):
@@ -98,7 +124,7 @@ def describe(run: Run) -> dict:
             "fingerprint": attrs_e.get("provenance", {}).get("fingerprint"),
             "complete": bool(attrs_e.get("complete")),
         }
-        if store.has(f"{path}/done"):
+        if store.has(f"{path}/done") and f"{path}/done" not in broken:
             done = store.read(f"{path}/done")
             info["chunks_done"] = f"{int(done.sum())}/{len(done)}"
             count = int(store.group_attrs(f"{path}/done").get("shards", 1))
@@ -107,7 +133,12 @@ def describe(run: Run) -> dict:
         if store.has(f"{path}/grad"):
             info["shape"] = list(store.shape(f"{path}/grad"))
         if info["complete"]:
-            arrays = run.load_embedding(name)
+            try:
+                arrays = run.load_embedding(name)
+            except StaleStoreError as problem:  # damaged beyond what was verified above
+                info["damaged"] = str(problem)
+                report["embeddings"][name] = info
+                continue
             error = reconstruction_error(arrays["grad"], arrays["gnorm"])
             info["reconstruction_error"] = {
                 "mean": float(error.mean()) if len(error) else None,

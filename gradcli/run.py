@@ -287,8 +287,8 @@ class Run:
             return RunStore(str(store), create=create, storage_options=storage_options)
 
         self.store = self._on_writer(open_store, value=False)
-        if not self.group.is_writer:
-            self.store = RunStore(str(store), create=False, storage_options=storage_options)
+        if not self.group.is_writer:  # never writes; sees the store once rank 0 makes it
+            self.store = RunStore(str(store), create=True, storage_options=storage_options)
         self.device = self.group.device if self.group.active else parse_device(device)
         root = (
             data_root or os.environ.get(data_mod.DATA_ROOT_ENV) or self.store.attrs.get("data_root")
@@ -477,6 +477,7 @@ class Run:
         if (
             self._given_data_root
             and self.group.is_writer
+            and not self.store.read_only
             and self.store.attrs.get("data_root") != self._given_data_root
         ):
             self.store.update_root(data_root=self._given_data_root)  # it worked: remember it
@@ -1367,6 +1368,7 @@ class Run:
         chunks); the stage is completed by whichever process finds every chunk done, so check
         ``store.stage_complete(f"embed/{name}")`` afterwards.
         """
+        self.store.require()  # a store never made: say so, make nothing
         batch_size = _check_batch_size(batch_size)
         seed = _check_seed(seed)
         if chunk_rows < 1:
@@ -1623,6 +1625,7 @@ class Run:
     def load_embedding(self, name: str) -> dict[str, np.ndarray]:
         """The arrays of a finished embedding, by name or dataset spec: grad (N,K), gnorm (N,),
         feat (N,D), logits (N,C) float32 and labels (N,) int64."""
+        self.store.require()  # a store never made: say so, make nothing
         name = self.stored_name(name)
         path = f"embed/{name}"
         if not self.store.stage_complete(path):
@@ -1710,6 +1713,7 @@ class Run:
         """Train the BN→FC head and fit every detector on the ID training embeddings.
 
         ``head`` and ``detectors`` take the options dataclasses or dicts of their fields."""
+        self.store.require()  # a store never made: say so, make nothing
         head_opts = _options(head, HeadOptions, "head")
         det_opts = _options(detectors, DetectorOptions, "detectors")
         _check_seed(head_opts.seed, "the head's seed")
@@ -1922,6 +1926,7 @@ class Run:
         :meth:`calibrate`) also gets its OOD flags (score < λ) in flags/<name>/<key>; a
         threshold calibrated with other settings is an error.
         """
+        self.store.require()  # a store never made: say so, make nothing
         methods = resolve_methods(_name_list(methods, "methods"))
         embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
         alpha = _check_alpha(alpha)
@@ -1991,7 +1996,7 @@ class Run:
                     with torch.inference_mode():
                         scores = detector.score(data[kind], readouts[kind])
                 _check_finite(torch.from_numpy(np.asarray(scores)), f"{key} scores", name)
-                self.store.write(path, scores, attrs={"provenance": record})
+                self.store.write(path, scores, attrs={"provenance": record}, cache=True)
                 computed[key] = scores
             feat, grad = computed.get(f"{method}-feat"), computed.get(f"{method}-grad")
             if "ensemble" in embeddings and feat is not None and grad is not None:
@@ -1999,7 +2004,10 @@ class Run:
                 combined = ensemble_scores(feat, grad, alpha)
                 record = {"embedding": embed_digest, **self._source(key, alpha, odin)}
                 self.store.write(
-                    f"scores/{name}/{key}", combined, attrs={"alpha": alpha, "provenance": record}
+                    f"scores/{name}/{key}",
+                    combined,
+                    attrs={"alpha": alpha, "provenance": record},
+                    cache=True,
                 )
                 computed[key] = combined
         if sharded:  # every score is written: the parts are no longer needed
@@ -2014,8 +2022,11 @@ class Run:
                         "threshold": record["threshold"],
                         "tpr": record["tpr"],
                         "calibrated_on": record["dataset"],
-                        "provenance": self.store.group_attrs(f"scores/{name}/{key}")["provenance"],
+                        "provenance": self.store.group_attrs(f"scores/{name}/{key}").get(
+                            "provenance"
+                        ),
                     },
+                    cache=True,
                 )
         return result
 
@@ -2179,6 +2190,7 @@ class Run:
         FPR95 uses); afterwards ``score`` flags samples with score < λ as OOD. Kept in
         calibration/<key> with the settings it was made with.
         """
+        self.store.require()  # a store never made: say so, make nothing
         tpr = check_tpr(tpr)
         methods = resolve_methods(_name_list(methods, "methods"))
         embeddings = _check_embeddings(_name_list(embeddings, "embeddings"))
@@ -2264,6 +2276,7 @@ class Run:
         """
         from gradcli.sweep import check_sweep_dims, check_sweeps, run_sweeps
 
+        self.store.require()  # a store never made: say so, make nothing
         if isinstance(ood, str | os.PathLike):
             ood = [ood]
         if not ood:
@@ -2312,7 +2325,7 @@ class Run:
                 results.rows.setdefault((method, emb), {})[ood_name] = metrics
                 table[key] = metrics
             self.store.put_group(
-                f"results/{ood_name}", id=id_name, convention=convention, metrics=table
+                f"results/{ood_name}", id=id_name, convention=convention, metrics=table, cache=True
             )
         for key, scores in id_scores.items():
             record = self.calibration(key)

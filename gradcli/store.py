@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from gradcli import __version__
 from gradcli.errors import BadInputError, Interrupted, StaleStoreError
@@ -45,6 +46,19 @@ TRANSPOSE_ROWS = 1024  # rows per block of a transposing copy
 ASIDE = ".replaced"  # what a running command replaces, kept until it succeeds
 LOCKS = ".locks"  # which process computes which stage, while it runs
 RESERVED_KEYS = ("zarr.json",)  # Zarr v3's own metadata file: no group or array may take it
+
+
+def codecs(compress: bool = True) -> tuple:
+    """The bytes codecs of every array the store writes: zstd (unless ``compress`` is off)
+    and a CRC32C checksum last, so a chunk damaged on disk fails to decode instead of
+    decoding into garbage."""
+    return (ZstdCodec(level=0), Crc32cCodec()) if compress else (Crc32cCodec(),)
+
+
+def is_writable(folder: str | os.PathLike) -> bool:
+    """Whether this process may write into the existing local ``folder`` (False on a
+    read-only file system or without write permission)."""
+    return os.access(folder, os.W_OK)
 
 
 def _member_names(group: zarr.Group) -> list[str]:
@@ -81,6 +95,9 @@ def _writes(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
+            prepare = getattr(self, "_before_write", None)
+            if prepare is not None:  # refused on a read-only store; creates a pending one
+                prepare(kwargs.get("what") or (args[0] if args else None))
             return method(self, *args, **kwargs)
         except OSError as err:
             url = getattr(self, "url", None) or getattr(self, "where", "the run store")
@@ -125,6 +142,8 @@ def _reads(method):
         try:
             return method(self, path, *args, **kwargs)
         except (KeyError, RuntimeError, ValueError, OSError) as err:
+            if "checksum" in str(err).lower():
+                raise self.damage_error(path) from None
             command = _REWRITTEN_BY.get(path.split("/", 1)[0])
             fix = (
                 f"recompute it with 'gradcli {command} ... --overwrite'"
@@ -186,6 +205,7 @@ class RowChunks:
     group: zarr.Group
     n_rows: int
     chunk_rows: int
+    owner: RunStore | None = None  # reads go through it: a damaged chunk is named
 
     @property
     def n_chunks(self) -> int:
@@ -205,6 +225,8 @@ class RowChunks:
         """(n_chunks,) bool: which chunks are complete."""
         if self.n_chunks == 0:
             return np.zeros(0, dtype=bool)
+        if self.owner is not None:
+            return np.asarray(self.owner.read(f"{self.group.path}/done"), dtype=bool)
         return np.asarray(self.group["done"][:], dtype=bool)
 
     def pending(self) -> list[int]:
@@ -227,11 +249,15 @@ class RowChunks:
         self.group["done"][index] = True
 
     def read(self, name: str) -> np.ndarray:
+        if self.owner is not None:
+            return self.owner.read(f"{self.group.path}/{name}")
         return np.asarray(self.group[name][:])
 
     def read_chunk(self, name: str, index: int) -> np.ndarray:
         """Rows of chunk ``index`` of one array."""
         rows = self.chunk_range(index)
+        if self.owner is not None:
+            return self.owner.read_rows(f"{self.group.path}/{name}", rows.start, rows.stop)
         return np.asarray(self.group[name][rows.start : rows.stop])
 
 
@@ -253,7 +279,14 @@ class Flags:
 
 
 class RunStore:
-    """A run store at a local path or any URL zarr understands (``file://``, ``memory://``, ...)."""
+    """A run store at a local path or any URL zarr understands (``file://``, ``memory://``, ...).
+
+    A store that does not exist yet is made by the first write, not by opening it, so a
+    command that fails on its inputs leaves nothing behind; until then it reads as empty.
+    An existing local store this process may not write to (a read-only file system, no
+    permission) opens read-only (``read_only`` forces either): everything already in it reads
+    as usual, and what would need writing is a one-line error.
+    """
 
     def __init__(
         self,
@@ -261,6 +294,7 @@ class RunStore:
         *,
         create: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        read_only: bool | None = None,
     ) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
@@ -268,10 +302,29 @@ class RunStore:
         self._aside_dir = ""
         self._created: list[str] = []  # stages the running command opened afresh
         self._locks: list[Path] = []  # its claims on the stages it computes
+        self._root: zarr.Group | None = None  # None until the store exists
+        self._empty: zarr.Group | None = None  # what a store not made yet reads as
+        self._made_folder: Path | None = None  # the topmost folder its first write made
+        local = "://" not in self.url
+        if local and Path(self.url).is_file():
+            raise BadInputError(
+                f"--store {self.url} is a file; name a folder (made if missing) or a URL"
+            )
+        if not self._exists():
+            if not create:
+                raise self.missing_error()
+            self.read_only = bool(read_only)
+            return
+        if read_only is None:
+            read_only = local and not is_writable(self.url)
+        self.read_only = bool(read_only)
+        self._open("r" if self.read_only else "r+")
+
+    def _open(self, mode: str) -> None:
         try:
-            self.root = open_root(self.url, "a" if create else "r+", storage_options)
+            self._root = open_root(self.url, mode, self.storage_options)
         except FileNotFoundError as err:
-            if create:
+            if mode == "a":
                 raise BadInputError(
                     f"cannot create a run store at {self.url} ({err.strerror or err}); "
                     "check --store"
@@ -291,9 +344,138 @@ class RunStore:
             raise BadInputError(f"{self.url} is not a gradcli run store ({err})") from None
         self._check_format()
 
+    def _exists(self) -> bool:
+        """Whether the store's root group is there (made by this or another process)."""
+        if "://" not in self.url:
+            return (Path(self.url) / "zarr.json").is_file()
+        try:
+            fs, base = self._filesystem()
+            return bool(fs.exists(f"{base}/zarr.json"))
+        except Exception:  # unreachable or refused: opening it names the problem
+            return True
+
+    def missing_error(self) -> BadInputError:
+        """The one-line error for reading a store that was never made."""
+        return BadInputError(
+            f"no run store at {self.url}; make one with 'gradcli extract-subspace --model ... "
+            f"--dataset ... --store {self.url}' or check --store"
+        )
+
+    def require(self) -> None:
+        """Raise :meth:`missing_error` unless the store has been made."""
+        if not self.exists:
+            raise self.missing_error()
+
+    @property
+    def exists(self) -> bool:
+        """Whether the store has been made (by a write of this or another process)."""
+        return self._root is not None or self._exists()
+
+    @property
+    def root(self) -> zarr.Group:
+        """The store's root group; an empty in-memory group while the store is not made."""
+        if self._root is None:
+            if self._exists():  # made meanwhile (another rank, another command)
+                self._open("r" if self.read_only else "r+")
+                return self._root
+            if self._empty is None:
+                self._empty = zarr.open_group(MemoryStore(), mode="w")
+            return self._empty
+        return self._root
+
+    def _before_write(self, what: str | None = None) -> None:
+        """Refuse a write to a read-only store, naming what needed it; make the store on its
+        first write."""
+        if self.read_only:
+            raise self.read_only_error(what)
+        if self._root is not None or self._exists():
+            self.root  # noqa: B018 - opens a store another process made meanwhile
+            return
+        if "://" not in self.url:
+            folder, top = Path(self.url).absolute(), None
+            while not folder.exists():
+                folder, top = folder.parent, folder
+            self._made_folder = top
+        self._open("a")
+
+    def read_only_error(self, what: str | None = None) -> BadInputError:
+        """The one-line error for a write a read-only store cannot take."""
+        needed = f"{what} is not in it and needs computing" if what else "it needs writing"
+        return BadInputError(
+            f"store {self.url} is read-only and {needed}; work on a writable copy "
+            f"(cp -r {self.url} COPY, then --store COPY), or compute it where the store is "
+            "writable"
+        )
+
+    def damaged_rows(self, path: str) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of the chunks of array ``path`` that fail to decode (a
+        checksum that does not match: bytes changed on disk); one chunk at a time."""
+        array = self.root[path]
+        if array.ndim == 0:
+            try:
+                array[...]
+            except (ValueError, RuntimeError, OSError):
+                return [(0, 1)]
+            return []
+        step = int(array.chunks[0])
+        bad = []
+        for first in range(0, array.shape[0], step):
+            last = min(first + step, array.shape[0])
+            try:
+                array[first:last]
+            except (ValueError, RuntimeError, OSError):
+                if bad and bad[-1][1] == first:
+                    bad[-1] = (bad[-1][0], last)
+                else:
+                    bad.append((first, last))
+        return bad
+
+    def damage_error(self, path: str) -> StaleStoreError:
+        """The one-line error for array ``path`` with chunks that fail their checksum: which
+        rows, and what rewrites them."""
+        ranges = self.damaged_rows(path)
+        shown = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in ranges[:3])
+        rows = f"rows {shown}{' ...' if len(ranges) > 3 else ''}" if ranges else "some rows"
+        return StaleStoreError(
+            f"{path} in store {self.url} is damaged: {rows} fail their checksum (changed on "
+            f"disk); {self.repair_hint(path)}"
+        )
+
+    def repair_hint(self, path: str) -> str:
+        """What rewrites the stage holding ``path``."""
+        stage, _, rest = path.partition("/")
+        if stage == "embed" and rest:
+            name = rest.split("/", 1)[0]
+            record = self.group_attrs(f"embed/{name}").get(PROVENANCE) or {}
+            dataset = record.get("dataset") or "SPEC"
+            return f"rerun 'gradcli embed --overwrite --name {name} --dataset {dataset}'"
+        if stage in ("stats", "subspace"):
+            return "rerun 'gradcli extract-subspace ... --overwrite' (or use a new --store)"
+        if stage in ("head", "detectors"):
+            return "rerun 'gradcli fit-head ... --overwrite'"
+        if stage in ("scores", "scores_parts", "flags", "calibration", "results"):
+            where = "/".join(path.split("/")[:2])
+            return f"delete {where} from the store (it is recomputed) and rerun"
+        return "restore the store from a copy, or use a new --store"
+
+    def _discard_if_unused(self) -> None:
+        """Remove a store the running command made and wrote no chunk into (its first
+        command failed), and the folders made for it, so that nothing is left behind."""
+        if self._made_folder is None or self._root is None:
+            return
+        if any(
+            node.nchunks_initialized > 0 for _, node in self.walk() if isinstance(node, zarr.Array)
+        ):
+            return
+        shutil.rmtree(self._made_folder, ignore_errors=True)
+        self._root, self._made_folder = None, None
+
     def write_text(self, name: str, text: str) -> str:
         """Write a plain file ``name`` (results.json) at the store's top level, beside its
         arrays, on a local disk or an object store alike; returns where it went."""
+        if self.read_only:
+            raise self.read_only_error(name)
+        self._before_write(name)
         if "://" not in self.url:
             target = Path(self.url) / name
             target.write_text(text)
@@ -305,6 +487,19 @@ class RunStore:
             handle.write(text)
         return target
 
+    def read_text(self, name: str) -> str | None:
+        """A plain file ``name`` at the store's top level; None when there is none."""
+        if "://" not in self.url:
+            target = Path(self.url) / name
+            return target.read_text() if target.is_file() else None
+        import fsspec
+
+        try:
+            with fsspec.open(self.url.rstrip("/") + "/" + name, "r", **self.storage_options) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     # -- root metadata -----------------------------------------------------------------
     def _check_format(self) -> None:
         attrs = self.root.attrs.asdict()
@@ -315,7 +510,8 @@ class RunStore:
                     f"{self.url} is a Zarr group but not a gradcli run store; "
                     "choose another --store"
                 )
-            self.update_root()
+            if not self.read_only:
+                self.update_root()
             return
         if version > FORMAT_VERSION:
             raise StaleStoreError(
@@ -332,6 +528,8 @@ class RunStore:
     @property
     def local_folder(self) -> Path | None:
         """The store's folder on a local disk, or None for other stores."""
+        if "://" not in self.url:  # also before its first write makes it
+            return Path(self.url)
         store = self.root.store
         return Path(store.root) if isinstance(store, LocalStore) else None
 
@@ -357,9 +555,15 @@ class RunStore:
         """Update (merge into) the attrs at ``path``."""
         self.root[path].attrs.update(values)
 
+    def put_group(self, path: str, *, cache: bool = False, **attrs: Any) -> None:
+        """A group that holds only attrs (a results table), replacing one at ``path``.
+        ``cache``: kept only to be reused, so skipped on a read-only store."""
+        if cache and self.read_only:
+            return
+        self._put_group(path, **attrs)
+
     @_writes
-    def put_group(self, path: str, **attrs: Any) -> None:
-        """A group that holds only attrs (a results table), replacing one at ``path``."""
+    def _put_group(self, path: str, **attrs: Any) -> None:
         self.delete(path)
         self.root.require_group(path).attrs.update(attrs)
 
@@ -425,7 +629,6 @@ class RunStore:
             first = last
         return parts
 
-    @_writes
     def write(
         self,
         path: str,
@@ -434,11 +637,27 @@ class RunStore:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int | None = None,
         compress: bool = True,
+        cache: bool = False,
     ) -> None:
         """Write a whole array (replacing one at ``path``), chunked along rows.
 
         ``compress=False`` for short-lived checkpoints of noise-like floats, which compression
-        would only slow down."""
+        would only slow down. ``cache``: the array is kept only to be reused (scores), so a
+        read-only store skips it."""
+        if cache and self.read_only:
+            return
+        self._write(path, data, attrs=attrs, chunk_rows=chunk_rows, compress=compress)
+
+    @_writes
+    def _write(
+        self,
+        path: str,
+        data: np.ndarray,
+        *,
+        attrs: Mapping[str, Any] | None,
+        chunk_rows: int | None,
+        compress: bool,
+    ) -> None:
         data = np.ascontiguousarray(data)
         chunks = None
         if data.ndim >= 1:
@@ -453,7 +672,7 @@ class RunStore:
             chunks=chunks,
             overwrite=True,
             fill_value=0,
-            **({} if compress else {"compressors": None}),
+            compressors=codecs(compress),
         )
         if data.ndim == 0:
             array[...] = data
@@ -484,7 +703,7 @@ class RunStore:
             chunks=(rows, *shape[1:]),
             overwrite=True,
             fill_value=0,
-            **({} if compress else {"compressors": None}),
+            compressors=codecs(compress),
         )
 
     @_writes
@@ -509,10 +728,16 @@ class RunStore:
         """A byte blob stored by :meth:`write_bytes` (a serialised FAISS index)."""
         return self.read(path).tobytes()
 
-    @_writes
     def delete(self, path: str) -> None:
         """Remove the group or array at ``path``; within :meth:`restoring_on_failure` it is
-        moved aside instead, to come back if the command fails."""
+        moved aside instead, to come back if the command fails. Nothing to remove is no
+        write (a read-only store takes it)."""
+        if path not in self.root:
+            return
+        self._delete(path)
+
+    @_writes
+    def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError, KeyError):  # or another process did first
             if path not in self.root:
                 return
@@ -533,9 +758,10 @@ class RunStore:
         the failed command opened afresh and wrote no chunk of goes too, so that its record
         (a dataset that has since been mended, an option since corrected) does not stand in
         the way of the corrected command."""
-        if self._aside is not None:  # nested: the outermost command decides
+        if self._aside is not None or self.read_only:  # nested: the outermost command decides
             yield
             return
+        new = not self.exists
         self._drop_orphaned_asides()
         token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._aside, self._aside_dir = [], f"{ASIDE}/{token}"
@@ -547,7 +773,12 @@ class RunStore:
             self._end_aside(restore_attrs=None)
             raise
         except BaseException:
+            if new:  # what a store is made with, whatever the failed command recorded after
+                stamp = ("gradcli_version", "format_version", "created")
+                attrs = {k: v for k, v in self.attrs.items() if k in stamp}
             self._end_aside(restore_attrs=attrs)
+            if new:  # its first command failed: leave no store behind
+                self._discard_if_unused()
             raise
         else:
             self._end_aside(restore_attrs=None)
@@ -655,10 +886,9 @@ class RunStore:
     def _drop_orphaned_asides(self) -> None:
         """Remove what killed commands (``kill -9``) of this host left aside on a local disk:
         folders whose process is gone. Another host's, or a live process's, are left alone."""
-        store = self.root.store
-        if not isinstance(store, LocalStore):
+        if "://" in self.url:
             return
-        folder = Path(store.root) / ASIDE
+        folder = Path(self.url) / ASIDE
         host = socket.gethostname()
         with contextlib.suppress(OSError):
             for entry in folder.iterdir():
@@ -668,10 +898,10 @@ class RunStore:
 
     def _remove_aside(self, folder: str) -> None:
         store = self.root.store
-        if isinstance(store, LocalStore):
-            shutil.rmtree(Path(store.root) / folder, ignore_errors=True)
+        if "://" not in self.url:
+            shutil.rmtree(Path(self.url) / folder, ignore_errors=True)
             with contextlib.suppress(OSError):  # another command may use it too
-                (Path(store.root) / ASIDE).rmdir()
+                (Path(self.url) / ASIDE).rmdir()
         elif isinstance(store, FsspecStore):
             fs, base = self._filesystem()
             with contextlib.suppress(FileNotFoundError, OSError):
@@ -684,7 +914,6 @@ class RunStore:
         return fs, base.rstrip("/")
 
     # -- stages ------------------------------------------------------------------------
-    @_writes
     def open_stage(
         self,
         path: str,
@@ -702,7 +931,27 @@ class RunStore:
         ``shared``: other processes open the same stage at the same time (``embed --shard``).
         The group is then created in one write with its provenance, without overwriting one
         another process made first, and nothing is ever deleted.
+
+        On a read-only store a complete stage of this provenance is all there can be; any
+        other is an error naming it.
         """
+        if self.read_only:
+            attrs = self.group_attrs(path)
+            if attrs.get(PROVENANCE) == dict(provenance) and attrs.get(COMPLETE, False):
+                return True
+            raise self.read_only_error(what or path)
+        return self._open_stage(path, provenance, overwrite=overwrite, what=what, shared=shared)
+
+    @_writes
+    def _open_stage(
+        self,
+        path: str,
+        provenance: Mapping[str, Any],
+        *,
+        overwrite: bool,
+        what: str | None,
+        shared: bool,
+    ) -> bool:
         record = dict(provenance)
         if shared:
             return self._open_shared_stage(path, record, what)
@@ -799,6 +1048,7 @@ class RunStore:
                 "dtype": dtype,
                 "chunks": (chunk_rows, *tail),
                 "fill_value": 0,
+                "compressors": codecs(),
             }
             for name, (tail, dtype) in arrays.items()
         }
@@ -808,6 +1058,7 @@ class RunStore:
             "chunks": (1,),
             "fill_value": False,
             "attributes": dict(meta or {}),
+            "compressors": codecs(),
         }
         for name, spec in specs.items():
             if name in group and tuple(group[name].shape) == spec["shape"]:
@@ -821,14 +1072,20 @@ class RunStore:
                     )
             else:
                 group.create_array(name, overwrite=True, **spec)
-        return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows)
+        return RowChunks(group=group, n_rows=n_rows, chunk_rows=chunk_rows, owner=self)
 
     @_writes
     def flags(self, path: str, name: str, size: int, *, shared: bool = False) -> Flags:
         """The flag vector ``path/name`` of ``size`` entries (created all False if absent;
         ``shared``: created only, never overwritten, as concurrent writers need)."""
         group = self.root[path]
-        spec = {"shape": (size,), "dtype": "bool", "chunks": (1,), "fill_value": False}
+        spec = {
+            "shape": (size,),
+            "dtype": "bool",
+            "chunks": (1,),
+            "fill_value": False,
+            "compressors": codecs(),
+        }
         if shared:
             _create_quietly(group, name, **spec)
         elif name not in group or tuple(group[name].shape) != (size,):

@@ -571,7 +571,7 @@ def test_a_damaged_store_names_the_array_and_the_command_that_rewrites_it(
         cli,
         3,
         "subspace/basis",
-        "cannot be read",
+        "damaged: rows 0-",
         "extract-subspace",
         args=[*embed, "--store", truncated],
     )

@@ -35,3 +35,27 @@ def test_reconstruction_error_is_the_relative_residual_outside_the_subspace():
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert got[0] < 1e-3
     assert reconstruction_error(np.zeros((1, 6)), np.zeros(1)).tolist() == [0.0]  # ‖G‖ = 0
+
+
+def test_damaged_arrays_are_the_chunks_that_fail_to_decode(tmp_path):
+    from types import SimpleNamespace
+
+    from gradcli.overview import damaged_arrays
+    from gradcli.store import RunStore
+
+    store = RunStore(str(tmp_path / "s"))
+    store.open_stage("embed/a", {"dataset": "npz:/a.npz"})
+    data = np.arange(60, dtype=np.float32).reshape(15, 4)
+    store.write("embed/a/grad", data, chunk_rows=4)
+    store.write("stats/mean", np.ones(7))
+    hit = {0, 2}
+    for index in hit:  # chunks 0 and 2: rows 0-3 and 8-11
+        file = tmp_path / "s" / "embed" / "a" / "grad" / "c" / str(index) / "0"
+        raw = bytearray(file.read_bytes())
+        raw[0] ^= 0x01
+        file.write_bytes(bytes(raw))
+    expected = [[4 * i, min(4 * i + 4, 15)] for i in sorted(hit)]
+    found = damaged_arrays(SimpleNamespace(store=store))
+    assert [d["array"] for d in found] == ["embed/a/grad"]
+    assert found[0]["rows"] == expected
+    assert "gradcli embed --overwrite --name a --dataset npz:/a.npz" in found[0]["fix"]

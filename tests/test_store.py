@@ -131,7 +131,7 @@ def test_what_a_killed_command_left_aside_is_cleared_by_the_next(tmp_path):
 def test_a_stage_another_live_process_computes_is_refused_a_dead_one_s_taken_over(tmp_path):
     store = RunStore(str(tmp_path / "s"))
     locks = tmp_path / "s" / ".locks"
-    locks.mkdir()
+    locks.mkdir(parents=True)
     host = socket.gethostname()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -147,3 +147,99 @@ def test_a_stage_another_live_process_computes_is_refused_a_dead_one_s_taken_ove
         store.open_stage("stats", {"a": 1})
         assert (locks / "stats.lock").read_text() == f"{host} {os.getpid()}"
     assert not locks.exists()  # released when the command ends
+
+
+def test_a_store_is_made_by_its_first_write_not_by_opening_it(tmp_path):
+    target = tmp_path / "a" / "b"
+    store = RunStore(str(target))
+    assert not (tmp_path / "a").exists() and not store.exists
+    assert store.attrs == {} and not store.has("stats") and store.children() == []
+    with pytest.raises(BadInputError, match=f"no run store at {target}.*extract-subspace"):
+        store.require()
+    with pytest.raises(ValueError), store.restoring_on_failure():  # fails before a chunk
+        store.update_root(model={"v": 1})
+        store.open_stage("stats", {"a": 1})
+        raise ValueError("bad input found late")
+    assert not (tmp_path / "a").exists()  # its folders go too
+    with pytest.raises(ValueError), store.restoring_on_failure():  # fails after real work
+        store.open_stage("stats", {"a": 1})
+        store.write("stats/mean", np.arange(3.0))
+        raise ValueError("failed later")
+    np.testing.assert_array_equal(RunStore(str(target)).read("stats/mean"), np.arange(3.0))
+
+
+def test_every_array_carries_a_checksum_and_damage_names_its_rows(tmp_path):
+    from zarr.codecs import Crc32cCodec
+
+    store = RunStore(str(tmp_path / "s"))
+    store.open_stage("embed/x", {"dataset": "npz:/d.npz"})
+    data = np.arange(40, dtype=np.float32).reshape(10, 4)
+    store.write("embed/x/grad", data, chunk_rows=3)
+    store.write("embed/x/raw", data, chunk_rows=3, compress=False)
+    store.create_rows("embed/x/rows", (10, 4), "float32", chunk_rows=3)
+    chunks = store.row_chunks("embed/x", 10, 3, {"feat": ((2,), "float32")})
+    store.flags("embed/x", "blocks", 2)
+    for name in ("grad", "raw", "rows", "feat", "done", "blocks"):
+        codecs = store.root[f"embed/x/{name}"].metadata.codecs
+        assert isinstance(codecs[-1], Crc32cCodec), name
+    chunks.write(1, {"feat": np.ones((3, 2), np.float32)})
+    for name, chunk in (("grad", 1), ("raw", 3), ("feat", 1)):
+        file = tmp_path / "s" / "embed" / "x" / name / "c" / str(chunk) / "0"
+        damaged = bytearray(file.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        file.write_bytes(bytes(damaged))
+    # brute force: which chunks decode, one at a time
+    assert store.damaged_rows("embed/x/grad") == [(3, 6)]
+    assert store.damaged_rows("embed/x/raw") == [(9, 10)]
+    with pytest.raises(StaleStoreError, match=r"embed/x/grad .* damaged: rows 3-5 .*--dataset"):
+        store.read("embed/x/grad")
+    with pytest.raises(StaleStoreError, match=r"embed/x/raw .* damaged: rows 9 fail"):
+        store.read("embed/x/raw")
+    with pytest.raises(StaleStoreError, match=r"embed/x/feat .* rows 3-5"):
+        chunks.read("feat")
+    np.testing.assert_array_equal(store.read_rows("embed/x/grad", 6, 10), data[6:])  # the rest
+
+
+def test_arrays_written_without_a_checksum_still_read(tmp_path):
+    from zarr.codecs import ZstdCodec
+
+    store = RunStore(str(tmp_path / "s"))
+    store.open_stage("stats", {"a": 1})
+    data = np.linspace(0, 1, 12, dtype=np.float32).reshape(6, 2)
+    legacy = store.root.create_array(  # as the previous version wrote them
+        "stats/mean",
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(4, 2),
+        fill_value=0,
+        compressors=(ZstdCodec(level=0),),
+    )
+    legacy[:] = data
+    reopened = RunStore(str(tmp_path / "s"))
+    np.testing.assert_array_equal(reopened.read("stats/mean"), data)
+    assert reopened.damaged_rows("stats/mean") == []
+
+
+def test_a_read_only_store_reads_and_refuses_only_real_writes(tmp_path):
+    folder = tmp_path / "s"
+    store = RunStore(str(folder))
+    store.open_stage("stats", {"a": 1})
+    store.write("stats/mean", np.arange(3.0))
+    store.complete_stage("stats")
+    files = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    ro = RunStore(str(folder), read_only=True)
+    assert ro.read_only and ro.open_stage("stats", {"a": 1}) is True  # complete: nothing to do
+    with ro.restoring_on_failure():
+        ro.write("scores/x/msp", np.zeros(3), cache=True)  # a cache: skipped
+        ro.put_group("results/x", cache=True, metrics={})
+        ro.delete("absent")  # nothing to remove
+        np.testing.assert_array_equal(ro.read("stats/mean"), np.arange(3.0))
+    for write in (
+        lambda: ro.open_stage("embed/y", {"b": 1}, what="embedding 'y'"),
+        lambda: ro.write("stats/var", np.ones(3)),
+        lambda: ro.update_root(model={}),
+        lambda: ro.write_text("results.json", "{}"),
+    ):
+        with pytest.raises(BadInputError, match=r"read-only and .* writable copy"):
+            write()
+    assert sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*")) == files
