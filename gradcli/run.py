@@ -591,7 +591,7 @@ class Run:
         stats_done = self._on_writer(open_stats)
         if not stats_done:
             class_sums = self.group.broadcast_object(
-                bool(self.store.group_attrs("stats")["provenance"]["class_sums"])
+                bool(self.store.group_attrs("stats")["provenance"].get("class_sums", True))
                 if self.group.is_writer
                 else class_sums
             )
@@ -1247,12 +1247,12 @@ class Run:
         asks for (statistics with class sums serve PCA too; a store made before the record
         named them has them), else ``record``."""
         existing = self.store.group_attrs("stats").get("provenance")
-        if existing is None or record["class_sums"]:
+        if existing is None:
             return record
-        same = {key: value for key, value in existing.items() if key != "class_sums"}
-        if same == {key: value for key, value in record.items() if key != "class_sums"}:
-            return existing if existing.get("class_sums", True) else record
-        return record
+        rest = {key: value for key, value in existing.items() if key != "class_sums"}
+        if rest != {key: value for key, value in record.items() if key != "class_sums"}:
+            return record
+        return existing if existing.get("class_sums", True) or not record["class_sums"] else record
 
     def _check_average_gradient_memory(self, selection: ParameterSelection, classes: int) -> None:
         """Refuse, before any pass over the data, an AG subspace whose class arrays exceed the
