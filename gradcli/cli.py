@@ -340,12 +340,15 @@ def extract_subspace(
     ] = "avg",
     k: Annotated[
         int | None,
-        typer.Option("--k", help="Subspace dimension (pca: required; avg: classes - 1)."),
+        typer.Option(
+            "--k", help="Subspace dimension (pca: required; avg: always classes - 1, leave out)."
+        ),
     ] = None,
     oversample: Annotated[int, typer.Option(help="PCA: extra columns p of the block.")] = 10,
     iterations: Annotated[int, typer.Option(help="PCA: subspace iterations T.")] = 4,
     checkpoint_every: Annotated[
-        int, typer.Option(help="PCA: save progress every this many batches.")
+        int,
+        typer.Option(help="Save the statistics' and PCA's progress every this many batches."),
     ] = 50,
     iteration_dtype: Annotated[
         str,
@@ -417,7 +420,19 @@ def extract_subspace(
     all-reduced (gloo on CPU, nccl on CUDA) and rank 0 alone writes the store and prints.
     """
     from gradcli.distributed import from_env
+    from gradcli.run import check_extract_options
 
+    check_extract_options(  # before the store, the model or the data is touched
+        method=method,
+        k=k,
+        oversample=oversample,
+        iterations=iterations,
+        checkpoint_every=checkpoint_every,
+        iteration_dtype=iteration_dtype,
+        batch_size=batch_size,
+        seed=seed,
+        max_samples=max_samples,
+    )
     group = from_env(device)
     try:
         run = _open_run(
@@ -477,6 +492,7 @@ def extract_subspace(
             )
             + (" [reused from store]" if summary["reused"] else "")
             + f" -> {store}"
+            + (f"\n{summary['k_reason']}" if summary["method"] == "avg" else "")
         )
         if loaded.random_weights:
             text += "\nnote: untrained (random) weights, as --random-weights asked"

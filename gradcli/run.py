@@ -56,6 +56,7 @@ from gradcli.store import RESERVED_KEYS, RunStore
 from gradcli.subspace import (
     Subspace,
     average_gradient_basis,
+    average_gradient_k_reason,
     check_method,
     gram_,
     inverse_factor,
@@ -76,6 +77,10 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # allows at least this many samples per batch (a smaller batch would cost more than it saves).
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
+# The AG subspace's bytes per class and parameter: float64 class means, their normalised
+# copy and QR's, and the float32 basis and class means (see average_gradient_basis).
+AG_BYTES_PER_ENTRY = 32
+STATS_STATE = "stats/state"  # the statistics pass's checkpoint
 PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
@@ -535,13 +540,24 @@ class Run:
 
         ``method="avg"``: class-average gradients. ``method="pca"``: top-``k`` eigenvectors of
         ``GᵀG`` by ``iterations`` passes of subspace iteration with ``k + oversample``
-        columns from a ``seed``-ed start, checkpointed every ``checkpoint_every`` batches;
+        columns from a ``seed``-ed start. The statistics pass and every PCA pass are
+        checkpointed every ``checkpoint_every`` batches, so a rerun resumes them;
         ``iteration_dtype`` (auto, float32, bfloat16) is the precision of the iterations'
         products (auto: bfloat16 where the device multiplies it natively), the final
         Rayleigh–Ritz pass being float32 always.
         """
-        batch_size = _check_batch_size(batch_size)
-        seed = _check_seed(seed)
+        check_extract_options(
+            method=method,
+            k=k,
+            oversample=oversample,
+            iterations=iterations,
+            checkpoint_every=checkpoint_every,
+            iteration_dtype=iteration_dtype,
+            batch_size=batch_size,
+            seed=seed,
+            max_samples=max_samples,
+        )
+        batch_size, seed = _check_batch_size(batch_size), int(seed)
         model = self.model
         check_method(method, k, model.num_classes)
         source = self.resolve(dataset, default_split="train")
@@ -558,6 +574,21 @@ class Run:
                 f"{source.spec} has labels outside 0..{model.num_classes - 1}; the model has "
                 f"{model.num_classes} classes"
             )
+        if method == "avg":
+            empty = np.flatnonzero(np.bincount(labels, minlength=model.num_classes) == 0)
+            if empty.size:
+                raise BadInputError(
+                    f"classes {empty.tolist()[:5]} have no training samples in {source.spec}"
+                    f"{'' if max_samples is None else f' (--max-samples {max_samples})'}; the "
+                    "average-gradient subspace needs every class (raise --max-samples, check "
+                    "the labels, or use --method pca --k N)"
+                )
+        class_sums = method == "avg"  # PCA needs the mean and variance only
+        if class_sums:
+            self._check_average_gradient_memory(selection, model.num_classes)
+        if method == "pca":  # its width and memory plan, refused now rather than after a pass
+            width = pca_width(k, oversample, selection.size, len(indices))
+            self._pca_plan(selection, width, len(indices), iteration_dtype)
         stats_record = {
             "model_sha256": model.describe().get("weights_sha256"),
             "model": model.spec,
@@ -568,34 +599,34 @@ class Run:
             "max_samples": max_samples,
             "seed": seed,
             "preprocess": model.preprocess.to_dict(),
+            "class_sums": class_sums,
         }
 
         def open_stats() -> bool:
             if overwrite:
                 for path in DOWNSTREAM_OF_SUBSPACE:
                     self.store.delete(path)
+            record = self._usable_stats_record(stats_record)
             return self.store.open_stage(
-                "stats", stats_record, overwrite=overwrite, what="the gradient statistics"
+                "stats", record, overwrite=overwrite, what="the gradient statistics"
             )
 
         stats_done = self._on_writer(open_stats)
         if not stats_done:
-            self._compute_statistics(source, indices, selection, batch_size, no_variance)
+            class_sums = self.group.broadcast_object(
+                bool(self.store.group_attrs("stats")["provenance"].get("class_sums", True))
+                if self.group.is_writer
+                else class_sums
+            )
+            self._compute_statistics(
+                source, indices, selection, batch_size, no_variance, class_sums, checkpoint_every
+            )
         subspace_record = {
             "stats": self.store.stage_digest("stats"),
             "method": method,
             "no_variance": no_variance,
         }
         if method == "pca":
-            if iterations < 1:
-                raise BadInputError("--iterations must be at least 1")
-            if checkpoint_every < 1:
-                raise BadInputError("--checkpoint-every must be at least 1")
-            if iteration_dtype not in ("auto", *BASIS_DTYPES):
-                raise BadInputError(
-                    f"--iteration-dtype must be auto, float32 or bfloat16, not '{iteration_dtype}'"
-                )
-            width = pca_width(k, oversample, selection.size, len(indices))
             subspace_record.update(
                 k=k, width=width, iterations=iterations, seed=seed, iteration_dtype=iteration_dtype
             )
@@ -669,6 +700,11 @@ class Run:
         return {
             "num_parameters": selection.size,
             "k": int(sub_attrs["k"]),
+            "k_reason": (
+                average_gradient_k_reason(int(sub_attrs["k"]), model.num_classes)
+                if method == "avg"
+                else f"K = {k}, as asked (--k)"
+            ),
             "explained_variance": (
                 float(self.store.read("subspace/eigenvalues").sum() / sub_attrs["total_variance"])
                 if method == "pca"
@@ -701,20 +737,8 @@ class Run:
         iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
         checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
         p = selection.size
-        need = p * width * 8 + p * 8
-        low = self._iteration_dtype(iteration_dtype)
-        if low != torch.float32 and need + p * width * 2 > int(self.memory_budget * PCA_SHARE):
-            low = torch.float32  # no room for the block's bf16 copy: float32 iterations
-        if low != torch.float32:
-            need += p * width * 2
-        if need > int(self.memory_budget * PCA_SHARE):
-            if self.group.world > 1:
-                raise BadInputError(
-                    f"PCA with K + p = {width} over {p:,} parameters needs "
-                    f"{need / 2**30:.1f} GiB, over {PCA_SHARE:.0%} of the memory budget, and "
-                    "the layer-block form runs in one process only; raise --memory-budget or "
-                    "run without torchrun"
-                )
+        low, need, blocked = self._pca_plan(selection, width, len(indices), iteration_dtype)
+        if blocked:
             return self._pca_blocked(job)
         state = "subspace/state"
         group = self.group
@@ -880,6 +904,32 @@ class Run:
         finally:
             writer.wait(raise_errors=False)
         raise AssertionError("unreachable")
+
+    def _pca_plan(
+        self, selection: ParameterSelection, width: int, n: int, iteration_dtype: str
+    ) -> tuple[torch.dtype, int, bool]:
+        """PCA's memory plan, checked before any pass over the data: the iterations' dtype,
+        the bytes of the P×(K+p) block and accumulator, and whether they exceed the budget
+        (the layer-block form, whose blocks are planned here so a budget too small even for
+        them is refused now)."""
+        p = selection.size
+        need = p * width * 8 + p * 8
+        low = self._iteration_dtype(iteration_dtype)
+        if low != torch.float32 and need + p * width * 2 > int(self.memory_budget * PCA_SHARE):
+            low = torch.float32  # no room for the block's bf16 copy: float32 iterations
+        if low != torch.float32:
+            need += p * width * 2
+        blocked = need > int(self.memory_budget * PCA_SHARE)
+        if blocked:
+            if self.group.world > 1:
+                raise BadInputError(
+                    f"PCA with K + p = {width} over {p:,} parameters needs "
+                    f"{need / 2**30:.1f} GiB, over {PCA_SHARE:.0%} of the memory budget, and "
+                    "the layer-block form runs in one process only; raise --memory-budget or "
+                    "run without torchrun"
+                )
+            self._pca_blocks(selection, width, n)
+        return low, need, blocked
 
     def _pca_blocks(self, selection: ParameterSelection, width: int, n: int) -> list:
         """Layer blocks for PCA whose V or Y rows (float32) fit the budget beside U (n, w)."""
@@ -1216,6 +1266,36 @@ class Run:
         )
         self.store.set_attrs(state, iteration=iteration, cursor=0)
 
+    def _usable_stats_record(self, record: dict) -> dict:
+        """The stats stage's record to open: the stored one when it holds what ``record``
+        asks for (statistics with class sums serve PCA too; a store made before the record
+        named them has them), else ``record``."""
+        existing = self.store.group_attrs("stats").get("provenance")
+        if existing is None:
+            return record
+        rest = {key: value for key, value in existing.items() if key != "class_sums"}
+        if rest != {key: value for key, value in record.items() if key != "class_sums"}:
+            return record
+        return existing if existing.get("class_sums", True) or not record["class_sums"] else record
+
+    def _check_average_gradient_memory(self, selection: ParameterSelection, classes: int) -> None:
+        """Refuse, before any pass over the data, an AG subspace whose class arrays exceed the
+        memory budget: the statistics pass sums gradients per class (C×P float64), and the
+        orthonormalisation holds the class means, their normalised copy and QR's (float64)
+        and the float32 results: at most AG_BYTES_PER_ENTRY bytes per class and parameter."""
+        p = selection.size
+        need = AG_BYTES_PER_ENTRY * classes * p
+        if need <= self.memory_budget:
+            return
+        last = selection.names[-1].rsplit(".", 1)[0] + ".*"
+        raise BadInputError(
+            f"--method avg on {classes:,} classes x {p:,} parameters needs {format_size(need)} "
+            f"(float64 class sums of {format_size(8 * classes * p)}, and their "
+            f"orthonormalisation), over the memory budget's {format_size(self.memory_budget)}: "
+            f"select fewer parameters with --params '{last}', use --method pca --k N, or raise "
+            "--memory-budget"
+        )
+
     def _compute_statistics(
         self,
         source,
@@ -1223,20 +1303,38 @@ class Run:
         selection: ParameterSelection,
         batch_size: int | None,
         no_variance: bool = False,
+        class_sums: bool = True,
+        checkpoint_every: int = 50,
     ) -> None:
+        """The statistics pass: mean and centred variance of the gradients (float64), and
+        their per-class sums when ``class_sums`` (the AG subspace's; PCA has none).
+
+        Every ``checkpoint_every`` batches, and on a stop request, the float64 sums so far go
+        to ``stats/state`` (alternating slots, named in the state's attrs only once written),
+        so a rerun resumes after the last saved batch, with the batch size it began with,
+        and gives the same bits as a pass never interrupted.
+        """
         model = self.model
         engine = LayerGradients(model.module, selection, tile_bytes=self._tile_bytes())
-        stats = GradientStatistics(selection.size, model.num_classes)
-        fixed = 8 * selection.size * (3 + model.num_classes)  # float64 mean, m2, class sums
+        classes = model.num_classes if class_sums else None
+        stats = GradientStatistics(selection.size, classes)
         group = self.group
-        batch = group.broadcast_object(
-            batch_size or self._batch_size(engine, source, indices, fixed)
-        )
+        state = STATS_STATE
+        # A resumed pass goes on with the batch size it began with; rank 0 holds its sums.
+        resumed = self._stats_checkpoint(stats) if group.is_writer else None
+        cursor, batch = group.broadcast_object(resumed or (0, None))
+        if batch is None:
+            # float64 mean, m2 and a spare (P,), plus the class sums (C, P)
+            fixed = 8 * selection.size * (3 + (classes or 0))
+            batch = group.broadcast_object(
+                batch_size or self._batch_size(engine, source, indices, fixed)
+            )
         mine = group.split(indices)  # under torchrun: this rank's slice; sums all-reduced below
         steps = group.steps(len(indices), batch)
-        batches = iter(self._loader(source, mine, batch))
+        batches = iter(self._loader(source, mine[cursor * batch :], batch))
         with self.progress.task("gradient statistics", total=len(mine)) as advance:
-            for _ in range(steps):
+            advance(min(len(mine), cursor * batch))
+            while cursor < steps:
                 item = next(batches, None)
                 if item is not None:
                     x, y = item[0].to(self.device), item[1]
@@ -1247,10 +1345,19 @@ class Run:
                         stats.update_rows(start, tile, y)
                     stats.commit(y)
                     advance(len(y))
-                if group.any(self.should_stop()):
+                cursor += 1
+                stop = group.any(self.should_stop())
+                if (cursor % checkpoint_every == 0 or stop) and cursor < steps:
+                    # A checkpoint holds the sums over all ranks: rank 0 keeps them, the
+                    # others start again from zero (Chan's merge adds them up at the end).
+                    stats.all_reduce(group)
+                    if not group.is_writer:
+                        stats = GradientStatistics(selection.size, classes)
+                    self._on_writer(self._save_stats_checkpoint, stats, cursor, batch, value=False)
+                if stop:
                     raise Interrupted(
-                        "stopped during the statistics pass; rerun the same command to start it "
-                        "again"
+                        "stopped after saving the statistics' progress; rerun the same command "
+                        "to resume"
                     )
         stats.all_reduce(group)
         raw = stats.variance()
@@ -1260,13 +1367,21 @@ class Run:
         def write_stats() -> None:
             self.store.write("stats/mean", stats.mean.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
             self.store.write("stats/var", var.float().numpy(), chunk_rows=BASIS_CHUNK_ROWS)
-            self.store.write("stats/class_means", stats.class_means().float().numpy(), chunk_rows=1)
+            summary = {}
+            if class_sums:
+                counts = torch.as_tensor(stats.class_counts, dtype=torch.float64)
+                stats.class_sums /= counts.clamp_min(1)[:, None]  # the class means, in place
+                self.store.write(
+                    "stats/class_means", stats.class_sums.float().numpy(), chunk_rows=1
+                )
+                summary["class_counts"] = stats.class_counts.tolist()
+            self.store.delete(state)
             self.store.complete_stage(
                 "stats",
                 samples=int(stats.count),
                 variance_replaced=replaced,
                 raw_variance_sum=raw_sum,
-                class_counts=stats.class_counts.tolist(),
+                **summary,
             )
 
         self._on_writer(write_stats, value=False)
@@ -1275,6 +1390,56 @@ class Run:
                 f"{replaced} parameters had zero or non-finite gradient variance; "
                 "their variance was set to the largest finite one"
             )
+
+    def _save_stats_checkpoint(self, stats: GradientStatistics, cursor: int, batch: int) -> None:
+        """Save the statistics after ``cursor`` batches (rank 0 only): the float64 arrays to
+        the slot the state does not name, each recording the cursor, then the state."""
+        state = STATS_STATE
+        slot = 1 - self.store.group_attrs(state).get("slot", 0)
+        arrays = {"mean": stats.mean, "m2": stats.m2}
+        if stats.class_sums is not None:
+            arrays["class_sums"] = stats.class_sums
+        for name, values in arrays.items():
+            self.store.write(
+                f"{state}/{name}{slot}",
+                values.numpy(),
+                chunk_rows=BASIS_CHUNK_ROWS if values.ndim == 1 else 1,
+                compress=False,
+                attrs={"cursor": cursor},
+            )
+        self.store.set_attrs(
+            state,
+            slot=slot,
+            cursor=cursor,
+            batch=batch,
+            world=self.group.world,
+            count=int(stats.count),
+            class_counts=stats.class_counts.tolist(),
+        )
+
+    def _stats_checkpoint(self, stats: GradientStatistics) -> tuple[int, int] | None:
+        """Load the saved statistics into ``stats``; returns (cursor, batch), or None when
+        there is no intact checkpoint of this number of ranks (the pass starts over)."""
+        state = STATS_STATE
+        attrs = self.store.group_attrs(state)
+        if not attrs.get("cursor") or attrs.get("world") != self.group.world:
+            return None
+        slot, cursor = attrs["slot"], attrs["cursor"]
+        names = ["mean", "m2"] + (["class_sums"] if stats.class_sums is not None else [])
+        paths = [f"{state}/{name}{slot}" for name in names]
+        if any(self.store.group_attrs(path).get("cursor") != cursor for path in paths):
+            return None
+        arrays = [
+            torch.from_numpy(np.require(self.store.read(path), requirements="W")) for path in paths
+        ]
+        if any(a.dtype != torch.float64 or a.shape[-1] != stats.mean.shape[0] for a in arrays):
+            return None
+        stats.mean, stats.m2 = arrays[0], arrays[1]
+        if stats.class_sums is not None:
+            stats.class_sums = arrays[2]
+            stats.class_counts = np.asarray(attrs["class_counts"], dtype=np.int64)
+        stats.count = int(attrs["count"])
+        return int(cursor), int(attrs["batch"])
 
     def _normalisation(self, no_variance: bool) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.from_numpy(self.store.read("stats/mean"))
@@ -2382,6 +2547,43 @@ def _check_finite(
             f"{what} of {source} contain NaN or Inf for {len(rows)} sample(s) ({where} "
             f"{named[:5].tolist()}); check those inputs and the model's weights"
         )
+
+
+def _check_count(value, what: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BadInputError(f"{what} must be a whole number, not {value!r}")
+    if value < least:
+        raise BadInputError(f"{what} must be at least {least}, not {value}")
+
+
+def check_extract_options(
+    *,
+    method: str = "avg",
+    k: int | None = None,
+    oversample: int = 10,
+    iterations: int = 4,
+    checkpoint_every: int = 50,
+    iteration_dtype: str = "auto",
+    batch_size: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+) -> None:
+    """Validate extract-subspace's options on their own, before a model is loaded or any data
+    is read (the CLI calls it first; :meth:`Run.extract_subspace` too). What depends on the
+    model or the data (K against the classes or the rank, the memory plan) is checked by
+    ``Run.extract_subspace``, still before any pass over the data."""
+    check_method(method, k, None)
+    _check_count(oversample, "--oversample", 0)
+    _check_count(iterations, "--iterations", 1)
+    _check_count(checkpoint_every, "--checkpoint-every", 1)
+    if iteration_dtype not in ("auto", *BASIS_DTYPES):
+        raise BadInputError(
+            f"--iteration-dtype must be auto, float32 or bfloat16, not '{iteration_dtype}'"
+        )
+    _check_batch_size(batch_size)
+    _check_seed(seed)
+    if max_samples is not None:
+        _check_count(max_samples, "--max-samples", 1)
 
 
 def _check_batch_size(batch_size: int | None) -> int | None:

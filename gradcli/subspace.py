@@ -39,22 +39,37 @@ class Subspace:
         return int(self.basis.shape[1] if self.basis is not None else len(self.eigenvalues))
 
 
-def check_method(method: str, k: int | None, num_classes: int) -> None:
-    """Validate the method and K against the model before any pass over the data."""
+def check_method(method: str, k: int | None, num_classes: int | None) -> None:
+    """Validate the method and K (against the model's classes once they are known, i.e. when
+    ``num_classes`` is not None) before any pass over the data."""
+    if method not in METHODS:
+        raise BadInputError(f"unknown --method '{method}'; choose one of: {', '.join(METHODS)}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
+        raise BadInputError(f"--k must be a whole number, not {k!r}")
     if method == "pca":
         if k is None:
             raise BadInputError("--method pca needs --k, the subspace dimension (e.g. --k 50)")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise BadInputError(f"--k must be a whole number, not {k!r}")
         if k < 1:
             raise BadInputError("--k must be at least 1")
         return
-    if method != "avg":
-        raise BadInputError(f"unknown --method '{method}'; choose one of: {', '.join(METHODS)}")
-    if k is not None and k not in (num_classes, num_classes - 1):
+    if k is not None and num_classes is not None and k != num_classes - 1:
         raise BadInputError(
-            f"the average-gradient subspace's K is fixed by the {num_classes} classes; drop --k"
+            f"--method avg gives K = C - 1 = {num_classes - 1} (centred class means); drop --k "
+            f"or use --method pca --k {k}"
         )
+
+
+def average_gradient_k_reason(k: int, num_classes: int) -> str:
+    """Why the average-gradient subspace has ``k`` dimensions for ``num_classes`` classes."""
+    if k == num_classes - 1:
+        return (
+            f"K = C - 1 = {k}: the {num_classes} class means are centred on the training mean, "
+            "so they sum to zero (weighted by class size) and span one dimension fewer"
+        )
+    return (
+        f"K = {k} < C - 1 = {num_classes - 1}: the centred class means are linearly dependent; "
+        "directions they do not span were dropped"
+    )
 
 
 def average_gradient_basis(
@@ -74,9 +89,11 @@ def average_gradient_basis(
             f"classes {empty.tolist()[:5]} have no training samples; the average-gradient "
             "subspace needs every class (raise --max-samples or check the labels)"
         )
-    normalised = (class_means - mean.double()[None, :]) / scale.double()[None, :]
-    columns = normalised.T.contiguous()  # (P, C)
-    q, r = torch.linalg.qr(columns, mode="reduced")
+    # (P, C) in column-major order, as LAPACK takes it: QR's working copy is the only other
+    # P×C float64 array (the AG memory check in gradcli.run counts these).
+    normalised = class_means.T - mean.double()[:, None]
+    normalised /= scale.double()[:, None]
+    q, r = torch.linalg.qr(normalised, mode="reduced")
     diagonal = torch.diagonal(r)
     keep = diagonal.abs() > RANK_TOLERANCE * diagonal.abs().max()
     if not bool(keep.any()):
@@ -86,13 +103,12 @@ def average_gradient_basis(
             "use --method pca --k N instead"
         )
     # Fix QR's sign ambiguity so each basis vector points along its class mean.
-    signs = torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)
-    q = (q * signs[None, :])[:, keep]
-    return Subspace(
-        basis=q.float().numpy(),
-        method="avg",
-        class_means=columns.float().numpy(),
-    )
+    q.mul_(torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)[None, :])
+    if not bool(keep.all()):
+        q = q[:, keep]
+    basis = q.float().numpy()
+    del q
+    return Subspace(basis=basis, method="avg", class_means=normalised.float().numpy())
 
 
 def pca_width(k: int, oversample: int, num_params: int, num_samples: int) -> int:

@@ -643,3 +643,61 @@ def test_recomputing_upstream_invalidates_downstream(ready, tiny, cli, tmp_path)
     assert outcome.code == 0, outcome.err
     after = RunStore(str(store))
     assert not after.has("embed") and not after.has("head") and not after.has("detectors")
+
+
+def test_extract_options_are_refused_before_the_store_or_any_data_pass(tiny, cli, tmp_path):
+    """Each invalid option of extract-subspace: one line, exit 2, no store made, and no
+    statistics pass started (it would raise here)."""
+    from gradcli.run import Run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the statistics pass started")
+
+    original = Run._compute_statistics
+    Run._compute_statistics = forbidden
+    try:
+        pca = ["--method", "pca", "--k", "2"]
+        for extra, needle in (
+            ([*pca, "--iterations", "-1"], "--iterations must be at least 1, not -1"),
+            ([*pca, "--oversample", "-2"], "--oversample must be at least 0, not -2"),
+            ([*pca, "--checkpoint-every", "0"], "--checkpoint-every must be at least 1, not 0"),
+            (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, not 0"),
+            ([*pca, "--iteration-dtype", "fp8"], "--iteration-dtype must be auto"),
+            (["--method", "pca"], "--method pca needs --k"),
+            (["--method", "pca", "--k", "0"], "--k must be at least 1"),
+            (["--method", "svd"], "unknown --method 'svd'"),
+            (["--max-samples", "0"], "--max-samples must be at least 1, not 0"),
+            (["--batch-size", "0"], "--batch-size"),
+            (["--seed", "-3"], "--seed"),
+        ):
+            store = tmp_path / "run"
+            _fails(cli, 2, needle, args=[*tiny.extract_args(store), *extra])
+            assert not store.exists(), extra  # refused before the store was made
+        # Checked once the model and data are known, still before the statistics pass.
+        for extra, needle in (
+            (
+                ["--k", "7"],
+                "--method avg gives K = C - 1 = 2 (centred class means); drop --k "
+                "or use --method pca --k 7",
+            ),
+            (["--k", "3"], "--method pca --k 3"),
+            ([*pca, "--memory-budget", "1000"], "(90 x 12, 8.44 KiB)"),
+            (["--memory-budget", "4K"], "--method avg on 3 classes x 283 parameters needs"),
+            (["--max-samples", "2"], "have no training samples in npz:"),
+        ):
+            store = tmp_path / "model-known"
+            _fails(cli, 2, needle, args=[*tiny.extract_args(store), *extra])
+            assert not RunStore(str(store)).has("stats")
+    finally:
+        Run._compute_statistics = original
+
+
+def test_extract_summary_says_average_gradient_k_is_c_minus_1(tiny, cli, tmp_path):
+    args = [*tiny.extract_args(tmp_path / "run"), "--k", "2", "--batch-size", "16"]
+    text = cli(*args)
+    assert text.code == 0, text.err
+    assert "subspace avg K=2" in text.out
+    assert "K = C - 1 = 2: the 3 class means are centred on the training mean" in text.out
+    summary = cli(*args, "--json").json()
+    assert summary["k"] == 2 and summary["classes"] == 3 and summary["reused"]
+    assert summary["k_reason"].startswith("K = C - 1 = 2: the 3 class means are centred")

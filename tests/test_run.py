@@ -93,8 +93,10 @@ def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path,
     whole = _tiny_run(tiny, tmp_path / "whole")
     whole.embed(tiny.test, name="t", batch_size=8, chunk_rows=10)
     # 283 parameters x (K=2 float32 + 8) = 16 bytes a row: a 3,500-byte budget leaves 2,100
-    # bytes for basis rows, at most 131 rows a block: at least three blocks.
-    split = _tiny_run(tiny, tmp_path / "split", memory_budget=3500)
+    # bytes for basis rows, at most 131 rows a block: at least three blocks. (The AG
+    # subspace's class arrays need more than that budget: it is extracted without one.)
+    _tiny_run(tiny, tmp_path / "split")
+    split = Run(tmp_path / "split", memory_budget=3500)
     blocks = split._row_blocks(split.selection, 2)
     assert len(blocks) >= 3
     with _interrupted_after(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
@@ -403,3 +405,238 @@ def test_a_moved_store_and_a_moved_weights_file_are_the_same_model(tiny, tmp_pat
     # Other weights are another model, as before.
     with pytest.raises(StaleStoreError, match="another model"):
         again.set_model(tiny.model, str(tiny.other_weights), **preprocess)
+
+
+# -- extract-subspace: options, memory, resumable statistics ---------------------------------
+MANY_CLASSES = """
+from torch import nn
+
+def make():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 200),
+    )
+"""
+PREPROCESS_KW = {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def _never_passes_over_data(monkeypatch) -> None:
+    """Any pass over the data (the statistics pass, or any gradient capture) fails the test."""
+    from gradcli.grads import LayerGradients
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a pass over the data started")
+
+    monkeypatch.setattr(Run, "_compute_statistics", forbidden)
+    monkeypatch.setattr(LayerGradients, "capture", forbidden)
+
+
+def test_every_invalid_extract_option_is_refused_before_the_statistics_pass(
+    tiny, tmp_path, monkeypatch
+):
+    run = Run(tmp_path / "run")
+    run.set_model(tiny.model, str(tiny.weights), **PREPROCESS_KW)
+    before = _files(tmp_path / "run")
+    _never_passes_over_data(monkeypatch)
+    cases = [
+        ({"method": "pca", "k": 2, "iterations": -1}, "--iterations must be at least 1, not -1"),
+        ({"method": "pca", "k": 2, "iterations": 0}, "--iterations must be at least 1, not 0"),
+        ({"method": "pca", "k": 2, "oversample": -2}, "--oversample must be at least 0, not -2"),
+        ({"method": "pca", "k": 2, "checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+        ({"checkpoint_every": -5}, "--checkpoint-every must be at least 1, not -5"),
+        ({"method": "pca", "k": 2, "iterations": 2.5}, "--iterations must be a whole number"),
+        ({"method": "pca", "k": 2, "iteration_dtype": "fp8"}, "--iteration-dtype must be auto"),
+        ({"method": "pca", "k": 0}, "--k must be at least 1"),
+        ({"method": "pca"}, "--method pca needs --k"),
+        ({"method": "svd"}, "unknown --method 'svd'"),
+        ({"max_samples": 0}, "--max-samples must be at least 1, not 0"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"seed": -1}, "--seed must be a whole number"),
+        ({"k": 3}, "--method avg gives K = C - 1 = 2 (centred class means); drop --k or use"),
+        ({"method": "pca", "k": 500}, "--k 500 exceeds the rank"),  # needs the model and data
+        ({"method": "pca", "k": 2, "batch_size": 8}, None),  # the budget below: no layer plan
+    ]
+    for options, needle in cases:
+        target = run if needle else Run(tmp_path / "run", memory_budget=1000)
+        with pytest.raises(BadInputError) as refused:
+            target.extract_subspace(tiny.train, **options)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert (needle or "(90 x 12, 8.44 KiB)") in message, message
+    assert _files(tmp_path / "run") == before
+    assert not run.store.has("stats")
+
+
+def _many_class_data(tmp_path) -> tuple[str, np.ndarray]:
+    """400 random images, two of each of 200 classes: (spec, images)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 255, size=(400, 8, 8, 3), dtype=np.uint8)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(400) % 200)
+    return f"npz:{tmp_path / 'd.npz'}", x
+
+
+def _many_classes(tmp_path, budget=None) -> Run:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "many.py").write_text(MANY_CLASSES)
+    torch.manual_seed(3)
+    run = Run(tmp_path / "store", memory_budget=budget)
+    run.set_model(f"{tmp_path / 'many.py'}:make", **PREPROCESS_KW)
+    return run
+
+
+def test_average_gradient_over_the_budget_is_refused_before_any_pass(tiny, tmp_path, monkeypatch):
+    from gradcli.grads import format_size
+
+    run = _many_classes(tmp_path, budget="4M")
+    p = (27 * 4 + 4) + (4 + 4) + (16 * 8 + 8) + (8 * 200 + 200)  # conv, BN, two linear
+    assert p == sum(t.numel() for t in run.model.module.parameters())
+    data, _ = _many_class_data(tmp_path)
+    _never_passes_over_data(monkeypatch)
+    with pytest.raises(BadInputError) as refused:
+        run.extract_subspace(data)
+    # 200 classes x 2,056 parameters x 32 bytes = 13.2 MB, over 4 MiB; class sums 3.3 MB.
+    assert str(refused.value) == (
+        f"--method avg on 200 classes x {p:,} parameters needs {format_size(32 * 200 * p)} "
+        f"(float64 class sums of {format_size(8 * 200 * p)}, and their orthonormalisation), "
+        "over the memory budget's 4 MiB: select fewer parameters with --params '7.*', use "
+        "--method pca --k N, or raise --memory-budget"
+    )
+    assert not run.store.has("stats")
+    # The fix it names is checked the same way: the last layer alone (8 x 200 + 200 = 1,800
+    # parameters) still needs 11 MiB, over 4 MiB.
+    with pytest.raises(BadInputError, match="1,800 parameters needs 11 MiB"):
+        run.extract_subspace(data, params=["7.*"])
+
+
+def test_pca_statistics_hold_no_class_sums_and_equal_those_with_them(tiny, tmp_path, monkeypatch):
+    """A 200-class model under a 4 MiB budget: PCA's statistics pass allocates no per-class
+    sums (13 MB here), and its mean and variance are bit for bit those of a pass that sums per
+    class too, and match a per-sample loop."""
+    from gradcli import run as run_module
+    from gradcli.grads import GradientStatistics
+
+    made = []
+
+    class Recording(GradientStatistics):
+        def __init__(self, size, num_classes=None):
+            made.append(num_classes)
+            super().__init__(size, num_classes)
+
+    monkeypatch.setattr(run_module, "GradientStatistics", Recording)
+    data, x = _many_class_data(tmp_path)
+    pca = _many_classes(tmp_path / "pca", budget="4M")
+    pca.extract_subspace(data, method="pca", k=2, batch_size=16, iterations=1)
+    assert made == [None]
+    assert not pca.store.has("stats/class_means")
+    assert pca.store.group_attrs("stats")["provenance"]["class_sums"] is False
+
+    with_sums = _many_classes(tmp_path / "avg")
+    with_sums.extract_subspace(data, batch_size=16)
+    assert made == [None, 200]
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(
+            pca.store.read(f"stats/{name}"), with_sums.store.read(f"stats/{name}")
+        )
+    module = pca.model.module
+    inputs = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    rows = []
+    for i in range(len(inputs)):
+        module.zero_grad()
+        energy(module(inputs[i : i + 1]))[0].backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in module.parameters()]).double())
+    g = torch.stack(rows).numpy()
+    np.testing.assert_allclose(pca.store.read("stats/mean"), g.mean(0), rtol=1e-4, atol=1e-7)
+    var = g.var(0)
+    var = np.where(var > 0, var, var.max())
+    np.testing.assert_allclose(pca.store.read("stats/var"), var, rtol=1e-3, atol=1e-9)
+
+    # Statistics with class sums serve a later PCA subspace as they are (no second pass).
+    monkeypatch.setattr(Run, "_compute_statistics", None)
+    with_sums.extract_subspace(data, method="pca", k=2, batch_size=16, overwrite=True)
+    assert with_sums.store.stage_complete("subspace")
+
+
+@pytest.mark.parametrize("method", ["avg", "pca"])
+def test_interrupted_statistics_pass_resumes_bitwise(method, tiny, tmp_path, monkeypatch):
+    """90 samples in 12 batches of 8, checkpointed every 5: a stop request after 7 batches
+    saves them and the rerun passes over the last 34 samples only; a kill in batch 8 resumes
+    from the checkpoint after 5 (the last 50 samples). Both give the statistics and the
+    subspace of a pass never interrupted, bit for bit."""
+    from gradcli.errors import Interrupted
+    from gradcli.grads import GradientStatistics, LayerGradients
+
+    options = {"batch_size": 8, "checkpoint_every": 5, "seed": 1}
+    if method == "pca":
+        options.update(method="pca", k=2, iterations=1)
+
+    def fresh(path, should_stop=None) -> Run:
+        run = Run(path, should_stop=should_stop)
+        run.set_model(tiny.model, str(tiny.weights), **PREPROCESS_KW)
+        return run
+
+    clean = fresh(tmp_path / "clean")
+    clean.extract_subspace(tiny.train, **options)
+
+    polls = {"n": 0}
+
+    def stop_after_seven() -> bool:
+        polls["n"] += 1
+        return polls["n"] >= 7
+
+    stopped = fresh(tmp_path / "stopped", stop_after_seven)
+    with pytest.raises(Interrupted, match="statistics"):
+        stopped.extract_subspace(tiny.train, **options)
+    state = stopped.store.group_attrs("stats/state")
+    assert state["cursor"] == 7 and state["count"] == 56 and state["batch"] == 8
+
+    original = LayerGradients.capture
+    captures = {"n": 0}
+
+    def killed_in_batch_eight(self, x):
+        captures["n"] += 1
+        if captures["n"] == 8:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(LayerGradients, "capture", killed_in_batch_eight)
+    killed = fresh(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        killed.extract_subspace(tiny.train, **options)
+    assert killed.store.group_attrs("stats/state")["cursor"] == 5
+    monkeypatch.setattr(LayerGradients, "capture", original)
+
+    seen = []
+    commit = GradientStatistics.commit
+
+    def counting(self, labels):
+        seen.append(int(labels.shape[0]))
+        return commit(self, labels)
+
+    monkeypatch.setattr(GradientStatistics, "commit", counting)
+    paths = ["stats/mean", "stats/var", "subspace/basis"]
+    if method == "avg":
+        paths.append("stats/class_means")
+    for path, remaining in ((tmp_path / "stopped", 34), (tmp_path / "killed", 50)):
+        seen.clear()
+        resumed = fresh(path)
+        resumed.extract_subspace(tiny.train, **options)
+        assert sum(seen) == remaining, seen
+        for array in paths:
+            np.testing.assert_array_equal(resumed.store.read(array), clean.store.read(array))
+        assert resumed.store.group_attrs("stats")["samples"] == 90
+        assert not resumed.store.has("stats/state")
+    if method == "avg":
+        counts = resumed.store.group_attrs("stats")["class_counts"]
+        assert counts == clean.store.group_attrs("stats")["class_counts"] == [30, 30, 30]
+
+
+def test_average_gradient_k_is_c_minus_1_and_the_summary_says_why(tiny, tmp_path):
+    run = Run(tmp_path / "run")
+    run.set_model(tiny.model, str(tiny.weights), **PREPROCESS_KW)
+    summary = run.extract_subspace(tiny.train, k=2, batch_size=16)  # K = C - 1: accepted
+    assert summary["k"] == 2 == run.store.read("subspace/basis").shape[1]
+    assert summary["k_reason"].startswith("K = C - 1 = 2: the 3 class means are centred")
+    pca = run.extract_subspace(tiny.train, method="pca", k=4, batch_size=16, overwrite=True)
+    assert pca["k"] == 4 and pca["k_reason"] == "K = 4, as asked (--k)"

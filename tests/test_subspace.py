@@ -75,8 +75,14 @@ def test_method_checks():
     check_method("pca", 50, 10)
     with pytest.raises(BadInputError, match="needs --k"):
         check_method("pca", None, 10)
-    with pytest.raises(BadInputError, match="fixed by the 10 classes"):
-        check_method("avg", 5, 10)
+    for k in (5, 10, 20):  # AG cannot honour any K but C - 1 (C was accepted before)
+        with pytest.raises(BadInputError) as refused:
+            check_method("avg", k, 10)
+        assert str(refused.value) == (
+            f"--method avg gives K = C - 1 = 9 (centred class means); drop --k or use "
+            f"--method pca --k {k}"
+        )
+    check_method("avg", 7, None)  # the classes not known yet: checked again once they are
     with pytest.raises(BadInputError, match="unknown --method"):
         check_method("svd", None, 10)
 
