@@ -60,9 +60,10 @@ def test_normalise_is_eval_mode_batchnorm():
     with torch.no_grad():
         h = head.normalise(torch.from_numpy(z))
         logits = head.classify(h)
-    np.testing.assert_allclose(h.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # dim 0 spreads ~5e-4 around 50: float32 cancellation leaves ~3e-4 after normalising it
+    np.testing.assert_allclose(h.numpy(), expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(
-        logits.numpy(), expected @ bn["fc.weight"].T + bn["fc.bias"], rtol=1e-4, atol=1e-4
+        logits.numpy(), expected @ bn["fc.weight"].T + bn["fc.bias"], rtol=1e-4, atol=1e-3
     )
 
 

@@ -362,7 +362,7 @@ def test_residual_and_gnorm_scores_closed_form():
     data = Embedding(z=z.astype(np.float32), gnorm=gnorm)
     residual = get_detector("residual").score(data, None)
     np.testing.assert_allclose(residual, -np.sqrt(extra) / gnorm, rtol=1e-5)
-    np.testing.assert_allclose(get_detector("gnorm").score(data, None), gnorm)
+    np.testing.assert_allclose(get_detector("gnorm").score(data, None), -gnorm)  # higher = ID
     with pytest.raises(BadInputError, match="re-embed"):
         get_detector("residual").score(Embedding(z=z.astype(np.float32)), None)
 
