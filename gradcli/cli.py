@@ -588,18 +588,34 @@ def fit_head(
     test: Annotated[
         str | None, typer.Option("--id-test", help="ID test set for the accuracy report.")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Head training epochs.")] = 10,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.01,
-    head_batch_size: Annotated[int, typer.Option(help="Head training batch size.")] = 512,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Head training epochs (default: enough for --min-steps, at least 10)."),
+    ] = None,
+    min_steps: Annotated[
+        int, typer.Option(help="Head: fewest SGD steps when --epochs is not given.")
+    ] = 2000,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (decayed to 0 on a cosine).")] = 0.1,
+    head_batch_size: Annotated[int, typer.Option(help="Head training batch size.")] = 128,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 1e-2,
     seed: Annotated[int, typer.Option(help="Seed of the head's initialisation and shuffling.")] = 0,
     react_percentile: Annotated[float, typer.Option(help="ReAct clipping percentile.")] = 90.0,
     bats_lambda: Annotated[float, typer.Option(help="BATS truncation width λ.")] = 1.0,
     clip_dims: Annotated[
         int | None,
-        typer.Option(help="ReAct/BATS on gradients: clip the last d dims (default all)."),
+        typer.Option(
+            help="ReAct/BATS: rectify the last d dims (default: K // 2 on gradients under the "
+            "paper rule, else all)."
+        ),
     ] = None,
+    clip_rule: Annotated[
+        str,
+        typer.Option(
+            help="ReAct/BATS on gradients: paper (last d dims, one pooled ReAct threshold) or "
+            "per-dim (each dim at its own percentile, all dims)."
+        ),
+    ] = "paper",
     knn_k: Annotated[
         int, typer.Option(help="KNN: the k-th neighbour's distance is the score.")
     ] = 50,
@@ -632,7 +648,7 @@ def fit_head(
     """Train the BN→FC head on ID training gradients and fit every detector."""
     from gradcli.run import DetectorOptions, HeadOptions
 
-    head = HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed)  # checks them
+    head = HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed, min_steps)
     detectors = DetectorOptions(
         react_percentile,
         bats_lambda,
@@ -642,6 +658,7 @@ def fit_head(
         vim_dim,
         gradnorm_temperature,
         knn_normalise,
+        clip_rule,
     )
     run = _open_run(
         store,

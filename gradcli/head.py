@@ -7,6 +7,7 @@ the ID training set. The BatchNorm takes care of the scale of the K coordinates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -87,37 +88,82 @@ def _check_training_set(z: np.ndarray, labels: np.ndarray, num_classes: int) -> 
         raise BadInputError("the training embedding contains NaN/Inf: recompute it")
 
 
+# The default recipe: batches of 128, at least MIN_STEPS optimiser steps and at least
+# MIN_EPOCHS epochs, SGD at HEAD_LR with weight decay HEAD_WEIGHT_DECAY (which makes the
+# loss strongly convex in the head's effective linear map, so seeds meet at one head), the
+# learning rate decayed to 0 on a cosine over the planned steps.
+HEAD_BATCH_SIZE = 128
+HEAD_LR = 0.1
+HEAD_WEIGHT_DECAY = 1e-2
+MIN_STEPS = 2000
+MIN_EPOCHS = 10
+# Heads up to this many weights train on one CPU thread: their steps are too small to share.
+_ONE_THREAD_WEIGHTS = 1 << 16
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch over ``num_samples``: one per minibatch, a final minibatch
+    of one sample dropped (BatchNorm cannot train on it)."""
+    full, rest = divmod(num_samples, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def plan_epochs(
+    num_samples: int, batch_size: int, epochs: int | None = None, min_steps: int = MIN_STEPS
+) -> int:
+    """Epochs to run: ``epochs`` when given, else enough for ``min_steps`` optimiser steps and
+    at least ``MIN_EPOCHS`` (the paper's 10), so a small ID set gets as many updates as the
+    head needs to settle and a large one still sees every sample 10 times."""
+    if epochs is not None:
+        return int(epochs)
+    per_epoch = max(1, steps_per_epoch(num_samples, batch_size))
+    return max(MIN_EPOCHS, -(-int(min_steps) // per_epoch))
+
+
 def train_head(
     z: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
     *,
-    epochs: int = 10,
-    lr: float = 0.01,
-    batch_size: int = 512,
+    epochs: int | None = None,
+    lr: float = HEAD_LR,
+    batch_size: int = HEAD_BATCH_SIZE,
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float = HEAD_WEIGHT_DECAY,
+    min_steps: int = MIN_STEPS,
+    schedule: str = "cosine",
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> GradientHead:
     """Train a ``GradientHead`` on ``z`` (N, K) float32 with ``labels`` (N,) int64 in [0, C).
 
-    SGD with momentum and cross-entropy over shuffled minibatches; initialisation and shuffling
-    come from a generator seeded with ``seed``, so equal inputs give an identical head. A final
-    minibatch of one sample is dropped (BatchNorm cannot train on it). ``progress(done, total)``
-    is called after each epoch. Returns the head in ``eval()`` mode, on the CPU.
+    SGD with momentum, weight decay and cross-entropy over shuffled minibatches for ``plan_epochs(N,
+    batch_size, epochs, min_steps)`` epochs; with ``schedule="cosine"`` the learning rate
+    falls from ``lr`` to 0 over the planned steps, so the head settles whatever N is
+    (``"constant"`` keeps it at ``lr``). The BN's running statistics are then set to the
+    mean and (unbiased) variance of the whole training set, not the last batches' moving
+    average. Initialisation and shuffling come from a generator seeded with ``seed``, so equal
+    inputs give an identical head. A final minibatch of one sample is dropped (BatchNorm cannot
+    train on it). ``progress(done, total)`` is called after each epoch. Returns the head in
+    ``eval()`` mode, on the CPU.
     """
     z = np.asarray(z)
     labels = np.asarray(labels)
     _check_training_set(z, labels, num_classes)
-    if epochs < 1:
+    if epochs is not None and epochs < 1:
         raise BadInputError(f"--epochs must be at least 1, got {epochs}")
+    if min_steps < 1:
+        raise BadInputError(f"--min-steps must be at least 1, got {min_steps}")
     if batch_size < 2:
         raise BadInputError(f"--head-batch-size must be at least 2 (BatchNorm), got {batch_size}")
     if not lr > 0:
         raise BadInputError(f"--lr must be positive, got {lr}")
+    if schedule not in SCHEDULES:
+        raise BadInputError(f"the head's schedule must be one of {', '.join(SCHEDULES)}")
     if z.shape[0] < 2:
         raise BadInputError("fit-head needs at least 2 labelled training samples")
+    epochs = plan_epochs(z.shape[0], batch_size, epochs, min_steps)
 
     generator = torch.Generator().manual_seed(seed)
     head = GradientHead(z.shape[1], num_classes)
@@ -130,6 +176,37 @@ def train_head(
     optimiser = torch.optim.SGD(
         head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
+    threads = torch.get_num_threads()
+    if head.fc.weight.numel() <= _ONE_THREAD_WEIGHTS:
+        torch.set_num_threads(1)
+    try:
+        _sgd(
+            head, inputs, targets, optimiser, epochs, batch_size, lr, schedule, generator, progress
+        )
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # population statistics of the training set
+        wide = inputs.double()
+        head.bn.running_mean.copy_(wide.mean(dim=0))
+        head.bn.running_var.copy_(wide.var(dim=0, unbiased=True))
+    return head.eval()
+
+
+def _sgd(
+    head: GradientHead,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    schedule: str,
+    generator: torch.Generator,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """The training loop of :func:`train_head`: ``epochs`` shuffled passes over inputs (N, K)."""
+    total_steps = epochs * steps_per_epoch(inputs.shape[0], batch_size)
+    step = 0
     head.train()
     for epoch in range(epochs):
         order = torch.randperm(inputs.shape[0], generator=generator)
@@ -137,13 +214,16 @@ def train_head(
             batch = order[start : start + batch_size]
             if batch.numel() < 2:
                 continue
+            if schedule == "cosine":
+                for group in optimiser.param_groups:
+                    group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
             optimiser.zero_grad(set_to_none=True)
             loss = F.cross_entropy(head(inputs[batch]), targets[batch])
             loss.backward()
             optimiser.step()
+            step += 1
         if progress is not None:
             progress(epoch + 1, epochs)
-    return head.eval()
 
 
 def head_to_arrays(head: GradientHead) -> dict[str, np.ndarray]:

@@ -37,7 +37,19 @@ from gradcli.grads import (
     sanitise_variance,
     select_parameters,
 )
-from gradcli.head import GradientHead, accuracy, head_from_arrays, head_to_arrays, train_head
+from gradcli.head import (
+    HEAD_BATCH_SIZE,
+    HEAD_LR,
+    HEAD_WEIGHT_DECAY,
+    MIN_STEPS,
+    GradientHead,
+    accuracy,
+    head_from_arrays,
+    head_to_arrays,
+    plan_epochs,
+    steps_per_epoch,
+    train_head,
+)
 from gradcli.metrics import check_tpr, evaluate_scores, threshold_at_tpr
 from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress, Progress
@@ -127,19 +139,32 @@ def _accumulate_transposed(
 
 @dataclass
 class HeadOptions:
-    """Training options of the BN→FC head (defaults from the paper)."""
+    """Training options of the BN→FC head.
 
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 512
+    ``epochs=None`` (default) runs enough epochs for ``min_steps`` optimiser steps, and at least
+    the paper's 10, with weight decay and the learning rate decayed to 0 on a cosine
+    (``schedule``): one settled head on small and large ID sets alike, whatever the seed (see
+    :func:`gradcli.head.train_head`)."""
+
+    epochs: int | None = None
+    lr: float = HEAD_LR
+    batch_size: int = HEAD_BATCH_SIZE
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = HEAD_WEIGHT_DECAY
     seed: int = 0
+    min_steps: int = MIN_STEPS
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         # Checked before any embedding is computed; named as fit-head's options.
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise BadInputError(f"--epochs must be at least 1, not {self.epochs}")
+        if self.min_steps < 1:
+            raise BadInputError(f"--min-steps must be at least 1, not {self.min_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise BadInputError(
+                f"the head's schedule must be cosine or constant, not {self.schedule!r}"
+            )
         if self.batch_size < 2:
             raise BadInputError(
                 f"--head-batch-size must be at least 2 (BatchNorm), not {self.batch_size}"
@@ -160,9 +185,14 @@ class DetectorOptions:
     vim_dim: int | None = None
     gradnorm_temperature: float = 1.0
     knn_normalise: bool = True
+    # ReAct/BATS on gradients: "paper" (the last d dims, d = clip_dims or K // 2, one ReAct
+    # threshold pooled over them) or "per-dim" (every dim at its own percentile)
+    clip_rule: str = "paper"
 
     def __post_init__(self) -> None:
         # Checked before any embedding is computed; named as fit-head's options.
+        if self.clip_rule not in ("paper", "per-dim"):
+            raise BadInputError(f"--clip-rule must be paper or per-dim, not {self.clip_rule!r}")
         if self.knn_k < 1:
             raise BadInputError(f"--knn-k must be at least 1, not {self.knn_k}")
         if not 0 < self.react_percentile <= 100:
@@ -174,8 +204,12 @@ class DetectorOptions:
         """The options of ``method``'s detector, by its own parameter names."""
         table = {
             "energy": {"temperature": self.temperature},
-            "react": {"percentile": self.react_percentile, "clip_dims": self.clip_dims},
-            "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims},
+            "react": {
+                "percentile": self.react_percentile,
+                "clip_dims": self.clip_dims,
+                "rule": self.clip_rule,
+            },
+            "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims, "rule": self.clip_rule},
             "knn": {"k": self.knn_k, **({} if self.knn_normalise else {"normalise": False})},
             "vim": {"dim": self.vim_dim},
             "gradnorm": {"temperature": self.gradnorm_temperature},
@@ -1898,7 +1932,26 @@ class Run:
                 "ID training set"
             )
         train_digest = self.store.stage_digest(f"embed/{train_name}")
-        record = {"train": train_name, "train_digest": train_digest, **vars(head_opts)}
+        epochs = plan_epochs(
+            len(labels), head_opts.batch_size, head_opts.epochs, head_opts.min_steps
+        )
+        recipe = {  # what training runs: epochs, optimiser steps, batch, lr and its schedule
+            "epochs": epochs,
+            "steps": epochs * steps_per_epoch(len(labels), head_opts.batch_size),
+            "batch_size": head_opts.batch_size,
+            "lr": head_opts.lr,
+            "weight_decay": head_opts.weight_decay,
+            "schedule": head_opts.schedule,
+            "stopping": "fixed budget: max(10 epochs, min_steps steps)"
+            if head_opts.epochs is None
+            else "fixed budget: the given epochs",
+        }
+        record = {
+            "train": train_name,
+            "train_digest": train_digest,
+            **vars(head_opts),
+            "recipe": recipe,
+        }
         summary: dict = {"train": train_name}
         if overwrite:  # and everything computed from them
             for path in ("head", "detectors", "scores", "calibration", "flags"):
@@ -1906,16 +1959,17 @@ class Run:
         if not self.store.open_stage("head", record, overwrite=True):
             self.store.delete("detectors")
             self.store.delete("scores")
-            with self.progress.task("fit head", total=head_opts.epochs) as advance:
+            with self.progress.task("fit head", total=epochs) as advance:
                 fitted = train_head(
                     train_data["grad"],
                     labels,
                     self.model.num_classes,
-                    epochs=head_opts.epochs,
+                    epochs=epochs,
                     lr=head_opts.lr,
                     batch_size=head_opts.batch_size,
                     momentum=head_opts.momentum,
                     weight_decay=head_opts.weight_decay,
+                    schedule=head_opts.schedule,
                     seed=head_opts.seed,
                     progress=lambda done, total: advance(1),
                 )

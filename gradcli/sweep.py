@@ -99,17 +99,27 @@ def check_sweeps(sweeps: Mapping[str, Sequence[float]]) -> dict[str, list[float 
     return plan
 
 
-def check_sweep_dims(plan: Mapping[str, Sequence[float | int]], dims: Mapping[str, int]) -> None:
-    """Clipped dims d must fit every embedding swept: ``dims`` maps 'grad'/'feat' to widths."""
+_WIDTH_NAMES = {"grad": "reduced gradient (K)", "feat": "feature"}
+
+
+def check_sweep_dims(
+    plan: Mapping[str, Sequence[float | int]], dims: Mapping[str, int]
+) -> dict[str, list[int]]:
+    """Clipped dims d apply to each embedding within its own width: ``dims`` maps
+    'grad'/'feat' to widths. Returns the d values each embedding skips (wider than it); a value
+    that fits none of the embeddings swept is an error."""
+    skipped: dict[str, list[int]] = {kind: [] for kind in dims}
     for value in plan.get("d", []):
-        for kind, width in dims.items():
-            if value > width:
-                which = "reduced gradient (K)" if kind == "grad" else "feature"
-                other = "feat" if kind == "grad" else "grad"
-                raise BadInputError(
-                    f"--sweep d={value} exceeds the {width} {which} dimensions: use at most "
-                    f"{width}, or --embedding {other}"
-                )
+        over = [kind for kind, width in dims.items() if value > width]
+        if dims and len(over) == len(dims):
+            widths = ", ".join(f"{dims[k]} {_WIDTH_NAMES.get(k, k)}" for k in dims)
+            raise BadInputError(
+                f"--sweep d={value} exceeds the dimensions of every embedding swept ({widths}): "
+                f"use at most {max(dims.values())}"
+            )
+        for kind in over:
+            skipped[kind].append(int(value))
+    return skipped
 
 
 def _detector(run: Run, kind: str, method: str, option: str, value: Any, train: dict) -> Any:
@@ -141,13 +151,23 @@ def run_sweeps(
     """Metrics for every swept value, method and embedding against each OOD set.
 
     Returns flat records ``{parameter, value, method, embedding, ood, fpr95, auroc, aupr_in,
-    aupr_out}``, with ``ood = "average"`` for the mean over the OOD sets.
+    aupr_out}``, with ``ood = "average"`` for the mean over the OOD sets. A clipped-dims value d
+    wider than an embedding is left out for that embedding (and its ensemble), with a note.
     """
     names = [id_name, *ood_names]
     arrays = {name: run.load_embedding(name) for name in names}
     kinds = [k for k in ("grad", "feat") if k in embeddings or "ensemble" in embeddings]
     readouts = {kind: run.readout(kind) for kind in kinds}
     data = {(n, k): run.as_embedding(arrays[n], k) for n in names for k in kinds}
+    widths = {kind: data[id_name, kind].z.shape[1] for kind in kinds}
+    skipped = check_sweep_dims(plan, widths)
+    for kind, values in skipped.items():
+        if values:
+            shown = ",".join(str(v) for v in values)
+            run.progress.note(
+                f"--sweep d={shown} skipped on the {_WIDTH_NAMES[kind]} embedding: it has "
+                f"{widths[kind]} dimensions (d applies to each embedding within its own width)"
+            )
     train: dict = {}
     records: list[dict] = []
     for parameter_name, values in plan.items():
@@ -156,6 +176,8 @@ def run_sweeps(
             for method in parameter.methods:
                 scores: dict[str, dict[str, np.ndarray]] = {}
                 for kind in kinds:
+                    if parameter_name == "d" and value in skipped[kind]:
+                        continue
                     detector = _detector(run, kind, method, parameter.option, value, train)
                     if detector is None:
                         continue

@@ -60,9 +60,10 @@ def test_normalise_is_eval_mode_batchnorm():
     with torch.no_grad():
         h = head.normalise(torch.from_numpy(z))
         logits = head.classify(h)
-    np.testing.assert_allclose(h.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # dim 0 spreads ~5e-4 around 50: float32 cancellation leaves ~3e-4 after normalising it
+    np.testing.assert_allclose(h.numpy(), expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(
-        logits.numpy(), expected @ bn["fc.weight"].T + bn["fc.bias"], rtol=1e-4, atol=1e-4
+        logits.numpy(), expected @ bn["fc.weight"].T + bn["fc.bias"], rtol=1e-4, atol=1e-3
     )
 
 
@@ -114,3 +115,28 @@ def test_a_trailing_single_sample_batch_is_skipped():
 def test_bad_training_sets(z, labels, message):
     with pytest.raises(BadInputError, match=message):
         train_head(z, labels, 3)
+
+
+def test_default_epochs_give_at_least_min_steps_and_ten_epochs():
+    from gradcli.head import plan_epochs, steps_per_epoch
+
+    for n, batch in ((4000, 128), (90, 128), (33, 16), (1_281_167, 128), (2, 2)):
+        per_epoch = len([s for s in range(0, n, batch) if min(batch, n - s) >= 2])  # brute force
+        assert steps_per_epoch(n, batch) == per_epoch
+        epochs = plan_epochs(n, batch)
+        assert epochs >= 10 and epochs * per_epoch >= 2000
+        assert epochs == 10 or (epochs - 1) * per_epoch < 2000  # no more than needed
+    assert plan_epochs(4000, 128, epochs=3) == 3
+    assert plan_epochs(4000, 128, min_steps=10_000) == 313
+
+
+def test_bn_statistics_are_the_training_set_s_and_seeds_meet():
+    z, labels = _blobs(n_per_class=40, k=4)
+    heads = [train_head(z, labels, 3, seed=s) for s in (0, 1)]
+    arrays = head_to_arrays(heads[0])
+    wide = z.astype(np.float64)
+    np.testing.assert_allclose(arrays["bn.running_mean"], wide.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(arrays["bn.running_var"], wide.var(axis=0, ddof=1), rtol=1e-5)
+    with torch.no_grad():  # weight decay: one minimiser, so two seeds give nearly one head
+        energies = [torch.logsumexp(h(torch.from_numpy(z)), dim=1).numpy() for h in heads]
+    np.testing.assert_allclose(energies[0], energies[1], rtol=0.02, atol=0.02)

@@ -98,7 +98,11 @@ def test_registry():
     )
     assert (*BASE_METHODS, "odin") == METHODS  # odin needs images: never part of "all"
     assert all(DETECTORS[name].name == name for name in BASE_METHODS)
-    assert get_detector("react", percentile=80).config() == {"percentile": 80.0, "clip_dims": None}
+    assert get_detector("react", percentile=80).config() == {
+        "percentile": 80.0,
+        "clip_dims": None,
+        "rule": "paper",
+    }
     assert get_detector("odin", epsilon=0.0).config() == {"temperature": 1000.0, "epsilon": 0.0}
     with pytest.raises(BadInputError, match="msp, energy, maxlogit, react, .*, odin"):
         get_detector("mahalanobis")
@@ -152,12 +156,12 @@ def test_react_on_features_uses_one_global_percentile(features):
     _round_trip(react, test, readout)
 
 
-def test_react_on_gradients_clips_each_dim_after_the_bn(gradients):
+def test_react_on_gradients_per_dim_rule_clips_each_dim_after_the_bn(gradients):
     train, test, head, readout = gradients
     h_train, h_test = _bn_numpy(train.z, head), _bn_numpy(test.z, head)
     thresholds = np.percentile(h_train, 85, axis=0)
     for clip_dims in (None, 2):
-        react = ReAct(percentile=85, clip_dims=clip_dims).fit(train, readout)
+        react = ReAct(percentile=85, clip_dims=clip_dims, rule="per-dim").fit(train, readout)
         d = K if clip_dims is None else clip_dims
         clipped = h_test.copy()
         clipped[:, K - d :] = np.minimum(clipped[:, K - d :], thresholds[K - d :])
@@ -187,6 +191,49 @@ def test_bats_on_gradients_clamps_to_the_bn_affine_range(gradients):
     no_bn = Readout(readout.normalise, readout.classify, "grad")
     with pytest.raises(BadInputError, match="BatchNorm parameters"):
         bats.score(test, no_bn)
+
+
+def test_paper_rule_rectifies_the_trailing_dims_of_gradients_by_default(gradients):
+    """Wu et al.'s rule: the last d = K // 2 dims after the BN, one ReAct threshold pooled over
+    them; BATS clamps only those dims. Checked against numpy, with d given and by default."""
+    train, test, head, readout = gradients
+    h_train, h_test = _bn_numpy(train.z, head), _bn_numpy(test.z, head)
+    gamma = head.bn.weight.detach().numpy().astype(np.float64)
+    beta = head.bn.bias.detach().numpy().astype(np.float64)
+    for clip_dims, d in ((None, K // 2), (3, 3), (1, 1)):
+        react = ReAct(percentile=80, clip_dims=clip_dims).fit(train, readout)
+        assert react.rule == "paper"
+        tau = np.percentile(h_train[:, K - d :].ravel(), 80)  # one threshold, pooled
+        np.testing.assert_allclose(react.state()["thresholds"], [tau])
+        clipped = h_test.copy()
+        clipped[:, K - d :] = np.minimum(clipped[:, K - d :], tau)
+        expected = _energy(_fc_numpy(clipped, head))
+        np.testing.assert_allclose(react.score(test, readout), expected, rtol=1e-5, atol=1e-5)
+        assert _round_trip(react, test, readout).clip_dims == clip_dims
+
+        bats = BATS(lam=0.5, clip_dims=clip_dims).fit(train, readout)
+        clamped = h_test.copy()
+        low, high = beta - 0.5 * np.abs(gamma), beta + 0.5 * np.abs(gamma)
+        clamped[:, K - d :] = np.clip(clamped[:, K - d :], low[K - d :], high[K - d :])
+        np.testing.assert_allclose(
+            bats.score(test, readout), _energy(_fc_numpy(clamped, head)), rtol=1e-5, atol=1e-5
+        )
+    # the leading dims are left alone by default, unlike the per-dim rule, which clips them all
+    default = ReAct(percentile=80).fit(train, readout).score(test, readout)
+    per_dim = ReAct(percentile=80, rule="per-dim").fit(train, readout).score(test, readout)
+    assert not np.allclose(default, per_dim)
+    every = np.minimum(h_test, np.percentile(h_train, 80, axis=0))
+    np.testing.assert_allclose(per_dim, _energy(_fc_numpy(every, head)), rtol=1e-5, atol=1e-5)
+    all_bats = BATS(lam=0.5, rule="per-dim").fit(train, readout).score(test, readout)
+    all_clamped = np.clip(h_test, beta - 0.5 * np.abs(gamma), beta + 0.5 * np.abs(gamma))
+    np.testing.assert_allclose(
+        all_bats, _energy(_fc_numpy(all_clamped, head)), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(BadInputError, match="--clip-rule must be one of paper, per-dim"):
+        ReAct(rule="all")
+    old_fit = {k: v for k, v in ReAct().fit(train, readout).state().items() if k != "rule"}
+    with pytest.raises(StaleStoreError, match="lacks 'rule'.*--overwrite"):
+        ReAct.from_state(old_fit)  # a fit from before the rule existed is not reused
 
 
 def test_bats_on_features_clamps_to_training_mean_and_std(features):
@@ -315,7 +362,7 @@ def test_residual_and_gnorm_scores_closed_form():
     data = Embedding(z=z.astype(np.float32), gnorm=gnorm)
     residual = get_detector("residual").score(data, None)
     np.testing.assert_allclose(residual, -np.sqrt(extra) / gnorm, rtol=1e-5)
-    np.testing.assert_allclose(get_detector("gnorm").score(data, None), gnorm)
+    np.testing.assert_allclose(get_detector("gnorm").score(data, None), -gnorm)  # higher = ID
     with pytest.raises(BadInputError, match="re-embed"):
         get_detector("residual").score(Embedding(z=z.astype(np.float32)), None)
 

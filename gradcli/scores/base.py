@@ -252,7 +252,9 @@ def trailing_bounds(
 def scalar(value: Any) -> Any:
     """A plain Python scalar from a stored value (numpy scalar or 0-d/1-element array)."""
     if isinstance(value, np.ndarray):
-        return value.reshape(-1)[0].item() if value.size == 1 else value
+        if value.size != 1:
+            return value
+        value = value.reshape(-1)[0]  # an object array's element (e.g. None) is returned as is
     if isinstance(value, np.generic):
         return value.item()
     return value

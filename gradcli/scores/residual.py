@@ -43,10 +43,14 @@ class Residual(Detector):
 
 
 class GradientNorm(Detector):
-    """``‖G(x)‖``, the norm of the whole normalised energy gradient (higher = more ID).
+    """``−‖G(x)‖``, minus the norm of the whole normalised energy gradient (higher = more ID).
 
-    Wu et al. (TPAMI 2024) observe larger normalised gradients for ID data than for OOD data on
-    CIFAR benchmarks. Nothing to fit.
+    ``G(x) = (g(x) − M) / sqrt(var)`` is centred on the ID training mean and scaled by the ID
+    training spread, so ``‖G(x)‖`` is a diagonal Mahalanobis distance of the energy gradient
+    from the training gradients: small for ID data, large for OOD data. It therefore enters
+    with a minus sign, unlike GradNorm (Huang, Geng & Li, NeurIPS 2021), whose raw
+    KL-to-uniform gradient norm is larger for ID data. Wu et al. (TPAMI 2024) study the same
+    normalised gradients. Nothing to fit.
     """
 
     name = "gnorm"
@@ -54,4 +58,4 @@ class GradientNorm(Detector):
     kinds = ("grad",)
 
     def _score(self, data: Embedding, readout: Readout | None) -> np.ndarray:
-        return _gnorm(data, self.name)
+        return -_gnorm(data, self.name)
