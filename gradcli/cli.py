@@ -648,17 +648,25 @@ def fit_head(
     """Train the BN→FC head on ID training gradients and fit every detector."""
     from gradcli.run import DetectorOptions, HeadOptions
 
-    head = HeadOptions(epochs, lr, head_batch_size, momentum, weight_decay, seed, min_steps)
+    head = HeadOptions(
+        epochs=epochs,
+        lr=lr,
+        batch_size=head_batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=seed,
+        min_steps=min_steps,
+    )
     detectors = DetectorOptions(
-        react_percentile,
-        bats_lambda,
-        clip_dims,
-        knn_k,
-        temperature,
-        vim_dim,
-        gradnorm_temperature,
-        knn_normalise,
-        clip_rule,
+        react_percentile=react_percentile,
+        bats_lambda=bats_lambda,
+        clip_dims=clip_dims,
+        knn_k=knn_k,
+        temperature=temperature,
+        vim_dim=vim_dim,
+        gradnorm_temperature=gradnorm_temperature,
+        knn_normalise=knn_normalise,
+        clip_rule=clip_rule,
     )
     run = _open_run(
         store,
