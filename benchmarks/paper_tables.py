@@ -13,7 +13,12 @@ gradients and their ensemble:
    JPEGs, OOD = the built-in sets resized to 32×32 RGB. Statistics and the AG subspace come
    from a seeded 10,000-image training subset.
 
-Prints each table and writes a Markdown/HTML report per benchmark under ``--out``.
+Prints each table and writes a Markdown/HTML report per benchmark under ``--out``. Then, on
+the same stores, each gradient score (MSP, Energy, MaxLogit, ReAct, BATS on reduced gradients)
+with gradcli's current defaults beside the earlier ones (head: 10 epochs at batch 512, lr 0.01,
+no weight decay, constant lr; ReAct/BATS: every BN-output dimension rectified at its own
+threshold), each fitted with ``--seeds`` head seeds: mean and spread of the average FPR95 and
+AUROC over the OOD sets.
 
 Run from the repository root::
 
@@ -214,7 +219,59 @@ def compare(run: Run, id_test: str, ood: list[str], out: Path) -> dict:
     return {"seconds": seconds, "report": [str(p) for p in written], "rows": rows}
 
 
-def builtin(out: Path) -> dict:
+# The head and rectification defaults before and after the paper's rule and the settled head.
+EARLIER_DEFAULTS = {
+    "head": {
+        "epochs": 10,
+        "lr": 0.01,
+        "batch_size": 512,
+        "weight_decay": 0.0,
+        "min_steps": 1,
+        "schedule": "constant",
+    },
+    "detectors": {"clip_rule": "per-dim"},
+}
+CURRENT_DEFAULTS: dict = {"head": {}, "detectors": {}}
+GRADIENT_SCORES = ["msp", "energy", "maxlogit", "react", "bats"]
+
+
+def gradient_defaults(run: Run, id_test: str, ood: list[str], seeds: int) -> dict:
+    """Each gradient score's average FPR95/AUROC over ``ood`` under the earlier and the
+    current defaults, one head fit per seed; prints mean ± sd (population) per score."""
+    started = time.perf_counter()
+    table: dict = {}
+    for label, defaults in (("earlier", EARLIER_DEFAULTS), ("current", CURRENT_DEFAULTS)):
+        for seed in range(seeds):
+            head = {**defaults["head"], "seed": seed}
+            run.fit_head(test=id_test, head=head, detectors=defaults["detectors"])
+            results = run.evaluate(
+                ood, id_dataset=id_test, methods=GRADIENT_SCORES, embeddings=["grad"]
+            )
+            for method in GRADIENT_SCORES:
+                average = results.average((method, "grad"))
+                cell = table.setdefault(method, {}).setdefault(label, {"fpr95": [], "auroc": []})
+                cell["fpr95"].append(100 * average["fpr95"])
+                cell["auroc"].append(100 * average["auroc"])
+    run.fit_head(test=id_test)  # leave the store with the current defaults
+    lines = [
+        f"gradient scores, earlier vs current defaults ({seeds} head seeds; mean ± sd of the "
+        "average over the OOD sets, %):",
+        "",
+        "| score | FPR95 earlier | FPR95 current | AUROC earlier | AUROC current |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for method, cells in table.items():
+        row = [method]
+        for metric in ("fpr95", "auroc"):
+            for label in ("earlier", "current"):
+                values = np.asarray(cells[label][metric])
+                row.append(f"{values.mean():.2f} ± {values.std():.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    print("\n".join(lines), flush=True)
+    return {"seconds": time.perf_counter() - started, "seeds": seeds, "scores": table}
+
+
+def builtin(out: Path, seeds: int) -> dict:
     store = out / "builtin-store"
     weights = store / WEIGHTS_FILE
     if not weights.exists():
@@ -223,10 +280,12 @@ def builtin(out: Path) -> dict:
     run.set_model("mnist_cnn", str(weights))
     run.extract_subspace(ID_TRAIN)
     run.fit_head(test=ID_TEST)
-    return compare(run, ID_TEST, present_ood_sets(), out / "builtin")
+    record = compare(run, ID_TEST, present_ood_sets(), out / "builtin")
+    record["gradient_defaults"] = gradient_defaults(run, ID_TEST, present_ood_sets(), seeds)
+    return record
 
 
-def cifar10(out: Path, archive: Path, cache: Path, minutes: float) -> dict:
+def cifar10(out: Path, archive: Path, cache: Path, minutes: float, seeds: int) -> dict:
     root = extract_cifar(archive, cache)
     weights = cache / "small_resnet_cifar10.pt"
     if weights.exists():
@@ -247,6 +306,7 @@ def cifar10(out: Path, archive: Path, cache: Path, minutes: float) -> dict:
         if name in present_ood_sets()
     ]
     record = compare(run, f"folder:{root / 'test'}", ood, out / "cifar10")
+    record["gradient_defaults"] = gradient_defaults(run, f"folder:{root / 'test'}", ood, seeds)
     record["training"] = training
     return record
 
@@ -262,6 +322,7 @@ def main() -> None:
         help="trained model and unpacked JPEGs",
     )
     parser.add_argument("--train-minutes", type=float, default=30.0)
+    parser.add_argument("--seeds", type=int, default=5, help="head seeds per default set")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
     out = Path(args.out)
@@ -269,11 +330,13 @@ def main() -> None:
         "machine": describe(machine_info()),
     }
     if args.only in (None, "builtin"):
-        record["builtin"] = builtin(out)
+        record["builtin"] = builtin(out, args.seeds)
     if args.only in (None, "cifar10"):
         archive = Path(args.cifar)
         if archive.exists():
-            record["cifar10"] = cifar10(out, archive, Path(args.cache), args.train_minutes)
+            record["cifar10"] = cifar10(
+                out, archive, Path(args.cache), args.train_minutes, args.seeds
+            )
         else:
             print(f"skipping CIFAR-10: {archive} is absent")
     if args.json:
