@@ -580,7 +580,7 @@ def embed(
     _emit(summary, as_json, _with_preprocess(text, summary))
 
 
-@app.command("fit-head", epilog="Example: gradcli fit-head --epochs 10 --store artifacts/r18")
+@app.command("fit-head", epilog="Example: gradcli fit-head --store artifacts/r18")
 def fit_head(
     train: Annotated[
         str | None, typer.Option(help="ID training set (default: the subspace's).")
@@ -830,7 +830,7 @@ def score(
         export_scores(target, items, scores, flags)
     preprocess = _preprocess(run)
     if as_json:
-        document = {**summary, "preprocess": preprocess}
+        document = {"scores": summary, "preprocess": preprocess}
         if part is not None:  # the same keys as an unfinished shard's
             document = {
                 "shard": f"{part[0]}/{part[1]}",
@@ -922,7 +922,6 @@ def evaluate(
     from gradcli.metrics import CONVENTIONS
     from gradcli.report import (
         check_density_dim,
-        results_csv,
         results_json,
         results_tables,
         sweep_tables,
@@ -971,7 +970,7 @@ def evaluate(
             odin_epsilon=odin_epsilon,
             sweeps=plan,
         )
-    saved = _write_results(results, results_dir, store, results_json, results_csv, run.store)
+    saved = _write_results(results, results_dir, store, run.store)
     written = write_report(run, results, report, density_dim=density_dim) if report else []
     preprocess = _preprocess(run)
     if as_json:
@@ -1030,7 +1029,7 @@ def methods(
     _out().print(table)
 
 
-def _write_results(results, results_dir, store, to_json, to_csv, run_store=None) -> list[str]:
+def _write_results(results, results_dir, store, run_store=None) -> list[str]:
     """results.json and results.csv into ``--results-dir`` or else the store itself (a local
     folder or an object-store URL alike); returns the files written, [] on a read-only store
     without ``--results-dir``.
@@ -1038,7 +1037,11 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
     Results already there for the same ID set and FPR convention are merged with these by
     (method, embedding, OOD set), the newer replacing the older, so that a run on fewer OOD
     sets adds to the file instead of truncating it; averages are taken over the merged sets."""
+    from gradcli.report import merge_results, records_csv, results_json
     from gradcli.store import RunStore
+
+    def as_csv(document: str) -> str:
+        return records_csv(json.loads(document)["results"])
 
     try:
         if results_dir is None:
@@ -1046,17 +1049,17 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
                 run_store = RunStore(store, create=False, storage_options=_storage_options())
             if run_store.read_only:
                 return []
-            document = _merged_results(run_store.read_text("results.json"), to_json(results))
+            document = merge_results(run_store.read_text("results.json"), results_json(results))
             return [
                 run_store.write_text("results.json", document),
-                run_store.write_text("results.csv", _results_csv(document)),
+                run_store.write_text("results.csv", as_csv(document)),
             ]
         target = Path(results_dir)
         target.mkdir(parents=True, exist_ok=True)
         old = target / "results.json"
-        document = _merged_results(old.read_text() if old.is_file() else None, to_json(results))
+        document = merge_results(old.read_text() if old.is_file() else None, results_json(results))
         (target / "results.json").write_text(document)
-        (target / "results.csv").write_text(_results_csv(document))
+        (target / "results.csv").write_text(as_csv(document))
         return [str(target / "results.json"), str(target / "results.csv")]
     except BadInputError:
         raise
@@ -1064,58 +1067,6 @@ def _write_results(results, results_dir, store, to_json, to_csv, run_store=None)
         where = results_dir if results_dir is not None else store
         fix = "pass another --results-dir" if results_dir is not None else "pass --results-dir"
         raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
-
-
-def _merged_results(old_text: str | None, new_text: str) -> str:
-    """The results document ``new_text`` merged into ``old_text``: records keyed by (method,
-    embedding, ood), the new ones replacing old ones, averages recomputed per (method,
-    embedding) over its OOD sets. An unreadable old document, or one of another ID set or
-    FPR convention, is replaced."""
-    new = json.loads(new_text)
-    try:
-        old = json.loads(old_text) if old_text else None
-    except json.JSONDecodeError:
-        old = None
-    if (
-        not isinstance(old, dict)
-        or not isinstance(old.get("results"), list)
-        or (old.get("id"), old.get("convention")) != (new.get("id"), new.get("convention"))
-    ):
-        return new_text
-
-    def key(record: dict) -> tuple[str, str, str]:
-        return record["method"], record["embedding"], record["ood"]
-
-    rows = {key(r): r for r in old["results"] if r.get("ood") != "average"}
-    rows.update({key(r): r for r in new["results"] if r["ood"] != "average"})
-    oods = list(dict.fromkeys([*old.get("ood", []), *new["ood"], *(k[2] for k in rows)]))
-    records = []
-    for method, embedding in dict.fromkeys(k[:2] for k in rows):
-        mine = [rows[(method, embedding, o)] for o in oods if (method, embedding, o) in rows]
-        records += mine
-        names = [m for m in mine[0] if m not in ("method", "embedding", "ood")]
-        average = {m: float(sum(r[m] for r in mine) / len(mine)) for m in names}
-        records.append({"method": method, "embedding": embedding, "ood": "average", **average})
-    merged = {**old, **new, "ood": oods, "results": records}
-    calibration = {**old.get("calibration", {}), **new.get("calibration", {})}
-    if calibration:
-        merged["calibration"] = calibration
-    return json.dumps(merged, indent=2)
-
-
-def _results_csv(document: str) -> str:
-    """One CSV row per record of a results document, as ``report.results_csv`` writes."""
-    import csv
-    import io
-
-    from gradcli.report import METRICS
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["method", "embedding", "ood", *METRICS])
-    writer.writeheader()
-    for record in json.loads(document)["results"]:
-        writer.writerow({k: record.get(k) for k in writer.fieldnames})
-    return buffer.getvalue()
 
 
 @app.command(epilog="Example: gradcli inspect --store artifacts/pca --dataset svhn --plot plots/")
@@ -1245,14 +1196,13 @@ def demo(
     """The built-in offline benchmark: a small CNN on MNIST digits against every offline OOD set."""
     from gradcli.demo import ID_TEST, ID_TRAIN, run_demo, skipped_ood_sets
     from gradcli.progress import NullProgress, RichProgress
-    from gradcli.report import results_csv, results_json, results_tables
+    from gradcli.report import results_json, results_tables
 
     progress = NullProgress() if quiet else RichProgress(err)
     skipped = skipped_ood_sets()
     results = run_demo(store, progress=progress)
-    _write_results(results, None, store, results_json, results_csv)
+    written = _write_results(results, None, store)
     folder = Path(store).resolve()
-    written = [str(folder / "results.json"), str(folder / "results.csv")]
     if as_json:
         document = json.loads(results_json(results))
         document.update(
@@ -1271,7 +1221,11 @@ def demo(
     lines = [f"demo: ID {ID_TRAIN} (train) and {ID_TEST} (test) against {ran}"]
     lines += [f"{name}: skipped, {why}" for name, why in skipped.items()]
     lines.append(f"store: {folder} (rerun: gradcli evaluate --store {store} --ood ...)")
-    lines.append(f"results: {written[0]} and {written[1]}")
+    lines.append(
+        f"results: {' and '.join(written)}"
+        if written
+        else "results: not saved (the store is read-only); gradcli evaluate --results-dir DIR"
+    )
     console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -1311,11 +1265,10 @@ def _command():
     name instead of a Python type for options that take several values."""
     global _COMMAND
     if _COMMAND is None:
-        from typer._click.core import Context
-
         root = typer.main.get_command(app)
         for command in [root, *getattr(root, "commands", {}).values()]:
-            for param in command.get_params(Context(command)):
+            context = command.make_context(command.name or "gradcli", [], resilient_parsing=True)
+            for param in command.get_params(context):
                 if getattr(param, "is_flag", False):
                     param.metavar = ""
                 elif getattr(param, "multiple", False) and param.metavar is None:

@@ -50,7 +50,9 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 IMAGENET_PREPROCESS = Preprocess((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, resize=256)
-_PROBE_SIZE = (224, 224)  # a model without a fixed input size is probed at this size
+# Without an input size (images at their stored size) the probe tries these sizes in turn:
+# any size for a fully convolutional model, or the one size a fixed-size model takes.
+_PROBE_SIZES = ((224, 224), (32, 32), (28, 28), (64, 64), (96, 96), (299, 299), (8, 8))
 
 # Keys under which training scripts commonly nest the state_dict in a checkpoint dict.
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -1106,22 +1108,27 @@ def _run_sequential_capturing(
 def _probe(loaded: LoadedModel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a zero image: checks the preprocessing fits and measures widths.
 
-    Without an input size (images at their stored size) the probe is 224×224, so a model
-    that takes one fixed other size needs ``--input-size``."""
+    Without an input size (images at their stored size) the common sizes of
+    :data:`_PROBE_SIZES` are tried in turn; a model that takes none of them needs
+    ``--input-size``."""
     p = loaded.preprocess
-    size = p.input_size or _PROBE_SIZE
+    sizes = [p.input_size] if p.input_size else list(_PROBE_SIZES)
     dtype = next((t.dtype for t in loaded.module.parameters() if t.is_floating_point()), None)
-    x = torch.zeros(1, p.channels, *size, device=device, dtype=dtype or torch.float32)
-    try:
-        with torch.no_grad():
-            return loaded.features_and_logits(x)
-    except BadInputError:
-        raise
-    except Exception as err:
-        fix = "pass --input-size, --mean and --std that fit the model"
-        if p.input_size is None:
-            fix = "pass --input-size with the size the model takes (and --mean, --std)"
-        raise BadInputError(
-            f"model {loaded.spec} fails on a {p.channels}×{size[0]}×{size[1]} "
-            f"input ({_one_line(err)}); {fix}"
-        ) from err
+    failure: Exception | None = None
+    for size in sizes:
+        x = torch.zeros(1, p.channels, *size, device=device, dtype=dtype or torch.float32)
+        try:
+            with torch.no_grad():
+                return loaded.features_and_logits(x)
+        except BadInputError:
+            raise
+        except Exception as err:
+            failure = failure or err
+    size = sizes[0]
+    fix = "pass --input-size, --mean and --std that fit the model"
+    if p.input_size is None:
+        fix = "pass --input-size with the size the model takes (and --mean, --std)"
+    raise BadInputError(
+        f"model {loaded.spec} fails on a {p.channels}×{size[0]}×{size[1]} "
+        f"input ({_one_line(failure)}); {fix}"
+    ) from failure

@@ -25,19 +25,7 @@ VERIFY_MAX_BYTES = 1 << 30
 def damaged_arrays(run: Run) -> list[dict]:
     """Every array of the store (up to :data:`VERIFY_MAX_BYTES`) with chunks that fail their
     checksum: its path, the row ranges [start, stop) of those chunks, and what rewrites it."""
-    import zarr
-
-    store = run.store
-    found = []
-    for path, node in store.walk():
-        if not isinstance(node, zarr.Array) or node.nbytes > VERIFY_MAX_BYTES:
-            continue
-        rows = store.damaged_rows(path)
-        if rows:
-            found.append(
-                {"array": path, "rows": [list(r) for r in rows], "fix": store.repair_hint(path)}
-            )
-    return found
+    return run.store.damaged_arrays(VERIFY_MAX_BYTES)
 
 
 def shard_status(done: np.ndarray, count: int) -> dict:

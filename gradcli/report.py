@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
@@ -32,43 +33,6 @@ def _best(results: Results, column: str, metric: str) -> float:
         per_set = results.rows[key] if column != "average" else {"average": results.average(key)}
         values.append(per_set[column][metric])
     return min(values) if metric in LOWER_IS_BETTER else max(values)
-
-
-def results_table(
-    results: Results,
-    per_set: tuple[str, ...] = ("fpr95", "auroc"),
-    average: tuple[str, ...] = METRICS,
-) -> Table:
-    """Methods × OOD sets (FPR95, AUROC) and the average over sets (all four metrics), in %.
-
-    The best value of each column is bold green, as in the paper's tables.
-    """
-    table = Table(
-        title=f"OOD detection against ID '{results.id_name}' (values in %)",
-        caption=f"FPR95 convention ({results.convention}): {CONVENTIONS[results.convention]}",
-        caption_justify="left",
-    )
-    table.add_column("method", no_wrap=True)
-    table.add_column("embedding", no_wrap=True)
-    columns = [(ood, metric) for ood in results.ood_names for metric in per_set]
-    columns += [("average", metric) for metric in average]
-    for ood, metric in columns:
-        table.add_column(f"{ood}\n{LABELS[metric]}", justify="right", no_wrap=True)
-    calibrated = bool(results.calibration)
-    if calibrated:
-        table.add_column("ID accept@λ", justify="right", no_wrap=True)
-    best = {(ood, metric): _best(results, ood, metric) for ood, metric in columns}
-    for key in ordered_rows(results):
-        method, emb = key
-        cells = []
-        for ood, metric in columns:
-            value = _value(results, key, ood, metric)
-            text = f"{100 * value:.2f}"
-            cells.append(f"[bold green]{text}[/]" if value == best[ood, metric] else text)
-        if calibrated:
-            cells.append(_acceptance_text(results, key))
-        table.add_row(method, EMBEDDING_LABELS.get(emb, emb), *cells)
-    return table
 
 
 def results_tables(results: Results, width: int = 80) -> list[Table]:
@@ -169,6 +133,8 @@ def results_json(results: Results) -> str:
         "head_accuracy": results.head_accuracy,
         "results": results.to_records(),
     }
+    if results.settings:
+        document["settings"] = results.settings
     if results.calibration:
         document["calibration"] = results.calibration
     if results.sweeps:
@@ -178,12 +144,74 @@ def results_json(results: Results) -> str:
 
 def results_csv(results: Results) -> str:
     """One row per (method, embedding, OOD set or 'average')."""
+    return records_csv(results.to_records())
+
+
+def records_csv(records: Sequence[dict]) -> str:
+    """One CSV row per flat results record (see :meth:`Results.to_records`)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["method", "embedding", "ood", *METRICS])
     writer.writeheader()
-    for record in results.to_records():
-        writer.writerow({k: record[k] for k in writer.fieldnames})
+    for record in records:
+        writer.writerow({k: record.get(k) for k in writer.fieldnames})
     return buffer.getvalue()
+
+
+def _mergeable(old: dict, new: dict) -> bool:
+    """Whether two results documents scored with the same ID set, convention and settings
+    (alpha, ODIN, subspace, head and the detectors both evaluated), so that their rows can
+    share one file."""
+    if (old.get("id"), old.get("convention")) != (new.get("id"), new.get("convention")):
+        return False
+    old_settings, new_settings = old.get("settings") or {}, new.get("settings") or {}
+    plain = [k for k in new_settings if k != "detectors"]
+    if any(old_settings.get(k) != new_settings[k] for k in plain):
+        return False
+    old_detectors = old_settings.get("detectors") or {}
+    new_detectors = new_settings.get("detectors") or {}
+    return all(old_detectors[k] == new_detectors[k] for k in old_detectors.keys() & new_detectors)
+
+
+def merge_results(old_text: str | None, new_text: str) -> str:
+    """The results document ``new_text`` merged into ``old_text``: records keyed by (method,
+    embedding, ood), the new ones replacing old ones, averages recomputed per (method,
+    embedding) over its OOD sets. An unreadable old document, or one scored with another ID
+    set, FPR convention or settings, is replaced; sweeps are the new run's alone."""
+    new = json.loads(new_text)
+    try:
+        old = json.loads(old_text) if old_text else None
+    except json.JSONDecodeError:
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+        return new_text
+    if not _mergeable(old, new):
+        return new_text
+
+    def key(record: dict) -> tuple[str, str, str]:
+        return record["method"], record["embedding"], record["ood"]
+
+    rows = {key(r): r for r in old["results"] if r.get("ood") != "average"}
+    rows.update({key(r): r for r in new["results"] if r["ood"] != "average"})
+    oods = list(dict.fromkeys([*old.get("ood", []), *new["ood"], *(k[2] for k in rows)]))
+    records = []
+    for method, embedding in dict.fromkeys(k[:2] for k in rows):
+        mine = [rows[(method, embedding, o)] for o in oods if (method, embedding, o) in rows]
+        records += mine
+        average = {m: float(np.mean([r[m] for r in mine])) for m in METRICS if m in mine[0]}
+        records.append({"method": method, "embedding": embedding, "ood": "average", **average})
+    merged = {k: v for k, v in old.items() if k != "sweeps"}
+    merged.update({**new, "ood": oods, "results": records})
+    settings = {**(old.get("settings") or {}), **(new.get("settings") or {})}
+    if settings:
+        detectors = {
+            **(old.get("settings") or {}).get("detectors", {}),
+            **(new.get("settings") or {}).get("detectors", {}),
+        }
+        merged["settings"] = {**settings, "detectors": detectors}
+    calibration = {**old.get("calibration", {}), **new.get("calibration", {})}
+    if calibration:
+        merged["calibration"] = calibration
+    return json.dumps(merged, indent=2)
 
 
 def sweep_tables(records: Sequence[dict]) -> list[Table]:

@@ -89,9 +89,10 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # allows at least this many samples per batch (a smaller batch would cost more than it saves).
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
-# The AG subspace's bytes per class and parameter: float64 class means, their normalised
-# copy and QR's, and the float32 basis and class means (see average_gradient_basis).
-AG_BYTES_PER_ENTRY = 32
+# The AG subspace's peak bytes per class and parameter: float64 class means, their normalised
+# copy, QR's working copy and its Q (4 × 8), then the float32 basis and class means while Q is
+# alive (2 × 4); see average_gradient_basis.
+AG_BYTES_PER_ENTRY = 40
 STATS_STATE = "stats/state"  # the statistics pass's checkpoint
 PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
 BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
@@ -232,6 +233,9 @@ class Results:
     # "<method>-<embedding>" -> calibrated threshold λ and the realised acceptance at it
     calibration: dict[str, dict] = field(default_factory=dict)
     sweeps: list[dict] = field(default_factory=list)  # flat records, see gradcli.sweep
+    # what the scores were computed with (alpha, ODIN settings, stage digests): results files
+    # merge only the results of equal settings
+    settings: dict = field(default_factory=dict)
     id_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     ood_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -2523,6 +2527,19 @@ class Run:
         kinds = [k for k in EMBEDDINGS if k in embeddings or "ensemble" in embeddings]
         check_sweep_dims(plan, {k: self.store.shape(f"embed/{id_name}/{k}")[1] for k in kinds})
         results = Results(id_name=id_name, ood_names=[], convention=convention)
+        results.settings = {
+            "alpha": alpha,
+            "odin_temperature": odin_temperature,
+            "odin_epsilon": odin_epsilon,
+            "subspace": self.store.stage_digest("subspace"),
+            "head": self.store.stage_digest("head"),
+            "detectors": {
+                f"{method}-{kind}": self.store.stage_digest(f"detectors/{kind}/{method}")
+                for method in methods
+                for kind in EMBEDDINGS
+                if self.store.has(f"detectors/{kind}/{method}")
+            },
+        }
         results.id_scores = id_scores
         id_labels = self.store.read(f"embed/{id_name}/labels")
         if len(id_labels) and ((id_labels >= 0) & (id_labels < self.model.num_classes)).all():

@@ -417,6 +417,11 @@ class RunStore:
             except (ValueError, RuntimeError, OSError):
                 return [(0, 1)]
             return []
+        try:  # one read of the whole array when nothing is damaged
+            array[...]
+            return []
+        except (ValueError, RuntimeError, OSError):
+            pass
         step = int(array.chunks[0])
         bad = []
         for first in range(0, array.shape[0], step):
@@ -429,6 +434,20 @@ class RunStore:
                 else:
                     bad.append((first, last))
         return bad
+
+    def damaged_arrays(self, max_bytes: int) -> list[dict]:
+        """Every array of up to ``max_bytes`` with chunks that fail their checksum: its path,
+        the row ranges [start, stop) of those chunks, and what rewrites it."""
+        found = []
+        for path, node in self.walk():
+            if not isinstance(node, zarr.Array) or node.nbytes > max_bytes:
+                continue
+            rows = self.damaged_rows(path)
+            if rows:
+                found.append(
+                    {"array": path, "rows": [list(r) for r in rows], "fix": self.repair_hint(path)}
+                )
+        return found
 
     def damage_error(self, path: str) -> StaleStoreError:
         """The one-line error for array ``path`` with chunks that fail their checksum: which

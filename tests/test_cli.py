@@ -601,6 +601,8 @@ OPTION_FLAGS = {
     ("energy", "temperature"): ("fit-head", "--temperature"),
     ("react", "percentile"): ("fit-head", "--react-percentile"),
     ("react", "clip_dims"): ("fit-head", "--clip-dims"),
+    ("react", "rule"): ("fit-head", "--clip-rule"),
+    ("bats", "rule"): ("fit-head", "--clip-rule"),
     ("bats", "lam"): ("fit-head", "--bats-lambda"),
     ("bats", "clip_dims"): ("fit-head", "--clip-dims"),
     ("knn", "k"): ("fit-head", "--knn-k"),

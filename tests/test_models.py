@@ -625,6 +625,45 @@ def test_user_model_sees_images_at_their_stored_size(tmp_path, cli):
     assert "preprocess: resized to 12x12 (uint8 rounding), mean 0.485" in again.out
 
 
+def test_a_fixed_size_user_model_is_probed_at_its_own_size(tmp_path, cli):
+    """A Flatten + Linear model takes one size only: the probe finds it, images are fed at their
+    stored 28x28, and the widths come from that forward."""
+    import numpy as np
+
+    (tmp_path / "flat.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 6), nn.ReLU(),\n"
+        "                         nn.Linear(6, 2))\n"
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 28, 28, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=images, y=np.arange(8) % 2)
+    outcome = cli(
+        "extract-subspace",
+        "--model",
+        f"{tmp_path / 'flat.py'}:make",
+        "--dataset",
+        f"npz:{tmp_path / 'd.npz'}",
+        "--store",
+        tmp_path / "s",
+        "-q",
+        "--json",
+    )
+    assert outcome.code == 0, outcome.err
+    loaded = load_model(f"{tmp_path / 'flat.py'}:make")
+    assert (loaded.num_classes, loaded.feature_dim) == (2, 6)
+    assert loaded.preprocess.input_size is None
+    # a size no probe tries is still a one-line error naming --input-size
+    (tmp_path / "odd.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 13 * 13, 2))\n"
+    )
+    with pytest.raises(BadInputError, match="pass --input-size with the size the model takes"):
+        load_model(f"{tmp_path / 'odd.py'}:make")
+
+
 def test_mixed_sizes_without_input_size_is_a_one_line_error(tmp_path, cli):
     import numpy as np
     from PIL import Image

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 import tomllib
@@ -53,8 +54,13 @@ def _third_party_imports() -> dict[str, set[str]]:
     return found
 
 
+@functools.cache
+def _installed() -> dict[str, list[str]]:
+    return packages_distributions()
+
+
 def _owners(module: str) -> set[str]:
-    installed = packages_distributions().get(module, [])
+    installed = _installed().get(module, [])
     return {_normalised(d) for d in installed} | KNOWN_DISTRIBUTIONS.get(
         module, {_normalised(module)}
     )

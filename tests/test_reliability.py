@@ -350,7 +350,7 @@ def test_results_files_merge_by_ood_set(finished, tiny, cli, tmp_path):
     base = ["--id", "id", "--store", store, "--json", "-q"]
     first = cli("evaluate", "--ood", tiny.ood, "--ood", ood2, *base)
     assert first.code == 0
-    second = cli("evaluate", "--ood", ood2, "--alpha", "0.25", *base)
+    second = cli("evaluate", "--ood", ood2, *base)  # fewer sets, same settings: merged
     assert second.code == 0
     assert second.json()["written"] == [str(store / "results.json"), str(store / "results.csv")]
     saved = json.loads((store / "results.json").read_text())
@@ -360,6 +360,7 @@ def test_results_files_merge_by_ood_set(finished, tiny, cli, tmp_path):
 
     old, new, merged = rows(first.json()), rows(second.json()), rows(saved)
     ood_name, ood2_name = first.json()["ood"]
+    assert second.json()["ood"] == [ood2_name]
     assert saved["ood"] == [ood_name, ood2_name]
     pairs = {key[:2] for key in old}
     assert {key[:2] for key in merged} == pairs
@@ -371,11 +372,13 @@ def test_results_files_merge_by_ood_set(finished, tiny, cli, tmp_path):
                 old[(method, emb, ood_name)][metric] + new[(method, emb, ood2_name)][metric]
             ) / 2
             assert merged[(method, emb, "average")][metric] == pytest.approx(expected)
-    changed = [p for p in pairs if p[1] == "ensemble"]
-    assert changed and any(
-        new[(m, e, ood2_name)] != old[(m, e, ood2_name)] for m, e in changed
-    )  # α changed the ensemble: the file holds the newer values
     csv_lines = (store / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(saved["results"])
     text = cli("evaluate", "--ood", ood2, "--id", "id", "--store", store)
     assert text.code == 0 and f"results written to {store / 'results.json'}" in text.err
+    # Another α scores the ensemble otherwise: its results replace the file, never mix in.
+    third = cli("evaluate", "--ood", ood2, "--alpha", "0.25", *base)
+    assert third.code == 0
+    replaced = json.loads((store / "results.json").read_text())
+    assert replaced["ood"] == [ood2_name] and replaced["settings"]["alpha"] == 0.25
+    assert rows(replaced) == rows(third.json())

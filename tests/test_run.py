@@ -496,17 +496,17 @@ def test_average_gradient_over_the_budget_is_refused_before_any_pass(tiny, tmp_p
     _never_passes_over_data(monkeypatch)
     with pytest.raises(BadInputError) as refused:
         run.extract_subspace(data)
-    # 200 classes x 2,056 parameters x 32 bytes = 13.2 MB, over 4 MiB; class sums 3.3 MB.
+    # 200 classes x 2,056 parameters x 40 bytes = 16.4 MB, over 4 MiB; class sums 3.3 MB.
     assert str(refused.value) == (
-        f"--method avg on 200 classes x {p:,} parameters needs {format_size(32 * 200 * p)} "
+        f"--method avg on 200 classes x {p:,} parameters needs {format_size(40 * 200 * p)} "
         f"(float64 class sums of {format_size(8 * 200 * p)}, and their orthonormalisation), "
         "over the memory budget's 4 MiB: select fewer parameters with --params '7.*', use "
         "--method pca --k N, or raise --memory-budget"
     )
     assert not run.store.has("stats")
     # The fix it names is checked the same way: the last layer alone (8 x 200 + 200 = 1,800
-    # parameters) still needs 11 MiB, over 4 MiB.
-    with pytest.raises(BadInputError, match="1,800 parameters needs 11 MiB"):
+    # parameters) still needs 40 x 200 x 1,800 bytes = 13.7 MiB, over 4 MiB.
+    with pytest.raises(BadInputError, match="1,800 parameters needs 13.7 MiB"):
         run.extract_subspace(data, params=["7.*"])
 
 
