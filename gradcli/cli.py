@@ -1201,8 +1201,8 @@ def demo(
     progress = NullProgress() if quiet else RichProgress(err)
     skipped = skipped_ood_sets()
     results = run_demo(store, progress=progress)
-    written = _write_results(results, None, store)
     folder = Path(store).resolve()
+    written = [str(folder / Path(path).name) for path in _write_results(results, None, store)]
     if as_json:
         document = json.loads(results_json(results))
         document.update(

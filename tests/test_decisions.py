@@ -135,7 +135,7 @@ def test_calibrate_flag_and_export(ready, tiny, cli, tmp_path):
         assert np.mean(held_out >= threshold) >= 0.9
         scores = run.read(f"scores/npz-ood/{key}")
         np.testing.assert_array_equal(run.read(f"flags/npz-ood/{key}"), scores < threshold)
-        assert document[key]["flagged_ood"] == int((scores < threshold).sum())
+        assert document["scores"][key]["flagged_ood"] == int((scores < threshold).sum())
     with open(target, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 30
