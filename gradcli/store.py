@@ -144,20 +144,17 @@ def _reads(method):
         except (KeyError, RuntimeError, ValueError, OSError) as err:
             if "checksum" in str(err).lower():
                 raise self.damage_error(path) from None
-            command = _REWRITTEN_BY.get(path.split("/", 1)[0])
-            fix = (
-                f"recompute it with 'gradcli {command} ... --overwrite'"
-                if command
-                else "restore the store"
-            )
+            try:
+                fix = self.repair_hint(path)
+            except Exception:  # the stage's own record is unreadable too
+                fix = "restore the store from a copy, or use a new --store"
             if isinstance(err, KeyError):
                 problem = "is missing"
             else:
                 reason = " ".join(str(err).split())[:120]
                 problem = f"cannot be read ({type(err).__name__}: {reason})"
             raise StaleStoreError(
-                f"{path} in store {self.url} {problem}; the store looks damaged: {fix}, or use "
-                "a new --store"
+                f"{path} in store {self.url} {problem}; the store looks damaged: {fix}"
             ) from None
 
     return wrapper
@@ -471,7 +468,7 @@ class RunStore:
         if stage in ("stats", "subspace"):
             return "rerun 'gradcli extract-subspace ... --overwrite' (or use a new --store)"
         if stage in ("head", "detectors"):
-            return "rerun 'gradcli fit-head ... --overwrite'"
+            return "rerun 'gradcli fit-head ... --overwrite' (or use a new --store)"
         if stage in ("scores", "scores_parts", "flags", "calibration", "results"):
             where = "/".join(path.split("/")[:2])
             return f"delete {where} from the store (it is recomputed) and rerun"
