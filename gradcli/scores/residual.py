@@ -30,8 +30,9 @@ class Residual(Detector):
 
     ``-sqrt(1 - ‖z‖² / ‖G(x)‖²)`` with ``z = G(x)·V`` and V orthonormal, so
     ``‖G - G V Vᵀ‖ / ‖G‖`` for each sample. Wu et al. (TPAMI 2024, Tables 2 and 8) measure this
-    error as small for ID data and large for OOD data; the relative form is used because ID
-    gradients are larger overall, which turns the absolute residual around. Nothing to fit.
+    error as small for ID data and large for OOD data; the relative form measures where G
+    points, not how large it is (its size is what ``gnorm`` scores), so that the absolute size
+    of a sample's gradient does not decide its residual. Nothing to fit.
     """
 
     name = "residual"
