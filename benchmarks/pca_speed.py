@@ -57,10 +57,10 @@ from torch.func import functional_call, jvp, vjp
 
 from gradcli import data as data_mod
 from gradcli import run as run_module
+from gradcli.budget import default_memory_budget
 from gradcli.grads import (
     LayerGradients,
     Projector,
-    default_memory_budget,
     energy,
     select_parameters,
 )

@@ -216,7 +216,6 @@ def _open_run(
     on_bad_image: str = "fail",
     group=None,
 ):
-    from gradcli.grads import parse_size
     from gradcli.progress import NullProgress, RichProgress
     from gradcli.run import Run
 
@@ -231,7 +230,7 @@ def _open_run(
         progress=progress,
         num_workers=workers,
         create=create,
-        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        memory_budget=memory_budget or None,
         basis_dtype=basis_dtype,
         on_bad_image=on_bad_image,
         should_stop=stop,

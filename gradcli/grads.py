@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import copy
 import fnmatch
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, vmap
 
+from gradcli.budget import _rows_per_tile
 from gradcli.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -449,77 +449,6 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return False
 
 
-def parse_size(text: str) -> int:
-    """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units else (cleaned, "")
-    try:
-        value = float(number) * units[unit]
-    except ValueError:
-        raise BadInputError(
-            f"--memory-budget takes a size such as 512M or 4G, not '{text}'"
-        ) from None
-    if value <= 0:
-        raise BadInputError("--memory-budget must be positive")
-    return int(value)
-
-
-def format_size(size: int) -> str:
-    """Bytes as the largest unit that keeps a number of at least 1: '1.5 GiB', '512 B'."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.3g} {unit}"
-    return f"{size} B"
-
-
-def default_memory_budget() -> int:
-    """Half of the memory available now: a safe share that leaves room for everything else."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
-
-
-def plan_row_blocks(
-    sizes: Sequence[int],
-    names: Sequence[str],
-    bytes_per_row: int,
-    budget: int,
-    remedies: str = "use --basis-dtype bfloat16, or leave it out with --params",
-) -> list[tuple[int, int]]:
-    """Split parameters (in order) into row blocks whose basis rows fit ``budget`` bytes.
-
-    Returns [(first_param, end_param)] index ranges; one block when everything fits.
-    ``remedies`` completes the error for a parameter too large alone ("raise
-    --memory-budget, " + remedies), naming what the calling command offers.
-    """
-    blocks, first, used = [], 0, 0
-    for index, size in enumerate(sizes):
-        need = size * bytes_per_row
-        if need > budget:
-            raise BadInputError(
-                f"parameter {names[index]} alone needs {format_size(need)} of basis rows, "
-                f"over the memory budget's {format_size(budget)}; raise --memory-budget, "
-                f"{remedies}"
-            )
-        if used + need > budget and index > first:
-            blocks.append((first, index))
-            first, used = index, 0
-        used += need
-    blocks.append((first, len(sizes)))
-    return blocks
-
-
-def auto_batch_size(sample_bytes: int, budget_bytes: int, cap: int = 256) -> int:
-    """The largest batch (up to ``cap``) whose working memory fits ``budget_bytes``."""
-    return int(max(1, min(cap, budget_bytes // max(1, sample_bytes))))
-
-
 TILE_BYTES = 32 << 20  # per-sample gradient workspace per tile: small enough to stay cache-warm
 # Convolutions with at least this many output positions form per-sample weight gradients by a
 # grouped convolution backward rather than unfold + bmm (faster on CPU from here up).
@@ -582,16 +511,6 @@ def _unfolded_rows(a: torch.Tensor, kernel, dilation, padding, stride) -> torch.
         groups=channels,
     )
     return patches.permute(0, 2, 3, 1).reshape(b, -1, channels * taps)
-
-
-def _rows_per_tile(rows: int, row_bytes: int, tile_bytes: int) -> int:
-    """Output channels per tile of a per-sample product: the fewest tiles that each fit
-    ``tile_bytes``, made equal. Filling tiles to the brim leaves a last tile of a few channels,
-    whose product runs at a fraction of the rate (the balanced split: -8% engine time on a
-    CIFAR ResNet-18)."""
-    most = max(1, tile_bytes // row_bytes)
-    tiles = -(-rows // most)
-    return -(-rows // tiles)
 
 
 def _is_native(module: nn.Module) -> bool:

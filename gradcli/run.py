@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
+from gradcli.budget import auto_batch_size, format_size, plan_row_blocks, resolve_budget
 from gradcli.distributed import ProcessGroup, check_shard, parse_device, shard_range
 from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
 from gradcli.grads import (
@@ -28,12 +29,7 @@ from gradcli.grads import (
     LayerGradients,
     ParameterSelection,
     Projector,
-    auto_batch_size,
-    default_memory_budget,
-    format_size,
     native_bfloat16,
-    parse_size,
-    plan_row_blocks,
     sanitise_variance,
     select_parameters,
 )
@@ -310,18 +306,7 @@ class Run:
         self.skipped: dict[str, list[str]] = {}
         # Polled at chunk and batch boundaries; the CLI sets it from SIGINT/SIGTERM.
         self.should_stop = should_stop or (lambda: False)
-        if isinstance(memory_budget, str):
-            memory_budget = parse_size(memory_budget)
-        elif memory_budget is not None and (
-            isinstance(memory_budget, bool)
-            or not isinstance(memory_budget, numbers.Integral)
-            or memory_budget < 1
-        ):
-            raise BadInputError(
-                f"memory_budget must be a positive number of bytes or a size such as '8G', "
-                f"not {memory_budget!r}"
-            )
-        self.memory_budget = int(memory_budget) if memory_budget else default_memory_budget()
+        self.memory_budget = resolve_budget(memory_budget)
         # Under torchrun (``group``), rank 0 alone writes to the store; it opens (creates) it
         # first and the others follow.
         self.group = group or ProcessGroup(device=parse_device(device))

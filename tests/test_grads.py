@@ -13,11 +13,7 @@ from gradcli.grads import (
     GradientStatistics,
     LayerGradients,
     Projector,
-    _rows_per_tile,
     energy,
-    format_size,
-    parse_size,
-    plan_row_blocks,
     sanitise_variance,
     select_parameters,
     squared_row_norms,
@@ -309,18 +305,6 @@ def _engine_vs_loop(model, x, tile_bytes=1 << 12):
     return engine, (got - want).abs().max() / want.abs().max()
 
 
-def test_tiles_are_the_fewest_that_fit_and_nearly_equal():
-    for rows in (1, 5, 64, 113, 128, 512, 1000):
-        for row_bytes in (1, 3, 1 << 10):
-            for tile_bytes in (1, 7, 1 << 12, 1 << 16, 1 << 20):
-                step = _rows_per_tile(rows, row_bytes, tile_bytes)
-                tiles = [min(step, rows - start) for start in range(0, rows, step)]
-                fits = max(1, tile_bytes // row_bytes)  # rows one tile may hold
-                fewest = next(n for n in range(1, rows + 1) if -(-rows // n) <= fits)
-                assert step <= fits and len(tiles) == fewest
-                assert max(tiles) - min(tiles) <= len(tiles)
-
-
 def test_engine_matches_loop_for_every_layer_type():
     torch.manual_seed(0)
     model = Zoo()
@@ -437,29 +421,3 @@ def test_bfloat16_basis_is_accurate_once_centred():
     approx, _ = Projector(mean, scale, basis, dtype=torch.bfloat16)(grads)
     error = (approx - exact).norm() / exact.norm()
     assert error < 1e-2
-
-
-def test_row_block_plan_respects_the_budget():
-    sizes, names = [100, 50, 300, 20, 20], ["a", "b", "c", "d", "e"]
-    blocks = plan_row_blocks(sizes, names, bytes_per_row=4, budget=1300)
-    assert blocks == [(0, 2), (2, 4), (4, 5)]  # greedy: 400+200 | 1200+80 | 80 bytes
-    with pytest.raises(BadInputError, match="parameter c alone"):
-        plan_row_blocks(sizes, names, bytes_per_row=4, budget=1000)
-    assert plan_row_blocks(sizes, names, bytes_per_row=4, budget=10**6) == [(0, 5)]
-
-
-def test_format_size_and_a_budget_too_small_for_one_parameter():
-    sizes = [512, 1536, 5 << 20, 3 << 30]
-    assert [format_size(n) for n in sizes] == ["512 B", "1.5 KiB", "5 MiB", "3 GiB"]
-    message = "needs 4 KiB of basis rows, over the memory budget's 1000 B"
-    with pytest.raises(BadInputError, match=message):
-        plan_row_blocks([1024], ["w"], bytes_per_row=4, budget=1000)
-
-
-def test_parse_size():
-    assert parse_size("512M") == 512 << 20
-    assert parse_size("1.5G") == int(1.5 * (1 << 30))
-    assert parse_size("2GiB") == 2 << 30
-    assert parse_size("1000") == 1000
-    with pytest.raises(BadInputError, match="--memory-budget"):
-        parse_size("lots")

@@ -487,7 +487,7 @@ def _many_classes(tmp_path, budget=None) -> Run:
 
 
 def test_average_gradient_over_the_budget_is_refused_before_any_pass(tiny, tmp_path, monkeypatch):
-    from gradcli.grads import format_size
+    from gradcli.budget import format_size
 
     run = _many_classes(tmp_path, budget="4M")
     p = (27 * 4 + 4) + (4 + 4) + (16 * 8 + 8) + (8 * 200 + 200)  # conv, BN, two linear

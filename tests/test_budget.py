@@ -1,0 +1,83 @@
+"""The memory policy: sizes, the budget, tiles, row blocks and batch sizes, against closed forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradcli import budget as budget_mod
+from gradcli.budget import (
+    _rows_per_tile,
+    auto_batch_size,
+    format_size,
+    parse_size,
+    plan_row_blocks,
+    resolve_budget,
+)
+from gradcli.errors import BadInputError
+
+
+def test_tiles_are_the_fewest_that_fit_and_nearly_equal():
+    for rows in (1, 5, 64, 113, 128, 512, 1000):
+        for row_bytes in (1, 3, 1 << 10):
+            for tile_bytes in (1, 7, 1 << 12, 1 << 16, 1 << 20):
+                step = _rows_per_tile(rows, row_bytes, tile_bytes)
+                tiles = [min(step, rows - start) for start in range(0, rows, step)]
+                fits = max(1, tile_bytes // row_bytes)  # rows one tile may hold
+                fewest = next(n for n in range(1, rows + 1) if -(-rows // n) <= fits)
+                assert step <= fits and len(tiles) == fewest
+                assert max(tiles) - min(tiles) <= len(tiles)
+
+
+def test_row_block_plan_respects_the_budget():
+    sizes, names = [100, 50, 300, 20, 20], ["a", "b", "c", "d", "e"]
+    blocks = plan_row_blocks(sizes, names, bytes_per_row=4, budget=1300)
+    assert blocks == [(0, 2), (2, 4), (4, 5)]  # greedy: 400+200 | 1200+80 | 80 bytes
+    with pytest.raises(BadInputError, match="parameter c alone"):
+        plan_row_blocks(sizes, names, bytes_per_row=4, budget=1000)
+    assert plan_row_blocks(sizes, names, bytes_per_row=4, budget=10**6) == [(0, 5)]
+
+
+def test_format_size_and_a_budget_too_small_for_one_parameter():
+    sizes = [512, 1536, 5 << 20, 3 << 30]
+    assert [format_size(n) for n in sizes] == ["512 B", "1.5 KiB", "5 MiB", "3 GiB"]
+    message = "needs 4 KiB of basis rows, over the memory budget's 1000 B"
+    with pytest.raises(BadInputError, match=message):
+        plan_row_blocks([1024], ["w"], bytes_per_row=4, budget=1000)
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5G") == int(1.5 * (1 << 30))
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1000") == 1000
+    with pytest.raises(BadInputError, match="--memory-budget"):
+        parse_size("lots")
+
+
+def test_resolve_budget_parses_once_and_defaults(monkeypatch):
+    monkeypatch.setattr(budget_mod, "default_memory_budget", lambda: 123_456_789)
+    assert resolve_budget(None) == 123_456_789
+    assert resolve_budget("8G") == 8 * 2**30
+    assert resolve_budget("1.5GiB") == int(1.5 * 2**30)
+    assert resolve_budget(" 20k ") == 20 * 2**10
+    assert resolve_budget(4096) == 4096
+    with pytest.raises(
+        BadInputError, match=r"^--memory-budget takes a size such as 512M or 4G, not 'lots'$"
+    ):
+        resolve_budget("lots")
+    with pytest.raises(BadInputError, match=r"^--memory-budget must be positive$"):
+        resolve_budget("-1G")
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(
+            BadInputError, match=r"^memory_budget must be a positive number of bytes"
+        ):
+            resolve_budget(bad)
+
+
+def test_auto_batch_size_is_the_largest_that_fits():
+    for sample_bytes in (1, 7, 1000, 10**9):
+        for budget in (0, 1, 999, 10**6, 10**12):
+            for cap in (1, 16, 256):
+                size = auto_batch_size(sample_bytes, budget, cap=cap)
+                fits = [n for n in range(1, cap + 1) if n * sample_bytes <= budget]
+                assert size == (max(fits) if fits else 1)
