@@ -16,7 +16,8 @@ def parse_size(text: str) -> int:
     """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units else (cleaned, "")
+    unit = cleaned[-1] if cleaned and cleaned[-1] in units else ""
+    number = cleaned[: len(cleaned) - len(unit)]
     try:
         value = float(number) * units[unit]
     except ValueError:
@@ -25,6 +26,8 @@ def parse_size(text: str) -> int:
         ) from None
     if value <= 0:
         raise BadInputError("--memory-budget must be positive")
+    if value < 1:
+        raise BadInputError(f"--memory-budget must be at least one byte, not '{text}'")
     return int(value)
 
 

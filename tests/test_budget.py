@@ -81,3 +81,14 @@ def test_auto_batch_size_is_the_largest_that_fits():
                 size = auto_batch_size(sample_bytes, budget, cap=cap)
                 fits = [n for n in range(1, cap + 1) if n * sample_bytes <= budget]
                 assert size == (max(fits) if fits else 1)
+
+
+def test_an_empty_or_sub_byte_size_is_a_one_line_error():
+    from gradcli.budget import parse_size, resolve_budget
+
+    with pytest.raises(BadInputError, match="takes a size such as 512M"):
+        parse_size("")
+    with pytest.raises(BadInputError, match="takes a size such as 512M"):
+        resolve_budget("  ")
+    with pytest.raises(BadInputError, match="at least one byte, not '0.5'"):
+        resolve_budget("0.5")
