@@ -645,7 +645,8 @@ def fit_head(
     debug: DebugOpt = False,
 ) -> None:
     """Train the BN→FC head on ID training gradients and fit every detector."""
-    from gradcli.run import DetectorOptions, HeadOptions
+    from gradcli.head import HeadOptions
+    from gradcli.scores.options import DetectorOptions
 
     head = HeadOptions(
         epochs=epochs,

@@ -16,7 +16,8 @@ from torch import nn
 from gradcli.data import BUILTIN_SETS, list_datasets, make_loader, resolve_dataset
 from gradcli.models import load_model
 from gradcli.progress import NullProgress, Progress
-from gradcli.run import Results, Run
+from gradcli.results import Results
+from gradcli.run import Run
 
 ID_TRAIN = "mnist5k:train"
 ID_TEST = "mnist5k:test"

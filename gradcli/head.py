@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -283,3 +284,39 @@ def accuracy(head: GradientHead, z: np.ndarray, labels: np.ndarray) -> float:
         raise BadInputError("accuracy needs labelled samples: embed a split that has labels")
     predictions = predict_logits(head, np.asarray(z)[labelled]).argmax(axis=1)
     return float(np.mean(predictions == labels[labelled]))
+
+
+@dataclass
+class HeadOptions:
+    """Training options of the BN→FC head.
+
+    ``epochs=None`` (default) runs enough epochs for ``min_steps`` optimiser steps, and at least
+    the paper's 10, with weight decay and the learning rate decayed to 0 on a cosine
+    (``schedule``): one settled head on small and large ID sets alike, whatever the seed (see
+    :func:`gradcli.head.train_head`)."""
+
+    epochs: int | None = None
+    lr: float = HEAD_LR
+    batch_size: int = HEAD_BATCH_SIZE
+    momentum: float = 0.9
+    weight_decay: float = HEAD_WEIGHT_DECAY
+    seed: int = 0
+    min_steps: int = MIN_STEPS
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        # Checked before any embedding is computed; named as fit-head's options.
+        if self.epochs is not None and self.epochs < 1:
+            raise BadInputError(f"--epochs must be at least 1, not {self.epochs}")
+        if self.min_steps < 1:
+            raise BadInputError(f"--min-steps must be at least 1, not {self.min_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise BadInputError(
+                f"the head's schedule must be cosine or constant, not {self.schedule!r}"
+            )
+        if self.batch_size < 2:
+            raise BadInputError(
+                f"--head-batch-size must be at least 2 (BatchNorm), not {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise BadInputError(f"--lr must be positive, not {self.lr}")

@@ -17,7 +17,8 @@ from rich.table import Table
 from gradcli import plots
 from gradcli.errors import BadInputError
 from gradcli.metrics import CONVENTIONS
-from gradcli.run import Results, Run
+from gradcli.results import Results
+from gradcli.run import Run
 from gradcli.scores import METHODS
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -34,11 +34,8 @@ from gradcli.grads import (
     select_parameters,
 )
 from gradcli.head import (
-    HEAD_BATCH_SIZE,
-    HEAD_LR,
-    HEAD_WEIGHT_DECAY,
-    MIN_STEPS,
     GradientHead,
+    HeadOptions,
     accuracy,
     head_from_arrays,
     head_to_arrays,
@@ -49,6 +46,7 @@ from gradcli.head import (
 from gradcli.metrics import check_tpr, evaluate_scores, threshold_at_tpr
 from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress, Progress
+from gradcli.results import Results
 from gradcli.scores import (
     BASE_METHODS,
     DETECTORS,
@@ -60,6 +58,7 @@ from gradcli.scores import (
 from gradcli.scores.base import Detector, Embedding, Readout
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
 from gradcli.scores.ensemble import ensemble_scores
+from gradcli.scores.options import DetectorOptions
 from gradcli.store import RESERVED_KEYS, RunStore
 from gradcli.subspace import (
     Subspace,
@@ -132,123 +131,6 @@ def _accumulate_transposed(
         product = scratch.view(total.shape, g.dtype, g.device)
         torch.mm(g.T, u, out=product)
         total += product
-
-
-@dataclass
-class HeadOptions:
-    """Training options of the BN→FC head.
-
-    ``epochs=None`` (default) runs enough epochs for ``min_steps`` optimiser steps, and at least
-    the paper's 10, with weight decay and the learning rate decayed to 0 on a cosine
-    (``schedule``): one settled head on small and large ID sets alike, whatever the seed (see
-    :func:`gradcli.head.train_head`)."""
-
-    epochs: int | None = None
-    lr: float = HEAD_LR
-    batch_size: int = HEAD_BATCH_SIZE
-    momentum: float = 0.9
-    weight_decay: float = HEAD_WEIGHT_DECAY
-    seed: int = 0
-    min_steps: int = MIN_STEPS
-    schedule: str = "cosine"
-
-    def __post_init__(self) -> None:
-        # Checked before any embedding is computed; named as fit-head's options.
-        if self.epochs is not None and self.epochs < 1:
-            raise BadInputError(f"--epochs must be at least 1, not {self.epochs}")
-        if self.min_steps < 1:
-            raise BadInputError(f"--min-steps must be at least 1, not {self.min_steps}")
-        if self.schedule not in ("cosine", "constant"):
-            raise BadInputError(
-                f"the head's schedule must be cosine or constant, not {self.schedule!r}"
-            )
-        if self.batch_size < 2:
-            raise BadInputError(
-                f"--head-batch-size must be at least 2 (BatchNorm), not {self.batch_size}"
-            )
-        if not self.lr > 0:
-            raise BadInputError(f"--lr must be positive, not {self.lr}")
-
-
-@dataclass
-class DetectorOptions:
-    """Options of the fitted detectors, recorded with them."""
-
-    react_percentile: float = 90.0
-    bats_lambda: float = 1.0
-    clip_dims: int | None = None
-    knn_k: int = 50
-    temperature: float = 1.0
-    vim_dim: int | None = None
-    gradnorm_temperature: float = 1.0
-    knn_normalise: bool = True
-    # ReAct/BATS on gradients: "paper" (the last d dims, d = clip_dims or K // 2, one ReAct
-    # threshold pooled over them) or "per-dim" (every dim at its own percentile)
-    clip_rule: str = "paper"
-
-    def __post_init__(self) -> None:
-        # Checked before any embedding is computed; named as fit-head's options.
-        if self.clip_rule not in ("paper", "per-dim"):
-            raise BadInputError(f"--clip-rule must be paper or per-dim, not {self.clip_rule!r}")
-        if self.knn_k < 1:
-            raise BadInputError(f"--knn-k must be at least 1, not {self.knn_k}")
-        if not 0 < self.react_percentile <= 100:
-            raise BadInputError(
-                f"--react-percentile must be in (0, 100], not {self.react_percentile}"
-            )
-
-    def for_method(self, method: str) -> dict:
-        """The options of ``method``'s detector, by its own parameter names."""
-        table = {
-            "energy": {"temperature": self.temperature},
-            "react": {
-                "percentile": self.react_percentile,
-                "clip_dims": self.clip_dims,
-                "rule": self.clip_rule,
-            },
-            "bats": {"lam": self.bats_lambda, "clip_dims": self.clip_dims, "rule": self.clip_rule},
-            "knn": {"k": self.knn_k, **({} if self.knn_normalise else {"normalise": False})},
-            "vim": {"dim": self.vim_dim},
-            "gradnorm": {"temperature": self.gradnorm_temperature},
-        }
-        return table.get(method, {})
-
-
-@dataclass
-class Results:
-    """Metrics for every (method, embedding) row against every OOD set.
-
-    ``rows[(method, embedding)][ood_name]`` is a dict with fpr95, auroc, aupr_in, aupr_out.
-    """
-
-    id_name: str
-    ood_names: list[str]
-    rows: dict[tuple[str, str], dict[str, dict[str, float]]] = field(default_factory=dict)
-    convention: str = "paper"
-    head_accuracy: float | None = None
-    # "<method>-<embedding>" -> calibrated threshold λ and the realised acceptance at it
-    calibration: dict[str, dict] = field(default_factory=dict)
-    sweeps: list[dict] = field(default_factory=list)  # flat records, see gradcli.sweep
-    # what the scores were computed with (alpha, ODIN settings, stage digests): results files
-    # merge only the results of equal settings
-    settings: dict = field(default_factory=dict)
-    id_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    ood_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
-
-    def average(self, key: tuple[str, str]) -> dict[str, float]:
-        """Each metric of row ``key`` (method, embedding) averaged over the OOD sets."""
-        per_set = self.rows[key]
-        metrics = next(iter(per_set.values())).keys()
-        return {m: float(np.mean([per_set[o][m] for o in self.ood_names])) for m in metrics}
-
-    def to_records(self) -> list[dict]:
-        """One flat record per (method, embedding, OOD set), plus the averages."""
-        out = []
-        for (method, emb), per_set in self.rows.items():
-            for ood in [*self.ood_names, "average"]:
-                values = per_set[ood] if ood != "average" else self.average((method, emb))
-                out.append({"method": method, "embedding": emb, "ood": ood, **values})
-        return out
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ def test_results_tables_fit_80_columns_and_show_every_number():
     from rich.console import Console
 
     from gradcli.report import results_tables
-    from gradcli.run import Results
+    from gradcli.results import Results
     from gradcli.scores import METHODS
 
     rng = np.random.default_rng(7)
