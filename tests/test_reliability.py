@@ -280,7 +280,7 @@ def test_a_damaged_chunk_is_named_with_its_rows_and_fix(finished, tiny, cli, tmp
 
 
 def test_a_read_only_store_is_read_without_a_write(finished, tiny, cli, tmp_path, monkeypatch):
-    import gradcli.store as store_mod
+    import gradcli.store.runstore as store_mod
     from gradcli.errors import BadInputError
     from gradcli.run import Run
 
