@@ -86,6 +86,16 @@ def auto_batch_size(sample_bytes: int, budget_bytes: int, cap: int = 256) -> int
     return int(max(1, min(cap, budget_bytes // max(1, sample_bytes))))
 
 
+FLOAT32_BYTES = 4  # the engine forms per-sample gradients in float32
+TILE_BYTES = 32 << 20  # per-sample gradient workspace per tile: small enough to stay cache-warm
+
+
+def tile_bytes_for(memory_budget: int) -> int:
+    """Bytes of one per-sample gradient tile under ``memory_budget``: large enough for fast
+    products, a small share of the budget (the engine and the projection each hold one)."""
+    return int(min(TILE_BYTES, max(1 << 20, memory_budget // 16)))
+
+
 def _rows_per_tile(rows: int, row_bytes: int, tile_bytes: int) -> int:
     """Output channels per tile of a per-sample product: the fewest tiles that each fit
     ``tile_bytes``, made equal. Filling tiles to the brim leaves a last tile of a few channels,
@@ -110,3 +120,23 @@ def resolve_budget(value: int | str | None) -> int:
             f"not {value!r}"
         )
     return int(value) if value else default_memory_budget()
+
+
+def tile_channels(channels: int, batch: int, fan_in: int, tile_bytes: int) -> int:
+    """Output channels per tile of a layer's per-sample weight gradients, float32
+    (batch, channels · fan_in): :func:`_rows_per_tile` with one channel's rows of the batch
+    as the unit."""
+    return _rows_per_tile(channels, FLOAT32_BYTES * batch * fan_in, tile_bytes)
+
+
+def sample_working_bytes(
+    captures: Sequence[tuple[int, int, int]], batch: int, fallback_rows: int = 0
+) -> int:
+    """The gradient engine's working memory per sample, in bytes, from one capture of
+    ``batch`` samples: ``captures`` holds, per captured layer, (input elements, kernel taps
+    or 1 for a layer without a kernel, output-gradient elements or 0), all float32 over the
+    batch. An input counts 2 + taps times (the activation kept for the backward, the hook's
+    capture, the unfolded convolution input); each of the ``fallback_rows`` parameters that
+    torch.func handles costs three float32 values per sample."""
+    total = sum(inputs * (2 + taps) + grad_output for inputs, taps, grad_output in captures)
+    return FLOAT32_BYTES * total // batch + FLOAT32_BYTES * fallback_rows * 3

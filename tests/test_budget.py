@@ -6,12 +6,16 @@ import pytest
 
 from gradcli import budget as budget_mod
 from gradcli.budget import (
+    TILE_BYTES,
     _rows_per_tile,
     auto_batch_size,
     format_size,
     parse_size,
     plan_row_blocks,
     resolve_budget,
+    sample_working_bytes,
+    tile_bytes_for,
+    tile_channels,
 )
 from gradcli.errors import BadInputError
 
@@ -92,3 +96,36 @@ def test_an_empty_or_sub_byte_size_is_a_one_line_error():
         resolve_budget("  ")
     with pytest.raises(BadInputError, match="at least one byte, not '0.5'"):
         resolve_budget("0.5")
+
+
+def test_tile_bytes_are_a_sixteenth_of_the_budget_between_one_mib_and_the_cap():
+    assert TILE_BYTES == 32 * 2**20
+    assert tile_bytes_for(2**30) == 32 * 2**20  # a sixteenth (64 MiB) is over the cap
+    assert tile_bytes_for(160 * 2**20) == 10 * 2**20
+    assert tile_bytes_for(3 * 2**20) == 2**20  # a sixteenth is under the 1 MiB floor
+    assert tile_bytes_for(1) == 2**20
+
+
+def test_tile_channels_are_the_fewest_float32_tiles_that_fit():
+    for channels in (1, 7, 64, 513):
+        for batch in (1, 3, 32):
+            for fan_in in (1, 9, 576):
+                for tile_bytes in (1, 4096, 1 << 20):
+                    step = tile_channels(channels, batch, fan_in, tile_bytes)
+                    channel_bytes = 4 * batch * fan_in  # one channel's float32 rows of a batch
+                    fits = max(1, tile_bytes // channel_bytes)
+                    fewest = -(-channels // fits)
+                    assert step <= fits
+                    assert len(range(0, channels, step)) == fewest
+
+
+def test_sample_working_bytes_closed_form():
+    # A 3x3 convolution: input 2 x 3x8x8, output gradient 2 x 6x8x8; a linear layer: input
+    # 2 x 24, output gradient 2 x 5; 10 parameters through torch.func.
+    conv = 2 * 192 * (2 + 9) + 2 * 384
+    linear = 2 * 24 * (2 + 1) + 2 * 5
+    want = 4 * (conv + linear) // 2 + 4 * 10 * 3
+    captures = [(2 * 192, 9, 2 * 384), (2 * 24, 1, 2 * 5)]
+    assert sample_working_bytes(captures, 2, 10) == want
+    assert sample_working_bytes(captures, 2) == want - 120
+    assert sample_working_bytes([(7, 1, 0)], 3) == 4 * 21 // 3  # no output gradient, rounded down

@@ -161,9 +161,9 @@ def test_squared_row_norms_of_long_rows_match_float64():
 def test_projector_layouts_split_products_and_in_place_agree(dtype, monkeypatch):
     """Row and transposed basis layouts, the split float32 product (odd widths leave a
     remainder), in-place centring and a kept copy all give the float64 closed form."""
-    from gradcli import grads
+    from gradcli.grads import projector as projector_mod
 
-    monkeypatch.setattr(grads, "SPLIT_MIN_COLUMNS", 8)
+    monkeypatch.setattr(projector_mod, "SPLIT_MIN_COLUMNS", 8)
     rng = np.random.default_rng(2)
     b, p, k = 6, 1001, 7
     g = torch.from_numpy(rng.normal(size=(b, p)).astype(np.float32))
@@ -317,6 +317,34 @@ def test_engine_matches_loop_for_every_layer_type():
     assert {nn.LayerNorm, nn.GroupNorm} <= kinds
 
 
+class GainedCNN(SmallCNN):
+    """SmallCNN with a per-class gain on the logits: a parameter the engine cannot hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def test_sample_bytes_counts_captures_unfolding_and_fallback():
+    """The engine's per-sample working memory, from the layer shapes by hand."""
+    from gradcli.budget import TILE_BYTES as budget_tile_bytes
+    from gradcli.grads import TILE_BYTES
+
+    assert TILE_BYTES is budget_tile_bytes  # still importable from gradcli.grads
+    x = torch.randn(4, 3, 8, 8)
+    # conv 3->6 3x3: input 3*64 counted 2 + 9 times, output gradient 6*64; fc 24->5: input
+    # counted 2 + 1 times, output gradient 5; all float32, per sample.
+    per_sample = 4 * (3 * 64 * 11 + 6 * 64 + 24 * 3 + 5)
+    for model, fallback in ((SmallCNN(), 0), (GainedCNN(), 5)):
+        engine = LayerGradients(model, select_parameters(model))
+        engine.capture(x)
+        assert engine.fallback_names == (("gain",) if fallback else ())
+        assert engine.sample_bytes() == per_sample + 4 * fallback * 3
+
+
 def test_engine_matches_loop_on_resnet_with_inplace_relu():
     import torchvision
 
@@ -346,7 +374,7 @@ class LargeOutputs(nn.Module):
 
 
 def test_large_convolutions_and_shared_layers_match_loop():
-    from gradcli import grads
+    from gradcli.grads import engine as engine_mod
 
     torch.manual_seed(5)
     model = LargeOutputs()
@@ -355,12 +383,12 @@ def test_large_convolutions_and_shared_layers_match_loop():
     assert error < 1e-5
     assert engine.fallback_names == ("shared.weight", "shared.bias")
     grouped = engine(x)
-    old = grads.GROUPED_MIN_LENGTH
-    grads.GROUPED_MIN_LENGTH = 10**9  # every convolution through unfold + bmm instead
+    old = engine_mod.GROUPED_MIN_LENGTH
+    engine_mod.GROUPED_MIN_LENGTH = 10**9  # every convolution through unfold + bmm instead
     try:
         unfolded = engine(x)
     finally:
-        grads.GROUPED_MIN_LENGTH = old
+        engine_mod.GROUPED_MIN_LENGTH = old
     torch.testing.assert_close(grouped, unfolded, rtol=1e-5, atol=1e-7)
 
 
