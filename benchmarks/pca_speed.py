@@ -56,7 +56,6 @@ import torch
 from torch.func import functional_call, jvp, vjp
 
 from gradcli import data as data_mod
-from gradcli import run as run_module
 from gradcli.budget import default_memory_budget
 from gradcli.grads import (
     LayerGradients,
@@ -65,7 +64,9 @@ from gradcli.grads import (
     select_parameters,
 )
 from gradcli.models import load_model
-from gradcli.run import PCA_SHARE, Run
+from gradcli.run import Run
+from gradcli.stages import pca as run_module
+from gradcli.stages.pca_plan import PCA_SHARE
 from gradcli.subspace import random_start
 
 from machine import describe, machine_info, meminfo_bytes
@@ -413,7 +414,7 @@ class Stopwatch:
 
     @contextlib.contextmanager
     def watching(self, run: Run) -> Iterator[None]:
-        """Wrap gradcli.run's dense-algebra helpers and ``run.store.write`` meanwhile."""
+        """Wrap the PCA stage's dense-algebra helpers and ``run.store.write`` meanwhile."""
         names = ("random_start", "orthonormalise_", "rayleigh_ritz")
         saved = {name: getattr(run_module, name) for name in names}
         for name, function in saved.items():

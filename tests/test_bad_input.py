@@ -648,13 +648,13 @@ def test_recomputing_upstream_invalidates_downstream(ready, tiny, cli, tmp_path)
 def test_extract_options_are_refused_before_the_store_or_any_data_pass(tiny, cli, tmp_path):
     """Each invalid option of extract-subspace: one line, exit 2, no store made, and no
     statistics pass started (it would raise here)."""
-    from gradcli.run import Run
+    from gradcli.stages import stats as stats_stage
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the statistics pass started")
 
-    original = Run._compute_statistics
-    Run._compute_statistics = forbidden
+    original = stats_stage.compute_statistics
+    stats_stage.compute_statistics = forbidden
     try:
         pca = ["--method", "pca", "--k", "2"]
         for extra, needle in (
@@ -689,7 +689,7 @@ def test_extract_options_are_refused_before_the_store_or_any_data_pass(tiny, cli
             _fails(cli, 2, needle, args=[*tiny.extract_args(store), *extra])
             assert not RunStore(str(store)).has("stats")
     finally:
-        Run._compute_statistics = original
+        stats_stage.compute_statistics = original
 
 
 def test_extract_summary_says_average_gradient_k_is_c_minus_1(tiny, cli, tmp_path):

@@ -11,6 +11,9 @@ import torch
 
 from gradcli.grads import LayerGradients, select_parameters
 from gradcli.run import Run
+from gradcli.stages import pca as pca_stage
+from gradcli.stages import pca_blocked as pca_blocked_stage
+from gradcli.stages import pca_plan
 
 RESNET_SOURCE = textwrap.dedent(
     """
@@ -140,9 +143,11 @@ def test_interrupted_pca_resumes_to_the_same_basis(dtype, pca_data, tiny, tmp_pa
     shutil.copytree(tmp_path / "killed", tmp_path / "misnamed")
     misnamed = fresh(tmp_path / "misnamed")
     misnamed.store.set_attrs("subspace/state", slot=1 - state["slot"])
-    assert misnamed._matching_partial("subspace/state", 1, 8) is not None  # the other slot
+    assert (
+        pca_stage._matching_partial(misnamed, "subspace/state", 1, 8) is not None
+    )  # the other slot
     misnamed.store.delete(f"subspace/state/partial{state['slot']}")
-    assert misnamed._matching_partial("subspace/state", 1, 8) is None
+    assert pca_stage._matching_partial(misnamed, "subspace/state", 1, 8) is None
     for path in (tmp_path / "killed", tmp_path / "misnamed"):
         resumed = fresh(path)
         resumed.extract_subspace(data, **options)
@@ -159,13 +164,13 @@ def test_kept_batch_and_second_sweep_give_the_same_basis(pca_data, tiny, tmp_pat
     """Keeping a batch's normalised gradients for Gᵀ U changes the speed, not the result."""
     spec = f"npz:{pca_data / 'train.npz'}"
     results, modes = {}, []
-    original = Run._pca_batch
+    original = pca_stage._pca_batch
 
     def recorded(self, *args):
         modes.append(original(self, *args))
         return modes[-1] if len(modes) == 1 else (modes[-1][0], False)
 
-    monkeypatch.setattr(Run, "_pca_batch", recorded)
+    monkeypatch.setattr(pca_stage, "_pca_batch", recorded)
     for keep in (True, False):
         run = Run(tmp_path / f"run-{keep}")
         run.set_model(f"{pca_data / 'resnet.py'}:make", **PREPROCESS)
@@ -187,7 +192,6 @@ def test_layer_block_form_when_the_block_exceeds_the_budget(pca_data, tmp_path, 
     """A budget too small for the P×(K+p) block switches to layer blocks: same quality bar
     against the exact SVD, eigenvalues as the one-pass form, and a killed run resumes to
     the identical basis."""
-    from gradcli import run as run_module
 
     spec = f"npz:{pca_data / 'train.npz'}"
     options = {"method": "pca", "k": 5, "oversample": 5, "batch_size": 32, "iterations": 4}
@@ -201,7 +205,7 @@ def test_layer_block_form_when_the_block_exceeds_the_budget(pca_data, tmp_path, 
     one_pass = extract(tmp_path / "one-pass")
     budget = 60_000  # the block and accumulator need 69 kB
     blocked = extract(tmp_path / "blocked", budget)
-    assert len(blocked._pca_blocks(blocked.selection, 10, 240)) >= 3
+    assert len(pca_plan.pca_blocks(blocked, blocked.selection, 10, 240)) >= 3
     basis = torch.from_numpy(blocked.store.read("subspace/basis")).double()
     torch.testing.assert_close(
         basis.T @ basis, torch.eye(5, dtype=torch.float64), atol=1e-4, rtol=0
@@ -216,7 +220,7 @@ def test_layer_block_form_when_the_block_exceeds_the_budget(pca_data, tmp_path, 
     np.testing.assert_allclose(values, one_pass.store.read("subspace/eigenvalues"), rtol=1e-2)
 
     calls = {"n": 0}
-    original = Run._blocked_pass
+    original = pca_blocked_stage._blocked_pass
 
     def killed_on_the_seventh_pass(self, *args):
         calls["n"] += 1
@@ -224,12 +228,12 @@ def test_layer_block_form_when_the_block_exceeds_the_budget(pca_data, tmp_path, 
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Run, "_blocked_pass", killed_on_the_seventh_pass)
+    monkeypatch.setattr(pca_blocked_stage, "_blocked_pass", killed_on_the_seventh_pass)
     with pytest.raises(KeyboardInterrupt):
         extract(tmp_path / "resumed", budget)
-    monkeypatch.setattr(Run, "_blocked_pass", original)
+    monkeypatch.setattr(pca_blocked_stage, "_blocked_pass", original)
     resumed = extract(tmp_path / "resumed", budget)
     np.testing.assert_array_equal(
         resumed.store.read("subspace/basis"), blocked.store.read("subspace/basis")
     )
-    assert run_module.PCA_SHARE * budget < 10 * 867 * 8
+    assert pca_plan.PCA_SHARE * budget < 10 * 867 * 8

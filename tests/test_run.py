@@ -13,7 +13,11 @@ import torch
 from gradcli.errors import BadInputError
 from gradcli.grads import energy
 from gradcli.models import load_model
-from gradcli.run import BASIS_SHARE, Run
+from gradcli.run import Run
+from gradcli.stages import embed as embed_stage
+from gradcli.stages import embeddings as embeddings_stage
+from gradcli.stages import stats as stats_stage
+from gradcli.stages.context import BASIS_SHARE
 
 
 def test_embedding_equals_normalised_projected_loop_gradients(tiny, tmp_path):
@@ -73,7 +77,7 @@ def _tiny_run(tiny, path, **kwargs) -> Run:
 @contextlib.contextmanager
 def _interrupted_after(monkeypatch, batches: int):
     """Within the block, an embedding stops like a Ctrl-C after ``batches`` row batches."""
-    original = Run._embed_rows
+    original = embed_stage._embed_rows
     calls = {"n": 0}
 
     def interrupting(self, *args, **kwargs):
@@ -82,11 +86,11 @@ def _interrupted_after(monkeypatch, batches: int):
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "_embed_rows", interrupting)
+    monkeypatch.setattr(embed_stage, "_embed_rows", interrupting)
     try:
         yield
     finally:
-        monkeypatch.setattr(Run, "_embed_rows", original)
+        monkeypatch.setattr(embed_stage, "_embed_rows", original)
 
 
 def test_memory_budget_splits_into_blocks_with_identical_results(tiny, tmp_path, monkeypatch):
@@ -118,7 +122,9 @@ def test_scoring_an_interrupted_embedding_by_name_finishes_it(tiny, tmp_path, mo
         run.embed(tiny.test, name="t", batch_size=8, chunk_rows=10, max_samples=30, seed=4)
     assert not run.store.stage_complete("embed/t")
     resumed = Run(tmp_path / "cut")
-    assert resumed._ensure_embedded("t", batch_size=8) == "t"  # the name, not a dataset spec
+    assert (
+        embeddings_stage.ensure_embedded(resumed, "t", batch_size=8) == "t"
+    )  # the name, not a dataset spec
     a, b = whole.load_embedding("t"), resumed.load_embedding("t")
     for key in ("grad", "gnorm", "feat", "logits", "labels"):
         np.testing.assert_array_equal(a[key], b[key])
@@ -428,7 +434,7 @@ def _never_passes_over_data(monkeypatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("a pass over the data started")
 
-    monkeypatch.setattr(Run, "_compute_statistics", forbidden)
+    monkeypatch.setattr(stats_stage, "compute_statistics", forbidden)
     monkeypatch.setattr(LayerGradients, "capture", forbidden)
 
 
@@ -514,7 +520,7 @@ def test_pca_statistics_hold_no_class_sums_and_equal_those_with_them(tiny, tmp_p
     """A 200-class model under a 4 MiB budget: PCA's statistics pass allocates no per-class
     sums (13 MB here), and its mean and variance are bit for bit those of a pass that sums per
     class too, and match a per-sample loop."""
-    from gradcli import run as run_module
+    stats_module = stats_stage
     from gradcli.grads import GradientStatistics
 
     made = []
@@ -524,7 +530,7 @@ def test_pca_statistics_hold_no_class_sums_and_equal_those_with_them(tiny, tmp_p
             made.append(num_classes)
             super().__init__(size, num_classes)
 
-    monkeypatch.setattr(run_module, "GradientStatistics", Recording)
+    monkeypatch.setattr(stats_module, "GradientStatistics", Recording)
     data, x = _many_class_data(tmp_path)
     pca = _many_classes(tmp_path / "pca", budget="4M")
     pca.extract_subspace(data, method="pca", k=2, batch_size=16, iterations=1)
@@ -553,7 +559,7 @@ def test_pca_statistics_hold_no_class_sums_and_equal_those_with_them(tiny, tmp_p
     np.testing.assert_allclose(pca.store.read("stats/var"), var, rtol=1e-3, atol=1e-9)
 
     # Statistics with class sums serve a later PCA subspace as they are (no second pass).
-    monkeypatch.setattr(Run, "_compute_statistics", None)
+    monkeypatch.setattr(stats_stage, "compute_statistics", None)
     with_sums.extract_subspace(data, method="pca", k=2, batch_size=16, overwrite=True)
     assert with_sums.store.stage_complete("subspace")
 

@@ -1,0 +1,267 @@
+"""The pca_blocked stage."""
+
+from __future__ import annotations
+
+import torch
+
+from gradcli import layout
+from gradcli.errors import BadInputError, Interrupted
+from gradcli.grads import (
+    LayerGradients,
+    Projector,
+)
+from gradcli.stages.checks import check_finite
+from gradcli.stages.context import RunContext
+from gradcli.stages.pca_plan import PcaJob, pca_blocks
+from gradcli.subspace import (
+    Subspace,
+    gram_,
+    inverse_factor,
+    ritz_rotation,
+)
+
+
+def pca_blocked(run: RunContext, job: PcaJob) -> Subspace:
+    """Subspace iteration when the P×(K+p) block and accumulator exceed the budget.
+
+    V and Y live in the store; the parameters are split into layer blocks whose rows fit,
+    and one iteration is two passes over the data per block (``U = Σ_b G_b V_b``, then
+    ``Y_b = G_bᵀ U``) and a CholeskyQR2 read and written block by block. Every phase
+    reads arrays it does not write (two P×w slots, S0 and S1, swap roles), and progress is
+    saved after each block pass, so a killed run redoes at most one block pass.
+    """
+    source, indices, selection = job.source, job.indices, job.selection
+    mean, scale, k, width = job.mean, job.scale, job.k, job.width
+    iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
+    p, n = selection.size, len(indices)
+    blocks = pca_blocks(run, selection, width, n)
+    state = "subspace/state"
+    attrs = run.store.group_attrs(state) if run.store.has(state) else {}
+    model = run.model
+    tile_bytes = run._tile_bytes()
+    engines = [
+        LayerGradients(model.module, selection, only=names, tile_bytes=tile_bytes)
+        for _, _, names in blocks
+    ]
+    run.progress.note(
+        f"the PCA block and accumulator ({2 * p * width * 4 / 2**30:.1f} GiB) exceed the "
+        f"memory budget: layer-block form, {len(blocks)} blocks, "
+        f"{2 * len(blocks)} passes over the data per iteration"
+    )
+    form = {"form": "blocks", "width": width, "blocks": len(blocks)}
+    if any(attrs.get(key) != value for key, value in form.items()):
+        run.store.delete(state)
+        for slot in ("S0", "S1"):
+            run.store.create_rows(
+                f"{state}/{slot}",
+                (p, width),
+                "float32",
+                chunk_rows=layout.BASIS_CHUNK_ROWS,
+                compress=False,
+            )
+        for start, stop, _ in blocks:  # the seeded Gaussian start, orthonormalised below
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            rows = torch.randn(stop - start, width, generator=generator)
+            run.store.write_rows(f"{state}/S1", start, rows.numpy())
+        fixed = max(b - a for a, b, _ in blocks) * (width * 4 + 8) + 2 * n * width * 8
+        batch = batch_size or min(
+            run._batch_size(engine, source, indices, fixed) for engine in engines
+        )
+        for engine in engines:
+            engine.release()
+        attrs = dict(form, iteration=0, phase="orth1", starting=True, v=0, block=0, uslot=0)
+        attrs["batch"] = batch
+        run.store.set_attrs(state, **attrs)
+    batch = attrs["batch"]
+    n_batches = -(-n // batch)
+    per_iteration = 2 * len(blocks) * n_batches
+    with run.progress.task("PCA (layer blocks)", total=(iterations + 1) * per_iteration) as (
+        advance
+    ):
+        done_in_iteration = {
+            "u": attrs["block"],
+            "y": len(blocks) + attrs["block"],
+        }.get(attrs["phase"], 0 if attrs["starting"] else 2 * len(blocks))
+        advance(attrs["iteration"] * per_iteration + done_in_iteration * n_batches)
+        while True:
+            attrs = run.store.group_attrs(state)
+            phase, v = attrs["phase"], attrs["v"]
+            if phase in ("orth1", "orth2"):
+                first = phase == "orth1"
+                source_slot, target_slot = (1 - v, v) if first else (v, 1 - v)
+                _orthonormalise_rows(
+                    run, f"{state}/S{source_slot}", f"{state}/S{target_slot}", blocks, width, first
+                )
+                if first:
+                    run.store.set_attrs(state, phase="orth2")
+                else:
+                    iteration = attrs["iteration"] + (0 if attrs["starting"] else 1)
+                    run.store.set_attrs(
+                        state, phase="u", v=1 - v, iteration=iteration, starting=False, block=0
+                    )
+                continue
+            if phase == "u":
+                u = _pca_blocked_u(
+                    run,
+                    state,
+                    attrs,
+                    blocks,
+                    engines,
+                    mean,
+                    scale,
+                    source,
+                    indices,
+                    batch,
+                    width,
+                    advance,
+                )
+                if attrs["iteration"] == iterations:
+                    return _pca_blocked_ritz(run, state, attrs, blocks, u, k, n)
+                run.store.set_attrs(state, phase="y", block=0)
+                continue
+            _pca_blocked_y(
+                run,
+                state,
+                attrs,
+                blocks,
+                engines,
+                mean,
+                scale,
+                source,
+                indices,
+                batch,
+                width,
+                advance,
+            )
+            run.store.set_attrs(state, phase="orth1")
+
+
+def _blocked_pass(run: RunContext, engine, source, indices, batch, each) -> None:
+    """One pass over the data for one layer block: ``each(rows, start, tile)`` per tile."""
+    offset = 0
+    for x, _ in run._loader(source, indices, batch):
+        logits, _ = engine.capture(x.to(run.device))
+        check_finite(logits, "logits", source.spec)
+        rows = slice(offset, offset + x.shape[0])
+        for start, tile in engine.tiles():
+            each(rows, start, tile)
+        offset += x.shape[0]
+        if run.should_stop():
+            raise Interrupted(
+                "stopped during a PCA block pass; rerun the same command to resume at the "
+                "start of that block"
+            )
+
+
+def _pca_blocked_u(
+    run: RunContext,
+    state,
+    attrs,
+    blocks,
+    engines,
+    mean,
+    scale,
+    source,
+    indices,
+    batch,
+    width,
+    advance,
+) -> torch.Tensor:
+    """``U = Σ_b G_b V_b`` (n, w) float64, saved after every block."""
+    n, v, uslot = len(indices), attrs["v"], attrs["uslot"]
+    if attrs["block"]:
+        u = torch.from_numpy(run.store.read(f"{state}/U{uslot}")).to(run.device)
+    else:
+        u = torch.zeros(n, width, dtype=torch.float64, device=run.device)
+    unused = torch.zeros(n, dtype=torch.float64, device=run.device)
+    n_batches = -(-n // batch)
+    for b in range(attrs["block"], len(blocks)):
+        start, stop, _ = blocks[b]
+        rows_v = torch.from_numpy(run.store.read_rows(f"{state}/S{v}", start, stop))
+        projector = Projector(
+            mean[start:stop], scale[start:stop], rows_v, start=start, device=run.device
+        )
+
+        def add(rows, first, tile, projector=projector):
+            projector.add(first, tile, u[rows], unused[rows])
+
+        _blocked_pass(run, engines[b], source, indices, batch, add)
+        engines[b].release()
+        check_finite(u, "gradients", source.spec)
+        uslot = 1 - uslot
+        run.store.write(f"{state}/U{uslot}", u.cpu().numpy(), compress=False)
+        run.store.set_attrs(state, uslot=uslot, block=b + 1)
+        advance(n_batches)
+    return u
+
+
+def _pca_blocked_y(
+    run: RunContext,
+    state,
+    attrs,
+    blocks,
+    engines,
+    mean,
+    scale,
+    source,
+    indices,
+    batch,
+    width,
+    advance,
+) -> None:
+    """``Y_b = G_bᵀ U`` for every block, written to the slot V does not hold."""
+    n_batches = -(-len(indices) // batch)
+    u32 = torch.from_numpy(run.store.read(f"{state}/U{attrs['uslot']}")).float()
+    u32 = u32.to(run.device)
+    for b in range(attrs["block"], len(blocks)):
+        start, stop, _ = blocks[b]
+        y = torch.zeros(stop - start, width, device=run.device)
+        projector = Projector(
+            mean[start:stop],
+            scale[start:stop],
+            torch.zeros(stop - start, 0),
+            start=start,
+            device=run.device,
+        )
+
+        def accumulate(rows, first, tile, projector=projector, y=y, start=start):
+            local = slice(first - start, first - start + tile.shape[1])
+            y[local].addmm_(projector.normalise(first, tile).T, u32[rows])
+
+        _blocked_pass(run, engines[b], source, indices, batch, accumulate)
+        engines[b].release()
+        run.store.write_rows(f"{state}/S{1 - attrs['v']}", start, y.cpu().numpy())
+        run.store.set_attrs(state, block=b + 1)
+        advance(n_batches)
+
+
+def _orthonormalise_rows(
+    run: RunContext, source: str, target: str, blocks: list, width: int, first: bool
+) -> None:
+    """One CholeskyQR round over a stored (P, w) array, block by block: target = source R⁻¹."""
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    for start, stop, _ in blocks:
+        gram_(gram, torch.from_numpy(run.store.read_rows(source, start, stop)), wide=first)
+    inverse = inverse_factor(gram)
+    if inverse is None:
+        raise BadInputError(
+            "the PCA block lost rank (the gradients span fewer than K + p directions); "
+            "lower --k or --oversample"
+        )
+    inverse = inverse.float()
+    for start, stop, _ in blocks:
+        rows = torch.from_numpy(run.store.read_rows(source, start, stop))
+        run.store.write_rows(target, start, (rows @ inverse).numpy())
+
+
+def _pca_blocked_ritz(run: RunContext, state, attrs, blocks, u, k, n) -> Subspace:
+    """Rayleigh–Ritz from U = G V: eigenvalues, and the rotated basis written block by
+    block to ``subspace/basis``."""
+    rotation, values = ritz_rotation((u.T @ u).cpu(), k, n)
+    rotation = rotation.float()
+    p = blocks[-1][1]
+    run.store.create_rows("subspace/basis", (p, k), "float32", chunk_rows=layout.BASIS_CHUNK_ROWS)
+    for start, stop, _ in blocks:
+        rows = torch.from_numpy(run.store.read_rows(f"{state}/S{attrs['v']}", start, stop))
+        run.store.write_rows("subspace/basis", start, (rows @ rotation).numpy())
+    return Subspace(basis=None, method="pca", eigenvalues=values.numpy())

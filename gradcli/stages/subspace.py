@@ -1,0 +1,228 @@
+"""The subspace stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from gradcli import layout
+from gradcli.errors import BadInputError
+from gradcli.grads import (
+    select_parameters,
+)
+from gradcli.stages import pca as pca_stage
+from gradcli.stages import stats as stats_stage
+from gradcli.stages.checks import check_batch_size, check_extract_options, test_split_of
+from gradcli.stages.context import RunContext
+from gradcli.stages.pca_plan import PcaJob, pca_plan
+from gradcli.subspace import (
+    average_gradient_basis,
+    average_gradient_k_reason,
+    check_method,
+    pca_width,
+)
+
+
+def extract_subspace(
+    run: RunContext,
+    dataset: str,
+    *,
+    method: str = "avg",
+    k: int | None = None,
+    params: Sequence[str] | None = None,
+    max_samples: int | None = None,
+    no_variance: bool = False,
+    batch_size: int | None = None,
+    seed: int = 0,
+    oversample: int = 10,
+    iterations: int = 4,
+    checkpoint_every: int = 50,
+    iteration_dtype: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Compute the normalisation statistics and the subspace basis from ID training data.
+
+    ``method="avg"``: class-average gradients. ``method="pca"``: top-``k`` eigenvectors of
+    ``GᵀG`` by ``iterations`` passes of subspace iteration with ``k + oversample``
+    columns from a ``seed``-ed start. The statistics pass and every PCA pass are
+    checkpointed every ``checkpoint_every`` batches, so a rerun resumes them;
+    ``iteration_dtype`` (auto, float32, bfloat16) is the precision of the iterations'
+    products (auto: bfloat16 where the device multiplies it natively), the final
+    Rayleigh–Ritz pass being float32 always.
+    """
+    check_extract_options(
+        method=method,
+        k=k,
+        oversample=oversample,
+        iterations=iterations,
+        checkpoint_every=checkpoint_every,
+        iteration_dtype=iteration_dtype,
+        batch_size=batch_size,
+        seed=seed,
+        max_samples=max_samples,
+    )
+    batch_size, seed = check_batch_size(batch_size), int(seed)
+    model = run.model
+    check_method(method, k, model.num_classes)
+    source = run.resolve(dataset, default_split="train")
+    if method == "avg" and not source.has_labels:
+        raise BadInputError(
+            f"{source.spec} has no labels; the average-gradient subspace needs a labelled "
+            "ID training set"
+        )
+    selection = select_parameters(model.module, params)
+    indices = run._subset(len(source), max_samples, seed)
+    labels = source.labels()[indices]
+    if method == "avg" and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise BadInputError(
+            f"{source.spec} has labels outside 0..{model.num_classes - 1}; the model has "
+            f"{model.num_classes} classes"
+        )
+    if method == "avg":
+        empty = np.flatnonzero(np.bincount(labels, minlength=model.num_classes) == 0)
+        if empty.size:
+            raise BadInputError(
+                f"classes {empty.tolist()[:5]} have no training samples in {source.spec}"
+                f"{'' if max_samples is None else f' (--max-samples {max_samples})'}; the "
+                "average-gradient subspace needs every class (raise --max-samples, check "
+                "the labels, or use --method pca --k N)"
+            )
+    class_sums = method == "avg"  # PCA needs the mean and variance only
+    if class_sums:
+        stats_stage.check_average_gradient_memory(run, selection, model.num_classes)
+    if method == "pca":  # its width and memory plan, refused now rather than after a pass
+        width = pca_width(k, oversample, selection.size, len(indices))
+        pca_plan(run, selection, width, len(indices), iteration_dtype)
+    stats_record = {
+        "model_sha256": model.describe().get("weights_sha256"),
+        "model": model.spec,
+        "params": list(selection.names),
+        "dataset": source.spec,
+        "fingerprint": source.fingerprint(),
+        "samples": int(len(indices)),
+        "max_samples": max_samples,
+        "seed": seed,
+        "preprocess": model.preprocess.to_dict(),
+        "class_sums": class_sums,
+    }
+
+    def open_stats() -> bool:
+        if overwrite:
+            for path in layout.downstream(layout.SUBSPACE):
+                run.store.delete(path)
+        record = stats_stage.usable_stats_record(run, stats_record)
+        return run.store.open_stage(
+            "stats", record, overwrite=overwrite, what="the gradient statistics"
+        )
+
+    stats_done = run._on_writer(open_stats)
+    if not stats_done:
+        class_sums = run.group.broadcast_object(
+            bool(run.store.group_attrs("stats")["provenance"].get("class_sums", True))
+            if run.group.is_writer
+            else class_sums
+        )
+        stats_stage.compute_statistics(
+            run, source, indices, selection, batch_size, no_variance, class_sums, checkpoint_every
+        )
+    subspace_record = {
+        "stats": run.store.stage_digest("stats"),
+        "method": method,
+        "no_variance": no_variance,
+    }
+    if method == "pca":
+        subspace_record.update(
+            k=k, width=width, iterations=iterations, seed=seed, iteration_dtype=iteration_dtype
+        )
+
+    def open_subspace() -> bool:
+        done = run.store.open_stage(
+            "subspace", subspace_record, overwrite=overwrite, what="the subspace"
+        )
+        if not done:
+            for path in layout.downstream(layout.SUBSPACE):
+                run.store.delete(path)
+        return done
+
+    sub_done = run._on_writer(open_subspace)
+    if not sub_done:
+        mean, scale = stats_stage.normalisation(run, no_variance)
+        if method == "pca":
+            subspace = pca_stage.pca(
+                run,
+                PcaJob(
+                    source,
+                    indices,
+                    selection,
+                    mean,
+                    scale,
+                    k,
+                    width,
+                    iterations,
+                    seed,
+                    batch_size,
+                    checkpoint_every,
+                    iteration_dtype,
+                ),
+            )
+        else:
+            subspace = None  # from the stored class means, by rank 0 below
+
+        def write_subspace() -> None:
+            nonlocal subspace
+            if subspace is None:
+                means = torch.from_numpy(run.store.read("stats/class_means")).double()
+                counts = np.asarray(run.store.group_attrs("stats")["class_counts"])
+                subspace = average_gradient_basis(means, mean, scale, counts)
+                run.store.write(
+                    "subspace/class_means", subspace.class_means, chunk_rows=layout.BASIS_CHUNK_ROWS
+                )
+            if subspace.basis is not None:  # else written block by block already
+                run.store.write(
+                    "subspace/basis", subspace.basis, chunk_rows=layout.BASIS_CHUNK_ROWS
+                )
+            if subspace.eigenvalues is not None:
+                stats = run.store.group_attrs("stats")
+                total = (
+                    stats["raw_variance_sum"]
+                    if no_variance
+                    else float(selection.size - stats["variance_replaced"])
+                )
+                run.store.write("subspace/eigenvalues", subspace.eigenvalues)
+                run.store.set_attrs("subspace", total_variance=total)
+            run.store.delete("subspace/state")
+            run.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
+
+        run._on_writer(write_subspace, value=False)
+    run._on_writer(
+        lambda: run.store.update_root(
+            params=selection.describe(),
+            id_train=source.spec,
+            id_test=test_split_of(source.spec),
+            id_max_samples=max_samples,
+            id_seed=seed,
+        )
+    )
+    sub_attrs = run.store.group_attrs("subspace")
+    return {
+        "num_parameters": selection.size,
+        "k": int(sub_attrs["k"]),
+        "k_reason": (
+            average_gradient_k_reason(int(sub_attrs["k"]), model.num_classes)
+            if method == "avg"
+            else f"K = {k}, as asked (--k)"
+        ),
+        "explained_variance": (
+            float(run.store.read("subspace/eigenvalues").sum() / sub_attrs["total_variance"])
+            if method == "pca"
+            else None
+        ),
+        "method": method,
+        "samples": int(len(indices)),
+        "variance_replaced": (  # --no-variance divides by none
+            0 if no_variance else int(run.store.group_attrs("stats").get("variance_replaced", 0))
+        ),
+        "reused": bool(stats_done and sub_done),
+    }
