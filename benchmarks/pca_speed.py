@@ -56,7 +56,7 @@ import torch
 from torch.func import functional_call, jvp, vjp
 
 from gradcli import data as data_mod
-from gradcli.budget import default_memory_budget
+from gradcli.budget import PCA_SHARE, default_memory_budget
 from gradcli.grads import (
     LayerGradients,
     Projector,
@@ -66,7 +66,6 @@ from gradcli.grads import (
 from gradcli.models import load_model
 from gradcli.run import Run
 from gradcli.stages import pca as run_module
-from gradcli.stages.pca_plan import PCA_SHARE
 from gradcli.subspace import random_start
 
 from machine import describe, machine_info, meminfo_bytes

@@ -87,6 +87,19 @@ def auto_batch_size(sample_bytes: int, budget_bytes: int, cap: int = 256) -> int
 
 
 FLOAT32_BYTES = 4  # the engine forms per-sample gradients in float32
+# Shares of the memory budget, and what the stages' plans count per entry.
+BASIS_SHARE = 0.6  # for basis rows (embed's parameter blocks); the rest for batches and the model
+PCA_SHARE = 0.9  # for PCA's block and accumulator; batches take what is left
+# PCA keeps a batch's normalised gradients (B×P float32) for its second product when the budget
+# allows at least this many samples per batch (a smaller batch would cost more than it saves).
+PCA_KEEP_MIN_BATCH = 32
+PCA_KEEP_MAX_BATCH = 128
+# The AG subspace's peak bytes per class and parameter: float64 class means, their normalised
+# copy, QR's working copy and its Q (4 × 8), then the float32 basis and class means while Q is
+# alive (2 × 4); see average_gradient_basis.
+AG_BYTES_PER_ENTRY = 40
+TILE_WORKSPACES = 3  # tiles alive at once: the engine's, the normalised one, its bf16 copy
+SLACK_BYTES = 16 << 20  # for what no plan counts (allocator, small buffers)
 TILE_BYTES = 32 << 20  # per-sample gradient workspace per tile: small enough to stay cache-warm
 
 
@@ -140,3 +153,12 @@ def sample_working_bytes(
     torch.func handles costs three float32 values per sample."""
     total = sum(inputs * (2 + taps) + grad_output for inputs, taps, grad_output in captures)
     return FLOAT32_BYTES * total // batch + FLOAT32_BYTES * fallback_rows * 3
+
+
+def free_for_batches(
+    memory_budget: int, fixed_bytes: int, model_bytes: int, tile_bytes: int
+) -> int:
+    """Bytes of the budget left for batches once a stage's ``fixed_bytes``, the model (its
+    parameters and their gradients) and the tile workspaces are counted."""
+    workspaces = TILE_WORKSPACES * tile_bytes
+    return memory_budget - fixed_bytes - 2 * model_bytes - workspaces - SLACK_BYTES

@@ -56,9 +56,9 @@ def scores(name: str, key: str | None = None) -> str:
     return f"{SCORES}/{name}" if key is None else f"{SCORES}/{name}/{key}"
 
 
-def score_parts(name: str, key: str) -> str:
-    """Shards' row chunks of the input-detector scores ``key`` of embedding ``name``."""
-    return f"{SCORES_PARTS}/{name}/{key}"
+def score_parts(name: str, key: str | None = None) -> str:
+    """Shards' row chunks of the input-detector scores (``key``) of embedding ``name``."""
+    return f"{SCORES_PARTS}/{name}" if key is None else f"{SCORES_PARTS}/{name}/{key}"
 
 
 def calibration(key: str) -> str:
@@ -115,6 +115,18 @@ def downstream(stage: str) -> tuple[str, ...]:
                 found.add(group)
                 grew = True
     return tuple(group for group in STAGES if group in found)
+
+
+def dependants(path: str) -> tuple[str, ...]:
+    """What a recomputed stage at ``path`` makes stale: for a stage group, every stage
+    downstream of it; for one embedding, the scores and flags computed from it; for a
+    detector, nothing (scores record the detector they came from and are redone)."""
+    group, _, name = path.partition("/")
+    if not name:
+        return downstream(group)
+    if group == EMBED:
+        return (scores(name), score_parts(name), f"{FLAGS}/{name}")
+    return ()
 
 
 def rewritten_by(path: str) -> str | None:

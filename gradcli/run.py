@@ -1,4 +1,11 @@
-"""The Python face of gradcli: one run store and the pipeline over it."""
+"""The Python face of gradcli: one run store and the pipeline over it.
+
+:class:`Run` holds what every stage works with (:class:`~gradcli.stages.context.RunContext`:
+the store, the model, datasets, device, memory budget, process group) and nothing else: each
+public method *is* the function of one stage module in :mod:`gradcli.stages`, bound to the run
+(``Run.embed is gradcli.stages.embed.embed``), so its signature, defaults and docstring are
+written once, beside the code that does the work.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ from gradcli.stages import embed as embed_stage
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import evaluate as evaluate_stage
 from gradcli.stages import fit as fit_stage
+from gradcli.stages import records
 from gradcli.stages import score as score_stage
 from gradcli.stages import subspace as subspace_stage
+from gradcli.stages.checks import check_extract_options
 from gradcli.stages.context import RunContext
 
 
@@ -34,7 +43,10 @@ class Run(RunContext):
     fitted_detector = fit_stage.fitted_detector
     score = score_stage.score
     item_ids = score_stage.item_ids
-    calibration = calibrate_stage.calibration
+    calibration = records.calibration
     calibrate = calibrate_stage.calibrate
     flags = calibrate_stage.flags
     evaluate = evaluate_stage.evaluate
+
+
+__all__ = ["Run", "check_extract_options"]

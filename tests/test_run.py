@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradcli.budget import BASIS_SHARE
 from gradcli.errors import BadInputError
 from gradcli.grads import energy
 from gradcli.models import load_model
@@ -17,7 +18,6 @@ from gradcli.run import Run
 from gradcli.stages import embed as embed_stage
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import stats as stats_stage
-from gradcli.stages.context import BASIS_SHARE
 
 
 def test_embedding_equals_normalised_projected_loop_gradients(tiny, tmp_path):

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradcli import layout
-from gradcli.errors import StaleStoreError
 from gradcli.metrics import check_tpr, threshold_at_tpr
 from gradcli.scores import (
     BASE_METHODS,
@@ -16,47 +15,13 @@ from gradcli.scores import (
 )
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
 from gradcli.stages import embeddings as embeddings_stage
+from gradcli.stages import records
 from gradcli.stages import score as score_stage
 from gradcli.stages.checks import check_alpha, check_embeddings, name_list
 from gradcli.stages.context import RunContext
 
 # Held-out images expected below a calibrated λ under which it is noted as resting on too few.
 CALIBRATION_MIN_TAIL = 10
-
-
-def calibration(run: RunContext, key: str) -> dict | None:
-    """The stored calibration of scores ``key``: threshold λ, tpr, dataset, source."""
-    path = f"calibration/{key}"
-    return run.store.group_attrs(path) if run.store.has(path) else None
-
-
-def calibrations(run: RunContext, keys: Sequence[str], alpha: float, odin: ODIN) -> dict[str, dict]:
-    """Stored calibrations of ``keys``; one made with other settings is an error."""
-    found = {}
-    for key in keys:
-        record = calibration(run, key)
-        if record is None:
-            continue
-        source = score_stage.source(run, key, alpha, odin)
-        if record.get("source") != source:
-            changed = sorted(
-                k
-                for k in set(source) | set(record.get("source") or {})
-                if source.get(k) != (record.get("source") or {}).get(k)
-            )
-            if "detector" in changed or set(changed) <= {"feat", "grad"}:
-                raise StaleStoreError(
-                    f"the {key} detector was refit (fit-head) after its threshold was "
-                    f"calibrated on '{record.get('dataset')}'; recalibrate with score "
-                    f"--calibrate-on {record.get('dataset')}"
-                )
-            raise StaleStoreError(
-                f"the threshold of {key} was calibrated on '{record.get('dataset')}' with "
-                f"other settings ({', '.join(changed)} differ); rerun score with "
-                "--calibrate-on SPEC to recalibrate, or score with the calibrated settings"
-            )
-        found[key] = record
-    return found
 
 
 def calibrate(
@@ -95,7 +60,7 @@ def calibrate(
         write_flags=False,
     )
     name = embeddings_stage.ensure_embedded(run, dataset)
-    if name == (run.store.group_attrs("head").get("provenance") or {}).get("train"):
+    if name == (run.store.group_attrs(layout.HEAD).get("provenance") or {}).get("train"):
         run.progress.note(
             f"calibrating on the ID training set '{name}' gives optimistic thresholds; "
             "use held-out ID data such as the ID test split"
@@ -116,10 +81,10 @@ def calibrate(
             "tpr": tpr,
             "dataset": name,
             "samples": int(len(values)),
-            "embedding": run.store.stage_digest(f"embed/{name}"),
-            "source": score_stage.source(run, key, alpha, odin),
+            "embedding": run.store.stage_digest(layout.embedding(name)),
+            "source": records.source(run, key, alpha, odin),
         }
-        run.store.put_group(f"calibration/{key}", **record)
+        run.store.put_group(layout.calibration(key), **record)
         calibrations[key] = record
     return calibrations
 
@@ -131,12 +96,12 @@ def flags(run: RunContext, name: str, keys: Sequence[str]) -> dict[str, np.ndarr
     name = embeddings_stage.stored_name(run, name)
     out = {}
     for key in name_list(keys, "keys"):
-        path = f"flags/{name}/{key}"
-        record = calibration(run, key)
+        path = layout.flags(name, key)
+        record = records.calibration(run, key)
         if not run.store.has(path) or record is None:
             continue
         attrs = run.store.group_attrs(path)
-        scores = run.store.group_attrs(f"scores/{name}/{key}").get("provenance")
+        scores = run.store.group_attrs(layout.scores(name, key)).get("provenance")
         if attrs.get("threshold") == record["threshold"] and attrs.get("provenance") == scores:
             out[key] = run.store.read(path)
     return out

@@ -168,7 +168,7 @@ def check_name(name: str) -> None:
     """An embedding name is one store key: ASCII letters, digits, '.', '-', '_', not hidden,
     not Zarr's own metadata file."""
     valid = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
-    if not valid or name == "embed" or name in RESERVED_KEYS:
+    if not valid or name == layout.EMBED or name in RESERVED_KEYS:
         raise BadInputError(
             f"--name '{name}' is not a valid name; use ASCII letters, digits, '.', '-' or '_'"
         )

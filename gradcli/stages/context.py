@@ -10,11 +10,17 @@ import torch
 
 from gradcli import data as data_mod
 from gradcli import layout
-from gradcli.budget import auto_batch_size, plan_row_blocks, resolve_budget
+from gradcli.budget import (
+    BASIS_SHARE,
+    auto_batch_size,
+    free_for_batches,
+    plan_row_blocks,
+    resolve_budget,
+    tile_bytes_for,
+)
 from gradcli.distributed import ProcessGroup, parse_device
 from gradcli.errors import BadInputError, GradcliError, StaleStoreError
 from gradcli.grads import (
-    TILE_BYTES,
     LayerGradients,
     ParameterSelection,
     native_bfloat16,
@@ -24,8 +30,6 @@ from gradcli.models import LoadedModel, load_model, sha256_file
 from gradcli.progress import NullProgress, Progress
 from gradcli.stages.checks import BASIS_DTYPES, model_difference, same_model, unwrap_worker_errors
 from gradcli.store import RunStore
-
-BASIS_SHARE = 0.6  # of the memory budget for basis rows; the rest is for batches and the model
 
 
 class RunContext:
@@ -294,7 +298,7 @@ class RunContext:
     def _tile_bytes(self) -> int:
         """Per-sample gradient tile: large enough for fast products, a small share of the
         budget (the engine and the projection each hold one)."""
-        return int(min(TILE_BYTES, max(1 << 20, self.memory_budget // 16)))
+        return tile_bytes_for(self.memory_budget)
 
     def _iteration_dtype(self, requested: str) -> torch.dtype:
         """The dtype of PCA's iteration products: bf16 on 'auto' where it is native."""
@@ -308,8 +312,7 @@ class RunContext:
         probe, _ = next(iter(self._loader(source, indices[:1], 1)))
         engine.capture(probe.to(self.device))
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.module.parameters())
-        workspaces = 3 * self._tile_bytes()  # engine tile, normalised tile, bf16 copy
-        return self.memory_budget - fixed_bytes - 2 * model_bytes - workspaces - (16 << 20)
+        return free_for_batches(self.memory_budget, fixed_bytes, model_bytes, self._tile_bytes())
 
     def _batch_size(self, engine: LayerGradients, source, indices, fixed_bytes: int) -> int:
         """Batch size from the memory budget, measured on one sample."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradcli import layout
 from gradcli.distributed import check_shard, shard_range
 from gradcli.errors import BadInputError, Interrupted, StaleStoreError
 from gradcli.grads import (
     LayerGradients,
     Projector,
 )
+from gradcli.stages import runner
 from gradcli.stages.checks import (
     BASIS_DTYPES,
     check_batch_size,
@@ -19,25 +21,26 @@ from gradcli.stages.checks import (
     check_seed,
 )
 from gradcli.stages.context import RunContext
+from gradcli.stages.passes import data_pass
 
 DEFAULT_CHUNK_ROWS = 512
 
 
 def _projector(run: RunContext, start: int, stop: int) -> Projector:
     """The projection for basis rows [start, stop), read from the store."""
-    if not run.store.stage_complete("subspace"):
+    if not run.store.stage_complete(layout.SUBSPACE):
         raise BadInputError(
             f"store {run.store.url} has no finished subspace; run 'gradcli extract-subspace' first"
         )
-    no_variance = run.store.group_attrs("subspace")["provenance"]["no_variance"]
-    mean = torch.from_numpy(run.store.read_rows("stats/mean", start, stop))
+    no_variance = run.store.group_attrs(layout.SUBSPACE)["provenance"]["no_variance"]
+    mean = torch.from_numpy(run.store.read_rows(layout.STATS_MEAN, start, stop))
     if no_variance:
         scale = torch.ones_like(mean)
     else:
-        scale = torch.from_numpy(run.store.read_rows("stats/var", start, stop)).sqrt()
+        scale = torch.from_numpy(run.store.read_rows(layout.STATS_VAR, start, stop)).sqrt()
     starts = np.concatenate([[0], np.cumsum(run.selection.sizes)])
     bounds = [start, *[int(s) for s in starts if start < s < stop], stop]
-    parts = run.store.read_rows_transposed("subspace/basis", bounds)
+    parts = run.store.read_rows_transposed(layout.BASIS, bounds)
     return Projector(
         mean,
         scale,
@@ -89,7 +92,7 @@ def embed(
     defaulted = name is None
     name = name or source.slug
     check_name(name)
-    path = f"embed/{name}"
+    path = layout.embedding(name)
     if defaulted and not overwrite and run.store.has(path):
         stored = (run.store.group_attrs(path).get("provenance") or {}).get("dataset")
         if stored and stored != source.spec:
@@ -102,12 +105,12 @@ def embed(
             )
     model = run.model
     selection = run.selection
-    if not run.store.stage_complete("subspace"):
+    if not run.store.stage_complete(layout.SUBSPACE):
         _projector(run, 0, 0)  # raises the "extract-subspace first" error
-    k = int(run.store.shape("subspace/basis")[1])
+    k = int(run.store.shape(layout.BASIS)[1])
     indices = run._subset(len(source), max_samples, seed)
     record = {
-        "subspace": run.store.stage_digest("subspace"),
+        "subspace": run.store.stage_digest(layout.SUBSPACE),
         "dataset": source.spec,
         "fingerprint": source.fingerprint(),
         "rows": int(len(indices)),
@@ -124,12 +127,17 @@ def embed(
             f"embedding '{name}' was made with --on-bad-image skip ({left_out} unreadable "
             "image(s) left out); pass --on-bad-image skip here too"
         )
-    if run.store.open_stage(
-        path, record, overwrite=overwrite, what=f"embedding '{name}'", shared=shared
+    # stored scores and flags name the embedding they came from: a new one makes them stale
+    if runner.open_stage(
+        run,
+        path,
+        record,
+        overwrite=overwrite,
+        what=f"embedding '{name}'",
+        shared=shared,
+        collective=False,
     ):
         return name
-    if not shared:  # a shard never deletes; stored scores name the embedding they came from
-        run.store.delete(f"scores/{name}")
     blocks = run._row_blocks(selection, k)
     # A TorchScript model takes no hooks: its features come from a forward pass of their own.
     scripted = isinstance(model.module, torch.jit.ScriptModule)
@@ -260,22 +268,16 @@ def _embed_rows(
         gnorm2 = torch.from_numpy(chunks.read_chunk(f"partial_gnorm2_{slot}", chunk))
         gnorm2 = gnorm2.to(run.device)
     out: dict[str, list] = {"feat": [], "logits": [], "labels": []}
-    offset = 0
-    for x, y in run._loader(source, indices, batch):
-        x = x.to(run.device)
-        logits, feat = engine.capture(x)
-        if partial_from is None:
-            feat = _features(run, x, feat)
-        rows = slice(offset, offset + len(y))
-        check_finite(logits, "logits", source.spec, indices[rows])
+    for step in data_pass(run, source, indices, batch, engine=engine, name_rows=True):
+        rows = step.rows
+        feat = _features(run, step.x, step.features) if partial_from is None else None
         for start, tile in engine.tiles():
             projector.add(start, tile, z[rows], gnorm2[rows], in_place=True)
         check_finite(z[rows], "gradients", source.spec, indices[rows])  # NaN/Inf propagate
-        offset += len(y)
-        if partial_from is None:
+        if feat is not None:
             out["feat"].append(feat.cpu().numpy())
-            out["logits"].append(logits.float().cpu().numpy())
-            out["labels"].append(y.numpy().astype(np.int64))
+            out["logits"].append(step.logits.float().cpu().numpy())
+            out["labels"].append(step.y.numpy().astype(np.int64))
     result = {"z": z.cpu().numpy(), "gnorm2": gnorm2.cpu().numpy()}
     if partial_from is None:
         result.update({key: np.concatenate(v) for key, v in out.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradcli import data as data_mod
+from gradcli import layout
 from gradcli.errors import BadInputError, GradcliError
 from gradcli.stages import embed as embed_stage
 from gradcli.stages.checks import check_batch_size, preferred
@@ -13,7 +14,7 @@ from gradcli.stages.context import RunContext
 
 def embedding_names(run: RunContext) -> list[str]:
     """Names of the embeddings in the store, finished or not."""
-    return run.store.children("embed") if run.store.has("embed") else []
+    return run.store.children(layout.EMBED) if run.store.has(layout.EMBED) else []
 
 
 def _embeddings_of(
@@ -26,7 +27,7 @@ def _embeddings_of(
     except GradcliError:
         return None, {}
     records = {
-        name: run.store.group_attrs(f"embed/{name}").get("provenance") or {}
+        name: run.store.group_attrs(layout.embedding(name)).get("provenance") or {}
         for name in embedding_names(run)
     }
     return source, {n: r for n, r in records.items() if r.get("dataset") == source.spec}
@@ -56,7 +57,7 @@ def load_embedding(run: RunContext, name: str) -> dict[str, np.ndarray]:
     feat (N,D), logits (N,C) float32 and labels (N,) int64."""
     run.store.require()  # a store never made: say so, make nothing
     name = stored_name(run, name)
-    path = f"embed/{name}"
+    path = layout.embedding(name)
     if not run.store.stage_complete(path):
         raise BadInputError(
             f"embedding '{name}' is unfinished in {run.store.url}; finish it with "
@@ -99,7 +100,7 @@ def note_embedding(
             name = _embedded_as(run, spec, max_samples, seed)
         except GradcliError:
             return  # the embedding itself names the problem
-    if name is None or not run.store.stage_complete(f"embed/{name}"):
+    if name is None or not run.store.stage_complete(layout.embedding(name)):
         run.progress.note(f"{who}: embedding {spec} first (no stored embedding)")
 
 
@@ -113,9 +114,9 @@ def ensure_embedded(run: RunContext, spec_or_name: str, **kwargs) -> str:
         if found is not None:
             return embed_stage.embed(run, spec_or_name, name=found, **kwargs)
     if spec_or_name in names:
-        if run.store.stage_complete(f"embed/{spec_or_name}"):
+        if run.store.stage_complete(layout.embedding(spec_or_name)):
             return spec_or_name
-        record = run.store.group_attrs(f"embed/{spec_or_name}").get("provenance") or {}
+        record = run.store.group_attrs(layout.embedding(spec_or_name)).get("provenance") or {}
         if record.get("dataset"):
             kwargs.update(max_samples=record.get("max_samples"), seed=record.get("seed", 0))
             return embed_stage.embed(run, record["dataset"], name=spec_or_name, **kwargs)

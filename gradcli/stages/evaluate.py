@@ -70,31 +70,31 @@ def evaluate(
         "odin_epsilon": odin_epsilon,
         "write_flags": False,
     }
-    if not run.store.stage_complete("head"):
+    if not run.store.stage_complete(layout.HEAD):
         fit_stage.fit_head(run, batch_size=batch_size)
     id_spec = id_dataset or embeddings_stage.id_spec(run, "test")
     id_scores = score_stage.score(run, id_spec, **options)
     id_name = embeddings_stage.ensure_embedded(run, id_spec)
     kinds = [k for k in layout.EMBEDDINGS if k in embeddings or "ensemble" in embeddings]
-    check_sweep_dims(plan, {k: run.store.shape(f"embed/{id_name}/{k}")[1] for k in kinds})
+    check_sweep_dims(plan, {k: run.store.shape(layout.embedding(id_name, k))[1] for k in kinds})
     results = Results(id_name=id_name, ood_names=[], convention=convention)
     results.settings = {
         "alpha": alpha,
         "odin_temperature": odin_temperature,
         "odin_epsilon": odin_epsilon,
-        "subspace": run.store.stage_digest("subspace"),
-        "head": run.store.stage_digest("head"),
+        "subspace": run.store.stage_digest(layout.SUBSPACE),
+        "head": run.store.stage_digest(layout.HEAD),
         "detectors": {
-            f"{method}-{kind}": run.store.stage_digest(f"detectors/{kind}/{method}")
+            f"{method}-{kind}": run.store.stage_digest(layout.detector(kind, method))
             for method in methods
             for kind in layout.EMBEDDINGS
-            if run.store.has(f"detectors/{kind}/{method}")
+            if run.store.has(layout.detector(kind, method))
         },
     }
     results.id_scores = id_scores
-    id_labels = run.store.read(f"embed/{id_name}/labels")
+    id_labels = run.store.read(layout.embedding(id_name, "labels"))
     if len(id_labels) and ((id_labels >= 0) & (id_labels < run.model.num_classes)).all():
-        grads = run.store.read(f"embed/{id_name}/grad")
+        grads = run.store.read(layout.embedding(id_name, "grad"))
         results.head_accuracy = accuracy(fit_stage.load_head(run), grads, id_labels)
     for spec in ood:
         ood_name = embeddings_stage.ensure_embedded(run, spec)
@@ -112,7 +112,7 @@ def evaluate(
             results.rows.setdefault((method, emb), {})[ood_name] = metrics
             table[key] = metrics
         run.store.put_group(
-            f"results/{ood_name}", id=id_name, convention=convention, metrics=table, cache=True
+            layout.result(ood_name), id=id_name, convention=convention, metrics=table, cache=True
         )
     for key, scores in id_scores.items():
         record = calibrate_stage.calibration(run, key)

@@ -26,6 +26,7 @@ from gradcli.scores import (
 from gradcli.scores.base import Detector, Embedding, Readout
 from gradcli.scores.options import DetectorOptions
 from gradcli.stages import embeddings as embeddings_stage
+from gradcli.stages import runner
 from gradcli.stages.checks import check_batch_size, check_seed, options
 from gradcli.stages.context import RunContext
 
@@ -62,7 +63,7 @@ def fit_head(
             f"ID training embedding '{train_name}' has no labels; fit-head needs a labelled "
             "ID training set"
         )
-    train_digest = run.store.stage_digest(f"embed/{train_name}")
+    train_digest = run.store.stage_digest(layout.embedding(train_name))
     epochs = plan_epochs(len(labels), head_opts.batch_size, head_opts.epochs, head_opts.min_steps)
     recipe = {  # what training runs: epochs, optimiser steps, batch, lr and its schedule
         "epochs": epochs,
@@ -82,12 +83,10 @@ def fit_head(
         "recipe": recipe,
     }
     summary: dict = {"train": train_name}
-    if overwrite:  # and everything computed from them
-        for path in ("head", "detectors", "scores", "calibration", "flags"):
-            run.store.delete(path)
-    if not run.store.open_stage("head", record, overwrite=True):
-        run.store.delete("detectors")
-        run.store.delete("scores")
+    # --overwrite: a new head whatever the store holds, and everything computed from it
+    if not runner.open_stage(
+        run, layout.HEAD, record, overwrite=True, replace=overwrite, collective=False
+    ):
         with run.progress.task("fit head", total=epochs) as advance:
             fitted = train_head(
                 train_data["grad"],
@@ -103,11 +102,11 @@ def fit_head(
                 progress=lambda done, total: advance(1),
             )
         for key, value in head_to_arrays(fitted).items():
-            run.store.write(f"head/{key}", value)
+            run.store.write(layout.head_array(key), value)
         run.store.complete_stage(
-            "head", train_accuracy=accuracy(fitted, train_data["grad"], labels)
+            layout.HEAD, train_accuracy=accuracy(fitted, train_data["grad"], labels)
         )
-    summary["train_accuracy"] = run.store.group_attrs("head")["train_accuracy"]
+    summary["train_accuracy"] = run.store.group_attrs(layout.HEAD)["train_accuracy"]
     test_spec = test or run.store.attrs.get("id_test")
     if test_spec:
         embeddings_stage.note_embedding(run, test_spec, "fit-head")
@@ -135,12 +134,12 @@ def fit_head(
 
 def load_head(run: RunContext) -> GradientHead:
     """The fitted BN→FC head, in eval mode."""
-    if not run.store.stage_complete("head"):
+    if not run.store.stage_complete(layout.HEAD):
         raise BadInputError(
             f"store {run.store.url} has no fitted head; run 'gradcli fit-head' first"
         )
-    names = [n for n in run.store.children("head")]
-    return head_from_arrays({n: run.store.read(f"head/{n}") for n in names})
+    names = [n for n in run.store.children(layout.HEAD)]
+    return head_from_arrays({n: run.store.read(layout.head_array(n)) for n in names})
 
 
 def readout(run: RunContext, embedding: str) -> Readout | None:
@@ -174,7 +173,7 @@ def _fit_detectors(
 ) -> None:
     """Fit every detector, or the (embedding, method) pairs in ``only``, on the ID
     training embedding; a detector already fitted with the same record is kept."""
-    head_digest = run.store.stage_digest("head")
+    head_digest = run.store.stage_digest(layout.HEAD)
     pairs = [(k, m) for k in layout.EMBEDDINGS for m in BASE_METHODS if k in DETECTORS[m].kinds]
     if only is not None:
         pairs = [pair for pair in pairs if pair in set(only)]
@@ -186,11 +185,11 @@ def _fit_detectors(
                 readouts[kind] = readout(run, kind)
                 trains[kind] = as_embedding(train_data, kind)
             kind_readout = readouts[kind]
-            path = f"detectors/{kind}/{method}"
+            path = layout.detector(kind, method)
             config = options.for_method(method)
             record = {"train": train_name, "head": head_digest, **config}
             adv(1)
-            if run.store.open_stage(path, record, overwrite=True):
+            if runner.open_stage(run, path, record, overwrite=True, collective=False):
                 continue
             detector = get_detector(method, **config)
             if kind_readout is None and DETECTORS[method].needs_readout:
@@ -211,9 +210,9 @@ def _fit_detectors(
 def fit_missing_detectors(run: RunContext, pairs: Sequence[tuple[str, str]]) -> None:
     """Fit, with default options, detectors of methods that fit-head did not fit (a store
     made before they existed); those fit-head fitted are left as they are."""
-    missing = [p for p in pairs if not run.store.stage_complete(f"detectors/{p[0]}/{p[1]}")]
+    missing = [p for p in pairs if not run.store.stage_complete(layout.detector(p[0], p[1]))]
     if missing:
-        train_name = run.store.group_attrs("head")["provenance"]["train"]
+        train_name = run.store.group_attrs(layout.HEAD)["provenance"]["train"]
         train_data = embeddings_stage.load_embedding(run, train_name)
         _fit_detectors(run, train_name, train_data, DetectorOptions(), only=missing)
 
@@ -221,7 +220,7 @@ def fit_missing_detectors(run: RunContext, pairs: Sequence[tuple[str, str]]) -> 
 def fitted_detector(run: RunContext, kind: str, method: str) -> Detector | None:
     """The detector fit-head fitted for ``method`` on ``kind`` embeddings; None where it
     does not apply to this model (e.g. no last Linear layer)."""
-    path = f"detectors/{kind}/{method}"
+    path = layout.detector(kind, method)
     if not run.store.stage_complete(path):
         raise BadInputError(
             f"detector {method} on {kind} is not fitted in {run.store.url}; "

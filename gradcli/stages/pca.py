@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from gradcli import layout
-from gradcli.budget import auto_batch_size
-from gradcli.errors import BadInputError, Interrupted
+from gradcli.budget import PCA_KEEP_MAX_BATCH, PCA_KEEP_MIN_BATCH, auto_batch_size
+from gradcli.errors import BadInputError
 from gradcli.grads import (
     LayerGradients,
     Projector,
@@ -18,7 +18,8 @@ from gradcli.grads import (
 from gradcli.stages import pca_blocked as pca_blocked_stage
 from gradcli.stages.checks import BASIS_DTYPES, check_finite
 from gradcli.stages.context import RunContext
-from gradcli.stages.pca_plan import PCA_KEEP_MAX_BATCH, PCA_KEEP_MIN_BATCH, PcaJob, pca_plan
+from gradcli.stages.passes import data_pass
+from gradcli.stages.pca_plan import PcaJob, pca_plan
 from gradcli.subspace import (
     Subspace,
     orthonormalise_,
@@ -112,7 +113,7 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
     low, need, blocked = pca_plan(run, selection, width, len(indices), iteration_dtype)
     if blocked:
         return pca_blocked_stage.pca_blocked(run, job)
-    state = "subspace/state"
+    state = layout.SUBSPACE_STATE
     group = run.group
     attrs = run.store.group_attrs(state) if run.store.has(state) else {}
     model = run.model
@@ -182,7 +183,6 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
         cursor = group.broadcast_object(cursor if partial or not group.is_writer else 0)
     # Each rank passes over its slice; all take the same number of steps (a rank whose
     # slice is shorter idles through the last one) so their collectives pair up.
-    mine = group.split(indices)
     steps = group.steps(len(indices), batch)
     label = "PCA" if iteration < iterations else "PCA Rayleigh-Ritz"
     try:
@@ -203,44 +203,50 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
                     accumulator = torch.zeros(width, width, dtype=torch.float64)
                 else:
                     accumulator = torch.zeros(p, width, device=run.device)
-                batches = iter(run._loader(source, mine[cursor * batch :], batch))
-                while cursor < steps:
-                    item = next(batches, None)
-                    if item is not None:
+
+                def save(done: int, accumulator=accumulator, iteration=iteration) -> None:
+                    # Checkpoints hold sums over all ranks: rank 0 keeps the sum so far, the
+                    # others start again from zero.
+                    group.all_reduce_(accumulator)
+                    if not group.is_writer:
+                        accumulator.zero_()
+                    writer.wait()  # this iteration's block must be named first
+                    run._on_writer(
+                        functools.partial(_save_partial, run),
+                        state,
+                        accumulator,
+                        iteration,
+                        done,
+                        value=False,
+                    )
+
+                for step in data_pass(
+                    run,
+                    source,
+                    indices,
+                    batch,
+                    engine=engine,
+                    start=cursor,
+                    ranks=True,
+                    stop_message="stopped after saving PCA progress; rerun the same command to "
+                    "resume",
+                    checkpoint_every=checkpoint_every,
+                    checkpoint=save,
+                    before_stop=writer.wait,
+                ):
+                    if step.x is not None:
                         _pca_batch_step(
                             run,
                             engine,
                             projector,
-                            item[0],
+                            step.size,
                             accumulator,
                             ritz,
                             kept,
                             source.spec,
                             scratch,
                         )
-                    cursor += 1
                     advance(1)
-                    stop = group.any(run.should_stop())
-                    if (cursor % checkpoint_every == 0 or stop) and cursor < steps:
-                        # Checkpoints hold sums over all ranks: rank 0 keeps the sum so
-                        # far, the others start again from zero.
-                        group.all_reduce_(accumulator)
-                        if not group.is_writer:
-                            accumulator.zero_()
-                        writer.wait()  # this iteration's block must be named first
-                        run._on_writer(
-                            functools.partial(_save_partial, run),
-                            state,
-                            accumulator,
-                            iteration,
-                            cursor,
-                            value=False,
-                        )
-                    if stop:
-                        writer.wait()
-                        raise Interrupted(
-                            "stopped after saving PCA progress; rerun the same command to resume"
-                        )
                 group.all_reduce_(accumulator)
                 if ritz:
                     writer.wait()
@@ -303,7 +309,7 @@ def _pca_batch_step(
     run: RunContext,
     engine: LayerGradients,
     projector: Projector,
-    x: torch.Tensor,
+    n: int,
     accumulator: torch.Tensor,
     ritz: bool,
     kept: torch.Tensor | None,
@@ -312,10 +318,8 @@ def _pca_batch_step(
 ) -> None:
     """One batch of one PCA pass: ``U = G_b V``, then ``Y += G_bᵀ U`` (or, in the
     Rayleigh–Ritz pass, ``UᵀU``) into ``accumulator``. ``kept`` (≥ B·P,) holds the
-    batch's normalised tiles, each contiguous, between the two products."""
-    logits, _ = engine.capture(x.to(run.device))
-    check_finite(logits, "logits", spec)
-    n = x.shape[0]
+    batch's normalised tiles, each contiguous, between the two products. The engine holds
+    the batch's ``n`` captured samples."""
     u = torch.zeros(n, projector.k, dtype=torch.float64, device=run.device)
     unused = torch.zeros(n, dtype=torch.float64, device=run.device)
     keeping = not ritz and kept is not None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from gradcli import layout
-from gradcli.errors import BadInputError, Interrupted
+from gradcli.errors import BadInputError
 from gradcli.grads import (
     LayerGradients,
     Projector,
 )
 from gradcli.stages.checks import check_finite
 from gradcli.stages.context import RunContext
+from gradcli.stages.passes import data_pass
 from gradcli.stages.pca_plan import PcaJob, pca_blocks
 from gradcli.subspace import (
     Subspace,
@@ -35,7 +36,7 @@ def pca_blocked(run: RunContext, job: PcaJob) -> Subspace:
     iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
     p, n = selection.size, len(indices)
     blocks = pca_blocks(run, selection, width, n)
-    state = "subspace/state"
+    state = layout.SUBSPACE_STATE
     attrs = run.store.group_attrs(state) if run.store.has(state) else {}
     model = run.model
     tile_bytes = run._tile_bytes()
@@ -138,19 +139,17 @@ def pca_blocked(run: RunContext, job: PcaJob) -> Subspace:
 
 def _blocked_pass(run: RunContext, engine, source, indices, batch, each) -> None:
     """One pass over the data for one layer block: ``each(rows, start, tile)`` per tile."""
-    offset = 0
-    for x, _ in run._loader(source, indices, batch):
-        logits, _ = engine.capture(x.to(run.device))
-        check_finite(logits, "logits", source.spec)
-        rows = slice(offset, offset + x.shape[0])
+    for step in data_pass(
+        run,
+        source,
+        indices,
+        batch,
+        engine=engine,
+        stop_message="stopped during a PCA block pass; rerun the same command to resume at "
+        "the start of that block",
+    ):
         for start, tile in engine.tiles():
-            each(rows, start, tile)
-        offset += x.shape[0]
-        if run.should_stop():
-            raise Interrupted(
-                "stopped during a PCA block pass; rerun the same command to resume at the "
-                "start of that block"
-            )
+            each(step.rows, start, tile)
 
 
 def _pca_blocked_u(
@@ -260,8 +259,8 @@ def _pca_blocked_ritz(run: RunContext, state, attrs, blocks, u, k, n) -> Subspac
     rotation, values = ritz_rotation((u.T @ u).cpu(), k, n)
     rotation = rotation.float()
     p = blocks[-1][1]
-    run.store.create_rows("subspace/basis", (p, k), "float32", chunk_rows=layout.BASIS_CHUNK_ROWS)
+    run.store.create_rows(layout.BASIS, (p, k), "float32", chunk_rows=layout.BASIS_CHUNK_ROWS)
     for start, stop, _ in blocks:
         rows = torch.from_numpy(run.store.read_rows(f"{state}/S{attrs['v']}", start, stop))
-        run.store.write_rows("subspace/basis", start, (rows @ rotation).numpy())
+        run.store.write_rows(layout.BASIS, start, (rows @ rotation).numpy())
     return Subspace(basis=None, method="pca", eigenvalues=values.numpy())

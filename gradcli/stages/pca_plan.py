@@ -9,16 +9,10 @@ import numpy as np
 import torch
 
 from gradcli import data as data_mod
-from gradcli.budget import format_size, plan_row_blocks
+from gradcli.budget import BASIS_SHARE, PCA_SHARE, format_size, plan_row_blocks
 from gradcli.errors import BadInputError
 from gradcli.grads import ParameterSelection
-from gradcli.stages.context import BASIS_SHARE, RunContext
-
-# PCA keeps a batch's normalised gradients (B×P float32) for its second product when the budget
-# allows at least this many samples per batch (a smaller batch would cost more than it saves).
-PCA_KEEP_MIN_BATCH = 32
-PCA_KEEP_MAX_BATCH = 128
-PCA_SHARE = 0.9  # of the budget for PCA's block and accumulator; batches take what is left
+from gradcli.stages.context import RunContext
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from gradcli import data as data_mod
 from gradcli import layout
 from gradcli.distributed import check_shard, shard_range
-from gradcli.errors import BadInputError, GradcliError, Interrupted, StaleStoreError
+from gradcli.errors import BadInputError, GradcliError, StaleStoreError
 from gradcli.scores import (
     BASE_METHODS,
     DETECTORS,
@@ -21,9 +21,9 @@ from gradcli.scores import (
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
 from gradcli.scores.ensemble import ensemble_scores
-from gradcli.stages import calibrate as calibrate_stage
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import fit as fit_stage
+from gradcli.stages import records
 from gradcli.stages.checks import (
     check_alpha,
     check_batch_size,
@@ -33,25 +33,9 @@ from gradcli.stages.checks import (
     name_list,
 )
 from gradcli.stages.context import RunContext
+from gradcli.stages.passes import data_pass
 
 INPUT_BATCH = 128  # images per batch of a model pass that needs input gradients (ODIN)
-
-
-def source(run: RunContext, key: str, alpha: float, odin: ODIN) -> dict:
-    """What scores ``key`` ('<method>-<embedding>') are computed with, apart from the data:
-    the fitted detector's digest; ODIN's options and the model's weights; for an ensemble
-    both parts and α. Recorded with stored scores and calibrated thresholds."""
-    method, kind = key.rsplit("-", 1)
-    if kind == "ensemble":
-        return {
-            "feat": source(run, f"{method}-feat", alpha, odin),
-            "grad": source(run, f"{method}-grad", alpha, odin),
-            "alpha": float(alpha),
-        }
-    if method in INPUT_DETECTORS:
-        weights = (run.store.attrs.get("model") or {}).get("weights_sha256")
-        return {"model": weights, method: odin.config()}
-    return {"detector": run.store.stage_digest(f"detectors/{kind}/{method}")}
 
 
 def score(
@@ -91,11 +75,11 @@ def score(
     check_some_method_applies(classes, embeddings)
     if shard is not None:
         _check_sharded_score(run, dataset, methods, shard)
-    if not run.store.stage_complete("head"):
+    if not run.store.stage_complete(layout.HEAD):
         fit_stage.fit_head(run, batch_size=batch_size)
     name = embeddings_stage.ensure_embedded(run, dataset, batch_size=batch_size)
     arrays = embeddings_stage.load_embedding(run, name)
-    embed_digest = run.store.stage_digest(f"embed/{name}")
+    embed_digest = run.store.stage_digest(layout.embedding(name))
     bases = [e for e in layout.EMBEDDINGS if e in embeddings or "ensemble" in embeddings]
     pairs = [  # a method's embedding, when asked for or needed by an ensemble it can form
         (m, k)
@@ -110,7 +94,7 @@ def score(
         wanted = [f"{m}-{k}" for m, k in pairs if k in embeddings]
         if "ensemble" in embeddings:
             wanted += [f"{m}-ensemble" for m in methods]
-        calibrations = calibrate_stage.calibrations(run, wanted, alpha, odin)
+        calibrations = records.calibrations(run, wanted, alpha, odin)
     computed: dict[str, np.ndarray] = {}
     readouts: dict[str, Readout | None] = {}
     data: dict[str, Embedding] = {}
@@ -118,8 +102,8 @@ def score(
     if shard is not None:
         for method, kind in pairs:
             key = f"{method}-{kind}"
-            record = {"embedding": embed_digest, **source(run, key, alpha, odin)}
-            path = f"scores/{name}/{key}"
+            record = {"embedding": embed_digest, **records.source(run, key, alpha, odin)}
+            path = layout.scores(name, key)
             stored = run.store.has(path) and run.store.group_attrs(path).get("provenance")
             if method in INPUT_DETECTORS and stored != record:
                 part = _input_scores_shard(run, name, key, record, odin, batch_size, shard)
@@ -129,8 +113,8 @@ def score(
     for method in methods:
         for kind in (k for m, k in pairs if m == method):
             key = f"{method}-{kind}"
-            path = f"scores/{name}/{key}"
-            record = {"embedding": embed_digest, **source(run, key, alpha, odin)}
+            path = layout.scores(name, key)
+            record = {"embedding": embed_digest, **records.source(run, key, alpha, odin)}
             if run.store.has(path) and run.store.group_attrs(path).get("provenance") == record:
                 computed[key] = run.store.read(path)
                 continue
@@ -154,27 +138,27 @@ def score(
         if "ensemble" in embeddings and feat is not None and grad is not None:
             key = f"{method}-ensemble"
             combined = ensemble_scores(feat, grad, alpha)
-            record = {"embedding": embed_digest, **source(run, key, alpha, odin)}
+            record = {"embedding": embed_digest, **records.source(run, key, alpha, odin)}
             run.store.write(
-                f"scores/{name}/{key}",
+                layout.scores(name, key),
                 combined,
                 attrs={"alpha": alpha, "provenance": record},
                 cache=True,
             )
             computed[key] = combined
     if sharded:  # every score is written: the parts are no longer needed
-        run.store.delete(f"scores_parts/{name}")
+        run.store.delete(layout.score_parts(name))
     result = {k: v for k, v in computed.items() if k.rsplit("-", 1)[1] in embeddings}
     for key, record in calibrations.items():
         if key in result:
             run.store.write(
-                f"flags/{name}/{key}",
+                layout.flags(name, key),
                 np.asarray(result[key]) < record["threshold"],
                 attrs={
                     "threshold": record["threshold"],
                     "tpr": record["tpr"],
                     "calibrated_on": record["dataset"],
-                    "provenance": run.store.group_attrs(f"scores/{name}/{key}").get("provenance"),
+                    "provenance": run.store.group_attrs(layout.scores(name, key)).get("provenance"),
                 },
                 cache=True,
             )
@@ -186,7 +170,7 @@ def _embedded_source(
 ) -> tuple[data_mod.ImageSource, np.ndarray]:
     """The image source and row indices an embedding was made from, checked against its
     recorded fingerprint, for work that needs the images themselves."""
-    provenance = run.store.group_attrs(f"embed/{name}").get("provenance") or {}
+    provenance = run.store.group_attrs(layout.embedding(name)).get("provenance") or {}
     spec = provenance.get("dataset")
     if not spec:
         raise BadInputError(
@@ -228,7 +212,9 @@ def _check_sharded_score(
     name = (
         dataset if dataset in embeddings_stage.embedding_names(run) else run.resolve(dataset).slug
     )
-    if not run.store.stage_complete(f"embed/{name}") or not run.store.stage_complete("head"):
+    if not run.store.stage_complete(layout.embedding(name)) or not run.store.stage_complete(
+        layout.HEAD
+    ):
         raise BadInputError(
             f"score --shard needs the finished embedding '{name}' and a fitted head; run "
             "'gradcli embed' (all shards) and 'gradcli fit-head' first"
@@ -242,9 +228,9 @@ def _input_scores_shard(
     """Shard ``shard``'s row chunks of input-detector scores ``key`` (N,) float64 into
     scores_parts/<name>/<key>; all N scores once every chunk is done, else None. Chunks
     are whole batches, so every score is computed in the batch an unsharded run uses."""
-    path = f"scores_parts/{name}/{key}"
+    path = layout.score_parts(name, key)
     run.store.open_stage(path, record, shared=True, what=f"the {key} scores of '{name}'")
-    n = int(run.store.shape(f"embed/{name}/grad")[0])
+    n = int(run.store.shape(layout.embedding(name, "grad"))[0])
     batch = batch_size or INPUT_BATCH
     chunks = run.store.row_chunks(
         path, n, 4 * batch, {"scores": ((), "float64")}, shared=True, meta={"batch": batch}
@@ -271,18 +257,18 @@ def _input_scores(
         indices = indices[rows]
     model = run.model
     scores = np.empty(len(indices))
-    offset = 0
     with run.progress.task(f"{detector.name} {name}", total=len(indices)) as advance:
-        for x, _ in run._loader(source, indices, batch_size or INPUT_BATCH):
-            batch = detector.score_inputs(model.module, x.to(run.device), model.preprocess.std)
-            scores[offset : offset + len(batch)] = batch
-            offset += len(batch)
+        for step in data_pass(
+            run,
+            source,
+            indices,
+            batch_size or INPUT_BATCH,
+            stop_message=f"stopped during the {detector.name} pass over '{name}'; rerun the "
+            "same command to score it again",
+        ):
+            batch = detector.score_inputs(model.module, step.x, model.preprocess.std)
+            scores[step.rows] = batch
             advance(len(batch))
-            if run.should_stop():
-                raise Interrupted(
-                    f"stopped during the {detector.name} pass over '{name}'; rerun the same "
-                    "command to score it again"
-                )
     return scores
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from gradcli import layout
-from gradcli.budget import format_size
-from gradcli.errors import BadInputError, Interrupted
+from gradcli.budget import AG_BYTES_PER_ENTRY, format_size
+from gradcli.errors import BadInputError
 from gradcli.grads import (
     GradientStatistics,
     LayerGradients,
@@ -18,18 +18,14 @@ from gradcli.grads import (
 )
 from gradcli.stages.checks import check_finite
 from gradcli.stages.context import RunContext
-
-# The AG subspace's peak bytes per class and parameter: float64 class means, their normalised
-# copy, QR's working copy and its Q (4 × 8), then the float32 basis and class means while Q is
-# alive (2 × 4); see average_gradient_basis.
-AG_BYTES_PER_ENTRY = 40
+from gradcli.stages.passes import data_pass
 
 
 def usable_stats_record(run: RunContext, record: dict) -> dict:
     """The stats stage's record to open: the stored one when it holds what ``record``
     asks for (statistics with class sums serve PCA too; a store made before the record
     named them has them), else ``record``."""
-    existing = run.store.group_attrs("stats").get("provenance")
+    existing = run.store.group_attrs(layout.STATS).get("provenance")
     if existing is None:
         return record
     rest = {key: value for key, value in existing.items() if key != "class_sums"}
@@ -93,41 +89,41 @@ def compute_statistics(
             batch_size or run._batch_size(engine, source, indices, fixed)
         )
     mine = group.split(indices)  # under torchrun: this rank's slice; sums all-reduced below
-    steps = group.steps(len(indices), batch)
-    batches = iter(run._loader(source, mine[cursor * batch :], batch))
+
+    def save(done: int) -> None:
+        # A checkpoint holds the sums over all ranks: rank 0 keeps them, the others start
+        # again from zero (Chan's merge adds them up at the end).
+        nonlocal stats
+        stats.all_reduce(group)
+        if not group.is_writer:
+            stats = GradientStatistics(selection.size, classes)
+        run._on_writer(
+            functools.partial(_save_stats_checkpoint, run), stats, done, batch, value=False
+        )
+
+    steps = data_pass(
+        run,
+        source,
+        indices,
+        batch,
+        engine=engine,
+        start=cursor,
+        ranks=True,
+        stop_message="stopped after saving the statistics' progress; rerun the same command "
+        "to resume",
+        checkpoint_every=checkpoint_every,
+        checkpoint=save,
+    )
     with run.progress.task("gradient statistics", total=len(mine)) as advance:
         advance(min(len(mine), cursor * batch))
-        while cursor < steps:
-            item = next(batches, None)
-            if item is not None:
-                x, y = item[0].to(run.device), item[1]
-                logits, _ = engine.capture(x)
-                check_finite(logits, "logits", source.spec)
-                for start, tile in engine.tiles():
-                    check_finite(tile, "gradients", source.spec)
-                    stats.update_rows(start, tile, y)
-                stats.commit(y)
-                advance(len(y))
-            cursor += 1
-            stop = group.any(run.should_stop())
-            if (cursor % checkpoint_every == 0 or stop) and cursor < steps:
-                # A checkpoint holds the sums over all ranks: rank 0 keeps them, the
-                # others start again from zero (Chan's merge adds them up at the end).
-                stats.all_reduce(group)
-                if not group.is_writer:
-                    stats = GradientStatistics(selection.size, classes)
-                run._on_writer(
-                    functools.partial(_save_stats_checkpoint, run),
-                    stats,
-                    cursor,
-                    batch,
-                    value=False,
-                )
-            if stop:
-                raise Interrupted(
-                    "stopped after saving the statistics' progress; rerun the same command "
-                    "to resume"
-                )
+        for step in steps:
+            if step.y is None:
+                continue
+            for start, tile in engine.tiles():
+                check_finite(tile, "gradients", source.spec)
+                stats.update_rows(start, tile, step.y)
+            stats.commit(step.y)
+            advance(step.size)
     stats.all_reduce(group)
     raw = stats.variance()
     raw_sum = float(raw[torch.isfinite(raw)].sum())
@@ -135,18 +131,20 @@ def compute_statistics(
 
     def write_stats() -> None:
         run.store.write(
-            "stats/mean", stats.mean.float().numpy(), chunk_rows=layout.BASIS_CHUNK_ROWS
+            layout.STATS_MEAN, stats.mean.float().numpy(), chunk_rows=layout.BASIS_CHUNK_ROWS
         )
-        run.store.write("stats/var", var.float().numpy(), chunk_rows=layout.BASIS_CHUNK_ROWS)
+        run.store.write(layout.STATS_VAR, var.float().numpy(), chunk_rows=layout.BASIS_CHUNK_ROWS)
         summary = {}
         if class_sums:
             counts = torch.as_tensor(stats.class_counts, dtype=torch.float64)
             stats.class_sums /= counts.clamp_min(1)[:, None]  # the class means, in place
-            run.store.write("stats/class_means", stats.class_sums.float().numpy(), chunk_rows=1)
+            run.store.write(
+                layout.STATS_CLASS_MEANS, stats.class_sums.float().numpy(), chunk_rows=1
+            )
             summary["class_counts"] = stats.class_counts.tolist()
         run.store.delete(state)
         run.store.complete_stage(
-            "stats",
+            layout.STATS,
             samples=int(stats.count),
             variance_replaced=replaced,
             raw_variance_sum=raw_sum,
@@ -216,7 +214,7 @@ def _stats_checkpoint(run: RunContext, stats: GradientStatistics) -> tuple[int, 
 
 
 def normalisation(run: RunContext, no_variance: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.from_numpy(run.store.read("stats/mean"))
+    mean = torch.from_numpy(run.store.read(layout.STATS_MEAN))
     if no_variance:
         return mean, torch.ones_like(mean)
-    return mean, torch.from_numpy(run.store.read("stats/var")).sqrt()
+    return mean, torch.from_numpy(run.store.read(layout.STATS_VAR)).sqrt()

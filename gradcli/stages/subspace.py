@@ -13,6 +13,7 @@ from gradcli.grads import (
     select_parameters,
 )
 from gradcli.stages import pca as pca_stage
+from gradcli.stages import runner
 from gradcli.stages import stats as stats_stage
 from gradcli.stages.checks import check_batch_size, check_extract_options, test_split_of
 from gradcli.stages.context import RunContext
@@ -108,19 +109,16 @@ def extract_subspace(
         "class_sums": class_sums,
     }
 
-    def open_stats() -> bool:
-        if overwrite:
-            for path in layout.downstream(layout.SUBSPACE):
-                run.store.delete(path)
-        record = stats_stage.usable_stats_record(run, stats_record)
-        return run.store.open_stage(
-            "stats", record, overwrite=overwrite, what="the gradient statistics"
-        )
-
-    stats_done = run._on_writer(open_stats)
+    # Statistics with class sums serve a PCA subspace as they are.
+    usable = (
+        stats_stage.usable_stats_record(run, stats_record) if run.group.is_writer else stats_record
+    )
+    stats_done = runner.open_stage(
+        run, layout.STATS, usable, overwrite=overwrite, what="the gradient statistics"
+    )
     if not stats_done:
         class_sums = run.group.broadcast_object(
-            bool(run.store.group_attrs("stats")["provenance"].get("class_sums", True))
+            bool(run.store.group_attrs(layout.STATS)["provenance"].get("class_sums", True))
             if run.group.is_writer
             else class_sums
         )
@@ -128,7 +126,7 @@ def extract_subspace(
             run, source, indices, selection, batch_size, no_variance, class_sums, checkpoint_every
         )
     subspace_record = {
-        "stats": run.store.stage_digest("stats"),
+        "stats": run.store.stage_digest(layout.STATS),
         "method": method,
         "no_variance": no_variance,
     }
@@ -137,16 +135,9 @@ def extract_subspace(
             k=k, width=width, iterations=iterations, seed=seed, iteration_dtype=iteration_dtype
         )
 
-    def open_subspace() -> bool:
-        done = run.store.open_stage(
-            "subspace", subspace_record, overwrite=overwrite, what="the subspace"
-        )
-        if not done:
-            for path in layout.downstream(layout.SUBSPACE):
-                run.store.delete(path)
-        return done
-
-    sub_done = run._on_writer(open_subspace)
+    sub_done = runner.open_stage(
+        run, layout.SUBSPACE, subspace_record, overwrite=overwrite, what="the subspace"
+    )
     if not sub_done:
         mean, scale = stats_stage.normalisation(run, no_variance)
         if method == "pca":
@@ -173,27 +164,27 @@ def extract_subspace(
         def write_subspace() -> None:
             nonlocal subspace
             if subspace is None:
-                means = torch.from_numpy(run.store.read("stats/class_means")).double()
-                counts = np.asarray(run.store.group_attrs("stats")["class_counts"])
+                means = torch.from_numpy(run.store.read(layout.STATS_CLASS_MEANS)).double()
+                counts = np.asarray(run.store.group_attrs(layout.STATS)["class_counts"])
                 subspace = average_gradient_basis(means, mean, scale, counts)
                 run.store.write(
-                    "subspace/class_means", subspace.class_means, chunk_rows=layout.BASIS_CHUNK_ROWS
+                    layout.SUBSPACE_CLASS_MEANS,
+                    subspace.class_means,
+                    chunk_rows=layout.BASIS_CHUNK_ROWS,
                 )
             if subspace.basis is not None:  # else written block by block already
-                run.store.write(
-                    "subspace/basis", subspace.basis, chunk_rows=layout.BASIS_CHUNK_ROWS
-                )
+                run.store.write(layout.BASIS, subspace.basis, chunk_rows=layout.BASIS_CHUNK_ROWS)
             if subspace.eigenvalues is not None:
-                stats = run.store.group_attrs("stats")
+                stats = run.store.group_attrs(layout.STATS)
                 total = (
                     stats["raw_variance_sum"]
                     if no_variance
                     else float(selection.size - stats["variance_replaced"])
                 )
-                run.store.write("subspace/eigenvalues", subspace.eigenvalues)
-                run.store.set_attrs("subspace", total_variance=total)
-            run.store.delete("subspace/state")
-            run.store.complete_stage("subspace", k=subspace.k, num_parameters=selection.size)
+                run.store.write(layout.EIGENVALUES, subspace.eigenvalues)
+                run.store.set_attrs(layout.SUBSPACE, total_variance=total)
+            run.store.delete(layout.SUBSPACE_STATE)
+            run.store.complete_stage(layout.SUBSPACE, k=subspace.k, num_parameters=selection.size)
 
         run._on_writer(write_subspace, value=False)
     run._on_writer(
@@ -205,7 +196,7 @@ def extract_subspace(
             id_seed=seed,
         )
     )
-    sub_attrs = run.store.group_attrs("subspace")
+    sub_attrs = run.store.group_attrs(layout.SUBSPACE)
     return {
         "num_parameters": selection.size,
         "k": int(sub_attrs["k"]),
@@ -215,14 +206,16 @@ def extract_subspace(
             else f"K = {k}, as asked (--k)"
         ),
         "explained_variance": (
-            float(run.store.read("subspace/eigenvalues").sum() / sub_attrs["total_variance"])
+            float(run.store.read(layout.EIGENVALUES).sum() / sub_attrs["total_variance"])
             if method == "pca"
             else None
         ),
         "method": method,
         "samples": int(len(indices)),
         "variance_replaced": (  # --no-variance divides by none
-            0 if no_variance else int(run.store.group_attrs("stats").get("variance_replaced", 0))
+            0
+            if no_variance
+            else int(run.store.group_attrs(layout.STATS).get("variance_replaced", 0))
         ),
         "reused": bool(stats_done and sub_done),
     }
