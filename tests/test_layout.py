@@ -110,7 +110,7 @@ def path_helpers() -> list[tuple[str, object]]:
         for name, fn in inspect.getmembers(layout, inspect.isfunction)
         if fn.__module__ == layout.__name__
         and not name.startswith("_")
-        and name not in ("downstream", "rewritten_by")
+        and name not in ("downstream", "dependants", "rewritten_by")
     ]
 
 
