@@ -19,6 +19,7 @@ from gradcli.errors import BadInputError
 from gradcli.metrics import evaluate_scores
 from gradcli.scores import DETECTORS, get_detector
 from gradcli.scores.ensemble import ensemble_scores
+from gradcli.scores.options import OPTIONS
 
 if TYPE_CHECKING:
     from gradcli.run import Run
@@ -36,17 +37,32 @@ class SweepParameter:
     description: str
 
 
+# The sweepable detector options, declared with the options themselves (gradcli.scores.options)
+_SWEPT = sorted(
+    (option for option in OPTIONS if option.sweep is not None),
+    key=lambda option: option.sweep.position,
+)
 SWEEP_PARAMETERS: dict[str, SweepParameter] = {
-    p.name: p
-    for p in (
-        SweepParameter("k", "k", ("knn",), True, "KNN: which neighbour's distance is the score"),
-        SweepParameter("percentile", "percentile", ("react",), False, "ReAct clip percentile"),
-        SweepParameter("lambda", "lam", ("bats",), False, "BATS truncation width λ"),
-        SweepParameter("temperature", "temperature", ("energy",), False, "energy temperature T"),
-        SweepParameter("d", "clip_dims", ("react", "bats"), True, "ReAct/BATS clipped dims d"),
+    option.sweep.name: SweepParameter(
+        option.sweep.name,
+        option.parameter,
+        option.methods,
+        option.integer,
+        option.sweep.description,
     )
+    for option in _SWEPT
 }
-ALIASES = {"T": "temperature", "clip_dims": "d", "clip-dims": "d", "lam": "lambda", "knn_k": "k"}
+ALIASES = {
+    alias: option.sweep.name
+    for option in OPTIONS
+    if option.sweep is not None
+    for alias in option.sweep.aliases
+}
+SWEEP_HELP = (
+    "PARAMETER=V1,V2,... over stored embeddings: "
+    + ", ".join(option.sweep.label for option in _SWEPT)
+    + "; repeat for several."
+)
 
 
 def _parameter(name: str) -> SweepParameter:
