@@ -21,7 +21,7 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from gradcli import __version__
-from gradcli.cli.options import Tracebacks
+from gradcli.cli.options import Tracebacks, complete
 from gradcli.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -96,14 +96,21 @@ def _root(
     """Out-of-distribution detection with low-dimensional gradients."""
 
 
-_COMMAND = None
+_COMMANDS: dict[str | None, typer.core.TyperGroup] = {}
 
 
-def _command():
-    """The app's command tree (built once), with help that shows no value for a flag and a
-    name instead of a Python type for options that take several values."""
-    global _COMMAND
-    if _COMMAND is None:
+def _command(name: str | None = None):
+    """The app's command tree (built once per ``name``), with help that shows no value for a
+    flag and a name instead of a Python type for options that take several values.
+
+    Every command is complete (all its options) when ``name`` is None, else command ``name``
+    alone: the others show their own options only, enough to list them (``gradcli --help``)
+    without importing what their detector and head options are declared in."""
+    if name not in _COMMANDS:
+        for info in app.registered_commands:
+            command_name = info.name or info.callback.__name__.replace("_", "-")
+            if name is None or command_name == name:
+                complete(info.callback)
         root = typer.main.get_command(app)
         for command in [root, *getattr(root, "commands", {}).values()]:
             context = command.make_context(command.name or "gradcli", [], resilient_parsing=True)
@@ -112,8 +119,8 @@ def _command():
                     param.metavar = ""
                 elif getattr(param, "multiple", False) and param.metavar is None:
                     param.metavar = "TEXT"
-        _COMMAND = root
-    return _COMMAND
+        _COMMANDS[name] = root
+    return _COMMANDS[name]
 
 
 def _options_given(root, args: list[str]) -> list[tuple[str, object]]:
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     Tracebacks.on = False  # set by the shared --debug option as the command line is parsed
     try:
-        command = _command()
+        named = next((a for a in args if not a.startswith("-")), "")
+        command = _command(named)
         given = _options_given(command, args)
         # --debug also covers errors found before Typer parses the command line
         Tracebacks.remember(any(getattr(p, "name", None) == "debug" for _, p in given))

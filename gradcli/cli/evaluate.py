@@ -5,6 +5,7 @@ The last stage: runs whatever stage is missing, then saves and prints the result
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,17 +33,30 @@ from gradcli.cli.options import (
     Store,
     Workers,
     detector_options,
+    extend,
 )
 from gradcli.errors import BadInputError
-from gradcli.scores.options import SCORE_OPTIONS
-from gradcli.sweep import SWEEP_HELP
+
+
+def _sweep_parameter() -> inspect.Parameter:
+    """``--sweep``, whose help lists the sweepable options (:data:`gradcli.sweep.SWEEP_HELP`)."""
+    from gradcli.sweep import SWEEP_HELP
+
+    option = typer.Option(metavar="PARAM=VALUES", help=SWEEP_HELP)
+    return inspect.Parameter(
+        "sweep",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[list[str] | None, option],
+        default=None,
+    )
 
 
 @app.command(
     epilog="Example: gradcli evaluate --ood places --ood textures --sweep k=1,5,10,50 "
     "--report report/ --json"
 )
-@detector_options(SCORE_OPTIONS, before="batch_size")
+@extend(lambda: [_sweep_parameter()], before="odin_temperature")
+@detector_options("score", before="batch_size")
 def evaluate(
     ood: Annotated[
         list[str],
@@ -72,13 +86,6 @@ def evaluate(
     density_dim: Annotated[
         int, typer.Option(help="Report: reduced-gradient dimension of the density plot.")
     ] = 0,
-    sweep: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="PARAM=VALUES",
-            help=SWEEP_HELP,
-        ),
-    ] = None,
     batch_size: Batch = None,
     store: Store = DEFAULT_STORE,
     device: Device = DEFAULT_DEVICE,
@@ -93,6 +100,7 @@ def evaluate(
     **detector: Any,
 ) -> None:
     """FPR95, AUROC, AUPR-In and AUPR-Out of every method, running any missing stage first."""
+    sweep: list[str] | None = detector.pop("sweep")
     from gradcli.metrics import CONVENTIONS
     from gradcli.overview import preprocess_summary
     from gradcli.report import (

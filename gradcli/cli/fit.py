@@ -34,12 +34,10 @@ from gradcli.cli.options import (
     head_options,
     head_parameter,
 )
-from gradcli.head import HeadOptions
-from gradcli.scores.options import FIT_OPTIONS, DetectorOptions
 
 
 @app.command("fit-head", epilog="Example: gradcli fit-head --store artifacts/r18")
-@detector_options(FIT_OPTIONS, before="batch_size")
+@detector_options("fit", before="batch_size")
 @head_options(before="batch_size")
 def fit_head(
     train: Annotated[
@@ -63,7 +61,9 @@ def fit_head(
     **options: Any,
 ) -> None:
     """Train the BN→FC head on ID training gradients and fit every detector."""
+    from gradcli.head import HeadOptions
     from gradcli.overview import preprocess_summary
+    from gradcli.scores.options import FIT_OPTIONS, DetectorOptions
 
     head = HeadOptions(**{field: options[head_parameter(field)] for field in HEAD_FLAGS})
     detectors = DetectorOptions(**{option.name: options[option.name] for option in FIT_OPTIONS})

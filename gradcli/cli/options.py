@@ -4,7 +4,10 @@ Commands name these types (``store: Store = DEFAULT_STORE``) instead of repeatin
 declaration. The detector options and the head's training options are not written out here at
 all: :func:`detector_options` and :func:`head_options` add them to a command from their one
 declaration (:data:`gradcli.scores.options.OPTIONS`, :class:`gradcli.head.HeadOptions`), so a
-flag's default is the library's default.
+flag's default is the library's default. Those declarations live in modules that import torch,
+so they are read when the command tree is built for a command that has them
+(:func:`complete`), not when the CLI is imported: ``gradcli --help`` and ``gradcli version``
+stay quick.
 """
 
 from __future__ import annotations
@@ -16,9 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
-
-from gradcli.head import HeadOptions
-from gradcli.scores.options import DetectorOption
 
 STORE_ENV = "GRADCLI_STORE"
 STORAGE_OPTIONS_ENV = "GRADCLI_STORAGE_OPTIONS"  # JSON object for the fsspec filesystem
@@ -147,38 +147,67 @@ def _parameter(
     )
 
 
-def _adding(parameters: list[inspect.Parameter], before: str) -> Callable:
-    """A decorator: the command gets ``parameters`` (received in its ``**options``), listed
-    in its help just before its parameter ``before``."""
+Parameters = Callable[[], list[inspect.Parameter]]
+
+
+def extend(parameters: Parameters, before: str) -> Callable:
+    """A decorator: the command gets the parameters ``parameters()`` builds (received in its
+    ``**options``), listed in its help just before its parameter ``before``. They are built by
+    :func:`complete`; until then the command shows its own parameters alone."""
 
     def add(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        at = [p.name for p in own].index(before)
-        listed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in [*own[:at], *parameters]]
-        listed += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[at:]]
-        command.__signature__ = signature.replace(parameters=listed)  # type: ignore[attr-defined]
+        pending = command.__dict__.setdefault("_pending_options", [])
+        if not pending:  # its own parameters, without **options
+            own = inspect.signature(command, eval_str=True)
+            command.__signature__ = own.replace(  # type: ignore[attr-defined]
+                parameters=[p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+            )
+        pending.append((parameters, before))
         return command
 
     return add
 
 
-def detector_options(options: Sequence[DetectorOption], before: str) -> Callable:
-    """Add a flag per detector option (name, type, default and help from its declaration)."""
-    return _adding(
-        [_parameter(o.name, o.annotation, o.flag.split("/"), o.help, o.default) for o in options],
-        before,
-    )
+def complete(command: Callable) -> None:
+    """Build the parameters :func:`extend` added to ``command`` (once)."""
+    pending = command.__dict__.pop("_pending_options", [])
+    for parameters, before in pending:
+        signature = inspect.signature(command)
+        own = list(signature.parameters.values())
+        at = [p.name for p in own].index(before)
+        listed = [*own[:at], *parameters(), *own[at:]]
+        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in listed]
+        )
+
+
+def detector_options(stage: str, before: str) -> Callable:
+    """Add a flag per detector option of ``stage`` ("fit" or "score"): name, type, default
+    and help from its declaration in :data:`gradcli.scores.options.OPTIONS`."""
+
+    def parameters() -> list[inspect.Parameter]:
+        from gradcli.scores.options import OPTIONS
+
+        return [
+            _parameter(o.name, o.annotation, o.flag.split("/"), o.help, o.default)
+            for o in OPTIONS
+            if o.stage == stage
+        ]
+
+    return extend(parameters, before)
 
 
 def head_options(before: str) -> Callable:
     """Add the flags of :data:`HEAD_FLAGS`, typed and defaulted by HeadOptions' fields."""
-    fields = {f.name: f for f in dataclasses.fields(HeadOptions)}
-    hints = typing.get_type_hints(HeadOptions)
-    return _adding(
-        [
+
+    def parameters() -> list[inspect.Parameter]:
+        from gradcli.head import HeadOptions
+
+        fields = {f.name: f for f in dataclasses.fields(HeadOptions)}
+        hints = typing.get_type_hints(HeadOptions)
+        return [
             _parameter(head_parameter(name), hints[name], [flag], text, fields[name].default)
             for name, (flag, text) in HEAD_FLAGS.items()
-        ],
-        before,
-    )
+        ]
+
+    return extend(parameters, before)

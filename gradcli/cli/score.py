@@ -36,14 +36,13 @@ from gradcli.cli.options import (
     detector_options,
 )
 from gradcli.errors import BadInputError
-from gradcli.scores.options import SCORE_OPTIONS
 
 
 @app.command(
     epilog="Example: gradcli score --dataset places --method knn --embedding both "
     "--calibrate-on cifar10:test --tpr 0.95 --export places.csv"
 )
-@detector_options(SCORE_OPTIONS, before="batch_size")
+@detector_options("score", before="batch_size")
 def score(
     dataset: Annotated[
         str, typer.Option(help="Dataset spec or the name of an embedding in the store.")
