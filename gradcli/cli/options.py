@@ -156,29 +156,32 @@ def extend(parameters: Parameters, before: str) -> Callable:
     :func:`complete`; until then the command shows its own parameters alone."""
 
     def add(command: Callable) -> Callable:
-        pending = command.__dict__.setdefault("_pending_options", [])
-        if not pending:  # its own parameters, without **options
+        if "_own_signature" not in command.__dict__:  # its own parameters, without **options
             own = inspect.signature(command, eval_str=True)
-            command.__signature__ = own.replace(  # type: ignore[attr-defined]
+            command._own_signature = own.replace(  # type: ignore[attr-defined]
                 parameters=[p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
             )
-        pending.append((parameters, before))
+            command._added_options = []  # type: ignore[attr-defined]
+            command.__signature__ = command._own_signature  # type: ignore[attr-defined]
+        command._added_options.append((parameters, before))  # type: ignore[attr-defined]
         return command
 
     return add
 
 
 def complete(command: Callable) -> None:
-    """Build the parameters :func:`extend` added to ``command`` (once)."""
-    pending = command.__dict__.pop("_pending_options", [])
-    for parameters, before in pending:
-        signature = inspect.signature(command)
+    """Give ``command`` the parameters :func:`extend` added to it, built from their
+    declarations as they are now."""
+    signature = command.__dict__.get("_own_signature")
+    for parameters, before in command.__dict__.get("_added_options", []):
         own = list(signature.parameters.values())
         at = [p.name for p in own].index(before)
         listed = [*own[:at], *parameters(), *own[at:]]
-        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        signature = signature.replace(
             parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in listed]
         )
+    if signature is not None:
+        command.__signature__ = signature  # type: ignore[attr-defined]
 
 
 def detector_options(stage: str, before: str) -> Callable:

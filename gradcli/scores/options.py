@@ -167,7 +167,7 @@ def _check(self) -> None:
 def _for_method(self, method: str) -> dict:
     """The options of ``method``'s detector, by its own parameter names."""
     config = {}
-    for option in FIT_OPTIONS:
+    for option in self.declared:
         if method in option.methods:
             value = getattr(self, option.name)
             if not (option.omit_default and value == option.default):
@@ -175,13 +175,21 @@ def _for_method(self, method: str) -> dict:
     return config
 
 
-DetectorOptions = make_dataclass(
-    "DetectorOptions",
-    [(o.name, o.annotation, field(default=o.default)) for o in FIT_OPTIONS],
-    namespace={
-        "__doc__": "Options of the fitted detectors, recorded with them (fields: ``OPTIONS``).",
-        "__post_init__": _check,
-        "for_method": _for_method,
-    },
-)
-DetectorOptions.__module__ = __name__
+def options_class(options: tuple[DetectorOption, ...]) -> type:
+    """The record of ``options``: a dataclass with a field per option (the detector's type
+    and default), checked on creation, with ``for_method``."""
+    cls = make_dataclass(
+        "DetectorOptions",
+        [(o.name, o.annotation, field(default=o.default)) for o in options],
+        namespace={
+            "__doc__": "Options of the fitted detectors, recorded with them (fields: OPTIONS).",
+            "__post_init__": _check,
+            "for_method": _for_method,
+            "declared": options,
+        },
+    )
+    cls.__module__ = __name__
+    return cls
+
+
+DetectorOptions = options_class(FIT_OPTIONS)
