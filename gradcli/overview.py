@@ -8,18 +8,44 @@ reconstruction error ``‖G − G V Vᵀ‖ / ‖G‖`` (the paper's Tables 2 an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradcli.distributed import shard_range
 from gradcli.errors import BadInputError, StaleStoreError
-from gradcli.run import Run
 from gradcli.scores.residual import reconstruction_error
+
+if TYPE_CHECKING:  # overview.py reads a Run through its public face; no import back up
+    from gradcli.run import Run
 
 STAGES = ("stats", "subspace", "head")
 # Arrays up to this size are read whole to verify their chunks' checksums; larger ones (a
 # big model's basis) only where inspect reads them anyway.
 VERIFY_MAX_BYTES = 1 << 30
+
+
+def preprocess_summary(run: Run) -> dict | None:
+    """The store model's preprocessing: its fields and a one-line ``text``; None before a
+    model is recorded."""
+    from gradcli.config import Preprocess
+
+    record = (run.store.attrs.get("model") or {}).get("preprocess")
+    return Preprocess.from_dict(record).summary() if record else None
+
+
+def embedding_summary(run: Run, name: str) -> dict:
+    """What the store holds of embedding ``name``: ``rows`` and ``k`` (its reduced gradients'
+    shape), whether it is ``complete``, and ``chunks_done`` of ``chunks`` row chunks."""
+    rows, k = run.store.shape(f"embed/{name}/grad")
+    done = run.store.read(f"embed/{name}/done")
+    return {
+        "rows": rows,
+        "k": k,
+        "complete": run.store.stage_complete(f"embed/{name}"),
+        "chunks_done": int(done.sum()),
+        "chunks": len(done),
+    }
 
 
 def damaged_arrays(run: Run) -> list[dict]:

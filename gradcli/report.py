@@ -6,8 +6,9 @@ import csv
 import html
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -18,8 +19,11 @@ from gradcli import plots
 from gradcli.errors import BadInputError
 from gradcli.metrics import CONVENTIONS
 from gradcli.results import Results
-from gradcli.run import Run
 from gradcli.scores import METHODS
+
+if TYPE_CHECKING:  # report.py is used by run-level code; no import back up at run time
+    from gradcli.run import Run
+    from gradcli.store import RunStore
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
@@ -213,6 +217,52 @@ def merge_results(old_text: str | None, new_text: str) -> str:
     if calibration:
         merged["calibration"] = calibration
     return json.dumps(merged, indent=2)
+
+
+def save_results(
+    store: RunStore | str,
+    results: Results,
+    results_dir: str | Path | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """results.json and results.csv into ``results_dir`` or else the run store itself (a local
+    folder or an object-store URL alike, given open or as its URL); returns the files written,
+    [] on a read-only store without ``results_dir``.
+
+    Results already there for the same ID set and FPR convention are merged with these by
+    (method, embedding, OOD set), the newer replacing the older, so that a run on fewer OOD
+    sets adds to the file instead of truncating it; averages are taken over the merged sets."""
+    from gradcli.store import RunStore
+
+    def as_csv(document: str) -> str:
+        return records_csv(json.loads(document)["results"])
+
+    url = store if isinstance(store, str) else store.url
+    try:
+        if results_dir is None:
+            if isinstance(store, str):
+                store = RunStore(store, create=False, storage_options=storage_options)
+            if store.read_only:
+                return []
+            document = merge_results(store.read_text("results.json"), results_json(results))
+            return [
+                store.write_text("results.json", document),
+                store.write_text("results.csv", as_csv(document)),
+            ]
+        target = Path(results_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        old = target / "results.json"
+        document = merge_results(old.read_text() if old.is_file() else None, results_json(results))
+        (target / "results.json").write_text(document)
+        (target / "results.csv").write_text(as_csv(document))
+        return [str(target / "results.json"), str(target / "results.csv")]
+    except BadInputError:
+        raise
+    except Exception as error:  # OSError locally; fsspec backends raise their own types
+        where = results_dir if results_dir is not None else url
+        fix = "pass another --results-dir" if results_dir is not None else "pass --results-dir"
+        raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
 
 
 def sweep_tables(records: Sequence[dict]) -> list[Table]:

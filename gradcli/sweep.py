@@ -19,6 +19,7 @@ from gradcli.errors import BadInputError
 from gradcli.metrics import evaluate_scores
 from gradcli.scores import DETECTORS, get_detector
 from gradcli.scores.ensemble import ensemble_scores
+from gradcli.scores.options import OPTIONS, DetectorOption
 
 if TYPE_CHECKING:
     from gradcli.run import Run
@@ -36,17 +37,35 @@ class SweepParameter:
     description: str
 
 
-SWEEP_PARAMETERS: dict[str, SweepParameter] = {
-    p.name: p
-    for p in (
-        SweepParameter("k", "k", ("knn",), True, "KNN: which neighbour's distance is the score"),
-        SweepParameter("percentile", "percentile", ("react",), False, "ReAct clip percentile"),
-        SweepParameter("lambda", "lam", ("bats",), False, "BATS truncation width λ"),
-        SweepParameter("temperature", "temperature", ("energy",), False, "energy temperature T"),
-        SweepParameter("d", "clip_dims", ("react", "bats"), True, "ReAct/BATS clipped dims d"),
-    )
-}
-ALIASES = {"T": "temperature", "clip_dims": "d", "clip-dims": "d", "lam": "lambda", "knn_k": "k"}
+def _swept(options: Sequence[DetectorOption]) -> list[DetectorOption]:
+    return sorted((o for o in options if o.sweep is not None), key=lambda o: o.sweep.position)
+
+
+def sweep_parameters(options: Sequence[DetectorOption]) -> dict[str, SweepParameter]:
+    """The sweepable parameters of the detector options that declare a sweep, in order."""
+    return {
+        o.sweep.name: SweepParameter(
+            o.sweep.name, o.parameter, o.methods, o.integer, o.sweep.description
+        )
+        for o in _swept(options)
+    }
+
+
+def sweep_aliases(options: Sequence[DetectorOption]) -> dict[str, str]:
+    """Other spellings of the sweepable parameters, to their names."""
+    return {alias: o.sweep.name for o in _swept(options) for alias in o.sweep.aliases}
+
+
+def sweep_help(options: Sequence[DetectorOption]) -> str:
+    """The help of ``--sweep``: the sweepable parameters and what they set."""
+    labels = ", ".join(o.sweep.label for o in _swept(options))
+    return f"PARAMETER=V1,V2,... over stored embeddings: {labels}; repeat for several."
+
+
+# Derived from the detector options' one declaration (gradcli.scores.options.OPTIONS)
+SWEEP_PARAMETERS: dict[str, SweepParameter] = sweep_parameters(OPTIONS)
+ALIASES = sweep_aliases(OPTIONS)
+SWEEP_HELP = sweep_help(OPTIONS)
 
 
 def _parameter(name: str) -> SweepParameter:

@@ -493,12 +493,12 @@ def test_devices_other_than_cpu_and_cuda_are_refused(ready, tiny, cli):
 
 
 def test_ctrl_c_before_the_stop_handler_is_installed_exits_130(ready, cli, monkeypatch):
-    from gradcli import cli as cli_module
+    from gradcli.cli import common
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "_open_run", interrupted)
+    monkeypatch.setattr(common, "open_run", interrupted)
     _fails(
         cli,
         130,

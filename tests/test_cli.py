@@ -753,3 +753,95 @@ def test_every_command_the_package_and_readme_suggest_has_its_flags():
                 assert flag in _params(command), (path.name, match.group(0))
                 checked += 1
     assert checked > 50
+
+
+# -- option declarations -----------------------------------------------------------------------
+
+
+def _defaults(command: str) -> dict:
+    """Each parameter of a gradcli command and its default, as Typer built them."""
+    from gradcli.cli import _command
+
+    return {p.name: p.default for p in _command().commands[command].params}
+
+
+def test_cli_defaults_are_the_option_records_and_detectors_defaults():
+    import dataclasses
+    import inspect
+
+    from gradcli.cli.options import HEAD_FLAGS, head_parameter
+    from gradcli.head import HeadOptions
+    from gradcli.scores import DETECTORS, INPUT_DETECTORS, get_detector
+    from gradcli.scores.options import OPTIONS, DetectorOptions
+
+    fit = _defaults("fit-head")
+    for field in dataclasses.fields(DetectorOptions):
+        assert fit[field.name] == field.default, field.name
+    head = {field.name: field.default for field in dataclasses.fields(HeadOptions)}
+    for name in HEAD_FLAGS:
+        assert fit[head_parameter(name)] == head[name], name
+    for command in ("score", "evaluate"):
+        defaults = _defaults(command)
+        for option in (o for o in OPTIONS if o.stage == "score"):
+            assert defaults[option.name] == option.default, (command, option.name)
+    for option in OPTIONS:  # each default is its detectors' own
+        for method in option.methods:
+            cls = DETECTORS.get(method) or INPUT_DETECTORS[method]
+            assert inspect.signature(cls).parameters[option.parameter].default == option.default
+    for method, cls in DETECTORS.items():  # the record configures each detector as its defaults
+        configured = get_detector(method, **DetectorOptions().for_method(method))
+        assert configured.config() == cls().config(), method
+    # and the values the flags always had
+    assert {k: fit[k] for k in ("knn_k", "react_percentile", "bats_lambda", "clip_rule")} == {
+        "knn_k": 50,
+        "react_percentile": 90.0,
+        "bats_lambda": 1.0,
+        "clip_rule": "paper",
+    }
+    assert (fit["lr"], fit["head_batch_size"], fit["min_steps"], fit["weight_decay"]) == (
+        0.1,
+        128,
+        2000,
+        1e-2,
+    )
+    assert (fit["momentum"], fit["seed"], fit["epochs"], fit["knn_normalise"]) == (
+        0.9,
+        0,
+        None,
+        True,
+    )
+    assert (_defaults("score")["odin_temperature"], _defaults("evaluate")["odin_epsilon"]) == (
+        1000.0,
+        0.0014,
+    )
+
+
+def test_every_command_shares_one_debug_store_and_json_option():
+    from gradcli.cli import _command
+
+    for name, command in _command().commands.items():
+        params = {p.name: p for p in command.params}
+        debug = params["debug"]
+        assert debug.opts == ["--debug"] and debug.is_eager and debug.callback, name
+        assert "Show tracebacks" in debug.help, name
+        if "store" in params and name != "demo":
+            assert params["store"].envvar == "GRADCLI_STORE", name
+
+
+def test_debug_is_the_option_not_a_word_of_the_command_line(tmp_path, tiny, cli):
+    missing = ["embed", "--dataset", tiny.test, "--store", tmp_path / "none"]
+    as_value = cli(*missing, "--name", "--debug")  # the value of --name, not the flag
+    _one_line_error(as_value, 2, "error: no run store")
+    repeated = cli(*missing, "--seed", "1", "--seed", "2", "--debug")  # refused before parsing
+    assert repeated.code == 2 and "Traceback" in repeated.err
+    assert repeated.err.strip().splitlines()[-1] == "error: --seed given twice; give it once"
+
+
+def test_the_cli_imports_no_torch_until_a_command_needs_it():
+    code = (
+        "import sys; from gradcli.cli import main, _command; assert main(['version']) == 0; "
+        "_command(''); assert 'torch' not in sys.modules, 'torch'; "
+        "_command('fit-head'); assert 'torch' in sys.modules"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -59,3 +59,34 @@ def test_damaged_arrays_are_the_chunks_that_fail_to_decode(tmp_path):
     assert [d["array"] for d in found] == ["embed/a/grad"]
     assert found[0]["rows"] == expected
     assert "gradcli embed --overwrite --name a --dataset npz:/a.npz" in found[0]["fix"]
+
+
+def test_embedding_summary_counts_rows_width_and_done_chunks(tmp_path):
+    from types import SimpleNamespace
+
+    from gradcli.overview import embedding_summary
+    from gradcli.store import RunStore
+
+    store = RunStore(str(tmp_path / "s"))
+    store.open_stage("embed/a", {"dataset": "npz:/a.npz"})
+    store.write("embed/a/grad", np.zeros((15, 4), np.float32), chunk_rows=4)
+    done = np.array([1, 0, 1, 1], dtype=bool)  # 15 rows in chunks of 4: 4 chunks, 3 done
+    store.write("embed/a/done", done, chunk_rows=1)
+    run = SimpleNamespace(store=store)
+    expected = {"rows": 15, "k": 4, "complete": False, "chunks_done": 3, "chunks": 4}
+    assert embedding_summary(run, "a") == expected
+    store.complete_stage("embed/a")
+    assert embedding_summary(run, "a") == {**expected, "complete": True}
+
+
+def test_preprocess_summary_is_none_before_a_model_and_the_record_after(tmp_path):
+    from types import SimpleNamespace
+
+    from gradcli.config import Preprocess
+    from gradcli.overview import preprocess_summary
+
+    assert preprocess_summary(SimpleNamespace(store=SimpleNamespace(attrs={}))) is None
+    record = Preprocess(input_size=(28, 28), channels=1, mean=(0.5,), std=(0.25,)).to_dict()
+    store = SimpleNamespace(attrs={"model": {"preprocess": record}})
+    found = preprocess_summary(SimpleNamespace(store=store))
+    assert found == Preprocess.from_dict(record).summary() and found["text"]

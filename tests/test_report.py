@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from gradcli.errors import BadInputError
 from gradcli.models import load_model
+from gradcli.results import Results
 from gradcli.store import RunStore
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -242,3 +245,55 @@ def test_results_tables_fit_80_columns_and_show_every_number():
         want = [f"{100 * per_set[o][m]:.2f}" for o in oods for m in ("fpr95", "auroc")]
         want += [f"{100 * np.mean([per_set[o][m] for o in oods]):.2f}" for m in ("fpr95", "auroc")]
         assert cells[labels[emb]][method] == want, (method, emb)
+
+
+def _results(ood: dict[str, float]) -> Results:
+    rows = {
+        ("knn", "grad"): {name: dict.fromkeys(METRIC_NAMES, value) for name, value in ood.items()}
+    }
+    return Results(id_name="id", ood_names=list(ood), rows=rows)
+
+
+METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+def test_save_results_merges_by_ood_set_into_a_folder_or_the_store(tmp_path):
+    from gradcli.report import save_results
+    from gradcli.store import RunStore
+
+    first, second = _results({"a": 0.1, "b": 0.2}), _results({"b": 0.4})
+    folder = tmp_path / "out"
+    assert save_results("unused", first, folder) == [
+        str(folder / "results.json"),
+        str(folder / "results.csv"),
+    ]
+    save_results("unused", second, folder)  # b replaced, a kept
+    store = RunStore(str(tmp_path / "run"))
+    for results in (first, second):
+        written = save_results(store, results)
+    assert [w.rsplit("/", 1)[-1] for w in written] == ["results.json", "results.csv"]
+    by_url = tmp_path / "by-url"
+    RunStore(str(by_url)).write_text("notes.txt", "a store made")
+    save_results(str(by_url), first)
+    save_results(str(by_url), second)
+    for text in (
+        (folder / "results.json").read_text(),
+        store.read_text("results.json"),
+        (by_url / "results.json").read_text(),
+    ):
+        records = json.loads(text)["results"]
+        fpr = {r["ood"]: r["fpr95"] for r in records}
+        assert fpr == {"a": 0.1, "b": 0.4, "average": pytest.approx((0.1 + 0.4) / 2)}
+    rows = list(csv.DictReader(io.StringIO((folder / "results.csv").read_text())))
+    assert {row["ood"] for row in rows} == {"a", "b", "average"}
+
+
+def test_save_results_into_an_unwritable_folder_is_a_one_line_error(tmp_path):
+    from gradcli.report import save_results
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(
+        BadInputError, match="cannot write results to .*; pass another --results-dir"
+    ):
+        save_results("unused", _results({"a": 0.1}), afile / "sub")

@@ -124,3 +124,54 @@ def _auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
     labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
+
+
+def test_a_new_detector_option_is_one_table_entry(monkeypatch):
+    """A detector option declared in OPTIONS alone becomes a field of the options record with
+    the detector's default, goes to that detector, is sweepable and is a fit-head flag."""
+    import dataclasses
+    from importlib import import_module
+
+    from gradcli.cli import _command
+    from gradcli.scores import DETECTORS, KNN
+    from gradcli.scores import options as options_module
+    from gradcli.scores.options import OPTIONS, DetectorOption, Sweep, options_class
+    from gradcli.sweep import sweep_aliases, sweep_help, sweep_parameters
+
+    class WideKNN(KNN):
+        """KNN with one more option (a stand-in for a new detector's)."""
+
+        name = "wideknn"
+        option_names = (*KNN.option_names, "width")
+
+        def __init__(self, k: int = 50, normalise: bool = True, width: int = 7) -> None:
+            super().__init__(k, normalise)
+            self.width = width
+
+    monkeypatch.setitem(DETECTORS, "wideknn", WideKNN)
+    entry = DetectorOption(
+        "wideknn_width",
+        ("wideknn",),
+        "width",
+        "WideKNN: the width.",
+        sweep=Sweep("width", "width (wideknn)", "WideKNN width", ("w",), 5),
+    )
+    table = (*OPTIONS, entry)
+    record = options_class(table)
+    field = {f.name: f for f in dataclasses.fields(record)}["wideknn_width"]
+    assert (field.default, field.type) == (7, int)
+    assert record().for_method("wideknn") == {"width": 7}
+    assert record(wideknn_width=3).for_method("wideknn") == {"width": 3}
+    assert record().for_method("knn") == {"k": 50}  # the others as before
+    parameter = sweep_parameters(table)["width"]
+    assert (parameter.option, parameter.methods, parameter.integer) == ("width", ("wideknn",), True)
+    assert sweep_aliases(table)["w"] == "width" and "width (wideknn)" in sweep_help(table)
+    app = import_module("gradcli.cli.app")  # the module (gradcli.cli.app is the Typer app)
+    monkeypatch.setattr(options_module, "OPTIONS", table)
+    monkeypatch.setattr(app, "_COMMANDS", {})
+    params = {p.name: p for p in _command("fit-head").commands["fit-head"].params}
+    assert params["wideknn_width"].opts == ["--wideknn-width"]
+    assert params["wideknn_width"].default == 7
+    monkeypatch.undo()
+    app._COMMANDS.clear()  # the command tree of the real table again
+    assert "wideknn_width" not in {p.name for p in _command().commands["fit-head"].params}
