@@ -84,6 +84,9 @@ class Stage:
     group: str
     command: str
     inputs: tuple[str, ...] = ()
+    # derived stages are written again whenever their command runs: deleting them is their
+    # repair; the others are rewritten by their command's --overwrite
+    derived: bool = False
 
 
 STAGES = {
@@ -94,11 +97,11 @@ STAGES = {
         Stage(EMBED, "embed", (SUBSPACE,)),
         Stage(HEAD, "fit-head", (EMBED,)),
         Stage(DETECTORS, "fit-head", (HEAD, EMBED)),
-        Stage(SCORES, "score", (DETECTORS, HEAD, EMBED)),
-        Stage(SCORES_PARTS, "score", (DETECTORS, HEAD, EMBED)),
-        Stage(CALIBRATION, "score", (SCORES,)),
-        Stage(FLAGS, "score", (CALIBRATION,)),
-        Stage(RESULTS, "evaluate", (SCORES,)),
+        Stage(SCORES, "score", (DETECTORS, HEAD, EMBED), derived=True),
+        Stage(SCORES_PARTS, "score", (DETECTORS, HEAD, EMBED), derived=True),
+        Stage(CALIBRATION, "score", (SCORES,), derived=True),
+        Stage(FLAGS, "score", (CALIBRATION,), derived=True),
+        Stage(RESULTS, "evaluate", (SCORES,), derived=True),
     )
 }
 
@@ -127,6 +130,19 @@ def dependants(path: str) -> tuple[str, ...]:
     if group == EMBED:
         return (scores(name), score_parts(name), f"{FLAGS}/{name}")
     return ()
+
+
+def overwritten_by(path: str) -> str | None:
+    """The command whose ``--overwrite`` recomputes the stage holding ``path`` (None for a
+    derived stage or a path outside every stage)."""
+    spec = STAGES.get(path.partition("/")[0])
+    return spec.command if spec and not spec.derived else None
+
+
+def is_derived(path: str) -> bool:
+    """Whether ``path`` lies in a derived stage (scores, calibration, flags, results)."""
+    spec = STAGES.get(path.partition("/")[0])
+    return bool(spec and spec.derived)
 
 
 def rewritten_by(path: str) -> str | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gradcli import layout
 from gradcli.distributed import shard_range
 from gradcli.errors import BadInputError, StaleStoreError
 from gradcli.scores.residual import reconstruction_error
@@ -19,7 +20,7 @@ from gradcli.scores.residual import reconstruction_error
 if TYPE_CHECKING:  # overview.py reads a Run through its public face; no import back up
     from gradcli.run import Run
 
-STAGES = ("stats", "subspace", "head")
+STAGES = (layout.STATS, layout.SUBSPACE, layout.HEAD)
 # Arrays up to this size are read whole to verify their chunks' checksums; larger ones (a
 # big model's basis) only where inspect reads them anyway.
 VERIFY_MAX_BYTES = 1 << 30
@@ -37,12 +38,12 @@ def preprocess_summary(run: Run) -> dict | None:
 def embedding_summary(run: Run, name: str) -> dict:
     """What the store holds of embedding ``name``: ``rows`` and ``k`` (its reduced gradients'
     shape), whether it is ``complete``, and ``chunks_done`` of ``chunks`` row chunks."""
-    rows, k = run.store.shape(f"embed/{name}/grad")
-    done = run.store.read(f"embed/{name}/done")
+    rows, k = run.store.shape(layout.embedding(name, "grad"))
+    done = run.store.read(layout.embedding(name, "done"))
     return {
         "rows": rows,
         "k": k,
-        "complete": run.store.stage_complete(f"embed/{name}"),
+        "complete": run.store.stage_complete(layout.embedding(name)),
         "chunks_done": int(done.sum()),
         "chunks": len(done),
     }
@@ -72,12 +73,12 @@ def spectrum_of(run: Run) -> dict | None:
     """The subspace's method and K and, for PCA, its eigenvalues with the explained and
     cumulative variance shares; ``None`` before the subspace is complete."""
     store = run.store
-    if not store.stage_complete("subspace"):
+    if not store.stage_complete(layout.SUBSPACE):
         return None
-    sub = store.group_attrs("subspace")
+    sub = store.group_attrs(layout.SUBSPACE)
     spectrum = {"method": sub["provenance"]["method"], "k": sub.get("k")}
-    if store.has("subspace/eigenvalues") and not store.damaged_rows("subspace/eigenvalues"):
-        values = store.read("subspace/eigenvalues").astype(np.float64)
+    if store.has(layout.EIGENVALUES) and not store.damaged_rows(layout.EIGENVALUES):
+        values = store.read(layout.EIGENVALUES).astype(np.float64)
         total = float(sub.get("total_variance") or values.sum())
         spectrum.update(
             eigenvalues=values.tolist(),
@@ -121,9 +122,9 @@ def describe(run: Run) -> dict:
                     if name != "state"
                 },
             }
-    if store.has("subspace/state"):
-        state = store.group_attrs("subspace/state")
-        report["stages"]["subspace"]["resume_point"] = {
+    if store.has(layout.SUBSPACE_STATE):
+        state = store.group_attrs(layout.SUBSPACE_STATE)
+        report["stages"][layout.SUBSPACE]["resume_point"] = {
             "iteration": state.get("iteration"),
             "batch": state.get("cursor"),
         }
@@ -131,7 +132,7 @@ def describe(run: Run) -> dict:
     if spectrum is not None:
         report["spectrum"] = spectrum
     for name in run.embedding_names():
-        path = f"embed/{name}"
+        path = layout.embedding(name)
         attrs_e = store.group_attrs(path)
         info = {
             "dataset": attrs_e.get("provenance", {}).get("dataset"),

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import html
 import io
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from gradcli import plots
+from gradcli import layout, plots
 from gradcli.errors import BadInputError
 from gradcli.metrics import CONVENTIONS
 from gradcli.results import Results
@@ -23,9 +20,7 @@ from gradcli.scores import METHODS
 
 if TYPE_CHECKING:  # report.py is used by run-level code; no import back up at run time
     from gradcli.run import Run
-    from gradcli.store import RunStore
 
-METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
 LOWER_IS_BETTER = {"fpr95"}
 EMBEDDING_LABELS = {"feat": "feature", "grad": "gradient", "ensemble": "ensemble"}
@@ -126,143 +121,6 @@ def _acceptance_text(results: Results, key: tuple[str, str]) -> str:
     if entry.get("stale"):
         return "stale"
     return f"{100 * entry['id_acceptance']:.2f}"
-
-
-def results_json(results: Results) -> str:
-    """The full results as a JSON document (fractions, not percentages)."""
-    document = {
-        "id": results.id_name,
-        "ood": results.ood_names,
-        "convention": results.convention,
-        "convention_text": CONVENTIONS[results.convention],
-        "head_accuracy": results.head_accuracy,
-        "results": results.to_records(),
-    }
-    if results.settings:
-        document["settings"] = results.settings
-    if results.calibration:
-        document["calibration"] = results.calibration
-    if results.sweeps:
-        document["sweeps"] = results.sweeps
-    return json.dumps(document, indent=2)
-
-
-def results_csv(results: Results) -> str:
-    """One row per (method, embedding, OOD set or 'average')."""
-    return records_csv(results.to_records())
-
-
-def records_csv(records: Sequence[dict]) -> str:
-    """One CSV row per flat results record (see :meth:`Results.to_records`)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["method", "embedding", "ood", *METRICS])
-    writer.writeheader()
-    for record in records:
-        writer.writerow({k: record.get(k) for k in writer.fieldnames})
-    return buffer.getvalue()
-
-
-def _mergeable(old: dict, new: dict) -> bool:
-    """Whether two results documents scored with the same ID set, convention and settings
-    (alpha, ODIN, subspace, head and the detectors both evaluated), so that their rows can
-    share one file."""
-    if (old.get("id"), old.get("convention")) != (new.get("id"), new.get("convention")):
-        return False
-    old_settings, new_settings = old.get("settings") or {}, new.get("settings") or {}
-    plain = [k for k in new_settings if k != "detectors"]
-    if any(old_settings.get(k) != new_settings[k] for k in plain):
-        return False
-    old_detectors = old_settings.get("detectors") or {}
-    new_detectors = new_settings.get("detectors") or {}
-    return all(old_detectors[k] == new_detectors[k] for k in old_detectors.keys() & new_detectors)
-
-
-def merge_results(old_text: str | None, new_text: str) -> str:
-    """The results document ``new_text`` merged into ``old_text``: records keyed by (method,
-    embedding, ood), the new ones replacing old ones, averages recomputed per (method,
-    embedding) over its OOD sets. An unreadable old document, or one scored with another ID
-    set, FPR convention or settings, is replaced; sweeps are the new run's alone."""
-    new = json.loads(new_text)
-    try:
-        old = json.loads(old_text) if old_text else None
-    except json.JSONDecodeError:
-        old = None
-    if not isinstance(old, dict) or not isinstance(old.get("results"), list):
-        return new_text
-    if not _mergeable(old, new):
-        return new_text
-
-    def key(record: dict) -> tuple[str, str, str]:
-        return record["method"], record["embedding"], record["ood"]
-
-    rows = {key(r): r for r in old["results"] if r.get("ood") != "average"}
-    rows.update({key(r): r for r in new["results"] if r["ood"] != "average"})
-    oods = list(dict.fromkeys([*old.get("ood", []), *new["ood"], *(k[2] for k in rows)]))
-    records = []
-    for method, embedding in dict.fromkeys(k[:2] for k in rows):
-        mine = [rows[(method, embedding, o)] for o in oods if (method, embedding, o) in rows]
-        records += mine
-        average = {m: float(np.mean([r[m] for r in mine])) for m in METRICS if m in mine[0]}
-        records.append({"method": method, "embedding": embedding, "ood": "average", **average})
-    merged = {k: v for k, v in old.items() if k != "sweeps"}
-    merged.update({**new, "ood": oods, "results": records})
-    settings = {**(old.get("settings") or {}), **(new.get("settings") or {})}
-    if settings:
-        detectors = {
-            **(old.get("settings") or {}).get("detectors", {}),
-            **(new.get("settings") or {}).get("detectors", {}),
-        }
-        merged["settings"] = {**settings, "detectors": detectors}
-    calibration = {**old.get("calibration", {}), **new.get("calibration", {})}
-    if calibration:
-        merged["calibration"] = calibration
-    return json.dumps(merged, indent=2)
-
-
-def save_results(
-    store: RunStore | str,
-    results: Results,
-    results_dir: str | Path | None = None,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """results.json and results.csv into ``results_dir`` or else the run store itself (a local
-    folder or an object-store URL alike, given open or as its URL); returns the files written,
-    [] on a read-only store without ``results_dir``.
-
-    Results already there for the same ID set and FPR convention are merged with these by
-    (method, embedding, OOD set), the newer replacing the older, so that a run on fewer OOD
-    sets adds to the file instead of truncating it; averages are taken over the merged sets."""
-    from gradcli.store import RunStore
-
-    def as_csv(document: str) -> str:
-        return records_csv(json.loads(document)["results"])
-
-    url = store if isinstance(store, str) else store.url
-    try:
-        if results_dir is None:
-            if isinstance(store, str):
-                store = RunStore(store, create=False, storage_options=storage_options)
-            if store.read_only:
-                return []
-            document = merge_results(store.read_text("results.json"), results_json(results))
-            return [
-                store.write_text("results.json", document),
-                store.write_text("results.csv", as_csv(document)),
-            ]
-        target = Path(results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        old = target / "results.json"
-        document = merge_results(old.read_text() if old.is_file() else None, results_json(results))
-        (target / "results.json").write_text(document)
-        (target / "results.csv").write_text(as_csv(document))
-        return [str(target / "results.json"), str(target / "results.csv")]
-    except BadInputError:
-        raise
-    except Exception as error:  # OSError locally; fsspec backends raise their own types
-        where = results_dir if results_dir is not None else url
-        fix = "pass another --results-dir" if results_dir is not None else "pass --results-dir"
-        raise BadInputError(f"cannot write results to {where}: {error}; {fix}") from None
 
 
 def sweep_tables(records: Sequence[dict]) -> list[Table]:
@@ -385,9 +243,9 @@ def _sweep_markdown(records: Sequence[dict], parameter: str) -> str:
 
 def check_density_dim(run: Run, dim: int) -> int:
     """``dim`` when it names a dimension of the store's reduced gradients, else an error."""
-    if not run.store.stage_complete("subspace"):
+    if not run.store.stage_complete(layout.SUBSPACE):
         return dim  # the evaluation itself will say that extract-subspace comes first
-    k = int(run.store.shape("subspace/basis")[1])
+    k = int(run.store.shape(layout.BASIS)[1])
     if not 0 <= dim < k:
         raise BadInputError(
             f"--density-dim {dim} is out of range: the reduced gradient has K={k} dimensions, "

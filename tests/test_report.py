@@ -258,7 +258,7 @@ METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 
 def test_save_results_merges_by_ood_set_into_a_folder_or_the_store(tmp_path):
-    from gradcli.report import save_results
+    from gradcli.results import save_results
     from gradcli.store import RunStore
 
     first, second = _results({"a": 0.1, "b": 0.2}), _results({"b": 0.4})
@@ -289,7 +289,7 @@ def test_save_results_merges_by_ood_set_into_a_folder_or_the_store(tmp_path):
 
 
 def test_save_results_into_an_unwritable_folder_is_a_one_line_error(tmp_path):
-    from gradcli.report import save_results
+    from gradcli.results import save_results
 
     afile = tmp_path / "afile"
     afile.write_text("")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradcli.errors import BadInputError
-from gradcli.sweep import SWEEP_PARAMETERS, check_sweep_dims, check_sweeps, parse_sweep
+from gradcli.stages.sweep import SWEEP_PARAMETERS, check_sweep_dims, check_sweeps, parse_sweep
 
 
 def test_parse_and_check_give_canonical_names_and_values():
@@ -136,7 +136,7 @@ def test_a_new_detector_option_is_one_table_entry(monkeypatch):
     from gradcli.scores import DETECTORS, KNN
     from gradcli.scores import options as options_module
     from gradcli.scores.options import OPTIONS, DetectorOption, Sweep, options_class
-    from gradcli.sweep import sweep_aliases, sweep_help, sweep_parameters
+    from gradcli.stages.sweep import sweep_aliases, sweep_help, sweep_parameters
 
     class WideKNN(KNN):
         """KNN with one more option (a stand-in for a new detector's)."""

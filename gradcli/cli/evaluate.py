@@ -39,8 +39,8 @@ from gradcli.errors import BadInputError
 
 
 def _sweep_parameter() -> inspect.Parameter:
-    """``--sweep``, whose help lists the sweepable options (:data:`gradcli.sweep.SWEEP_HELP`)."""
-    from gradcli.sweep import SWEEP_HELP
+    """``--sweep``, whose help lists the sweepable options (``SWEEP_HELP`` of the sweep stage)."""
+    from gradcli.stages.sweep import SWEEP_HELP
 
     option = typer.Option(metavar="PARAM=VALUES", help=SWEEP_HELP)
     return inspect.Parameter(
@@ -103,15 +103,9 @@ def evaluate(
     sweep: list[str] | None = detector.pop("sweep")
     from gradcli.metrics import CONVENTIONS
     from gradcli.overview import preprocess_summary
-    from gradcli.report import (
-        check_density_dim,
-        results_json,
-        results_tables,
-        save_results,
-        sweep_tables,
-        write_report,
-    )
-    from gradcli.sweep import check_sweeps, parse_sweep
+    from gradcli.report import check_density_dim, results_tables, sweep_tables, write_report
+    from gradcli.results import results_json, save_results
+    from gradcli.stages.sweep import check_sweeps, parse_sweep
 
     id_dataset = parse.one_of(id_dataset, id_alias, "--id-test", "--id")
     if fpr_convention not in CONVENTIONS:

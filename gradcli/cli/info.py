@@ -183,7 +183,8 @@ def demo(
     """The built-in offline benchmark: a small CNN on MNIST digits against every offline OOD set."""
     from gradcli.demo import ID_TEST, ID_TRAIN, run_demo, skipped_ood_sets
     from gradcli.progress import NullProgress, RichProgress
-    from gradcli.report import results_json, results_tables, save_results
+    from gradcli.report import results_tables
+    from gradcli.results import results_json, save_results
 
     progress = NullProgress() if quiet else RichProgress(err)
     skipped = skipped_ood_sets()

@@ -4,7 +4,7 @@ sets and its help; its default and type are the detector's own (its constructor'
 Everything else is derived from that one table: the :class:`DetectorOptions` record fit-head
 keeps with every detector it configured (its fields), ``DetectorOptions.for_method``, the CLI
 flags of fit-head, score and evaluate (:mod:`gradcli.cli.options`) and the sweepable parameters
-of :mod:`gradcli.sweep`. A new detector option is one entry here (plus the detector's own
+of :mod:`gradcli.stages.sweep`. A new detector option is one entry here (plus the detector's own
 constructor parameter, named in its ``option_names``).
 """
 

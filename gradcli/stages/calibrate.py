@@ -1,4 +1,6 @@
-"""The calibrate stage."""
+"""Calibration: the threshold λ that accepts a chosen share of held-out ID data, stored per
+score under ``calibration/<key>`` and used to flag samples (``flags/<name>/<key>``).
+"""
 
 from __future__ import annotations
 

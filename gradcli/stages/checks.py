@@ -1,4 +1,6 @@
-"""The checks stage."""
+"""Checks of options and names shared by the stages and the CLI: each refuses bad input with a
+one-line error before any pass over the data starts.
+"""
 
 from __future__ import annotations
 

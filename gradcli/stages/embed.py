@@ -1,4 +1,8 @@
-"""The embed stage."""
+"""The embed stage: reduced gradients ``G(x)·V`` (N, K), their norms, features, logits and
+labels of one dataset under ``embed/<name>``, in row chunks that resume after a kill and that
+concurrent shards fill disjointly. A basis beyond the memory budget is applied in parameter
+blocks, one pass each, with partial sums kept in the store.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The embeddings stage."""
+"""Stored embeddings by name or dataset spec: which exist, what they were made from, loading
+them, and embedding a dataset on demand when a later stage needs it.
+"""
 
 from __future__ import annotations
 

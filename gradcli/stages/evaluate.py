@@ -1,4 +1,6 @@
-"""The evaluate stage."""
+"""The evaluate stage: scores of the ID test set and each OOD set, their metrics (FPR95, AUROC,
+AUPR-In/Out) under ``results/<ood>``, and optional detector-option sweeps.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from gradcli.stages import fit as fit_stage
 from gradcli.stages import score as score_stage
 from gradcli.stages.checks import check_alpha, check_batch_size, check_embeddings, name_list
 from gradcli.stages.context import RunContext
+from gradcli.stages.sweep import check_sweep_dims, check_sweeps, run_sweeps
 
 
 def evaluate(
@@ -45,10 +48,9 @@ def evaluate(
 
     Scores with a calibrated threshold λ also report the realised acceptance at λ of the
     ID test set and of each OOD set (``Results.calibration``). ``sweeps`` maps a detector
-    option (see :data:`gradcli.sweep.SWEEP_PARAMETERS`) to values tried on the stored
+    option (see :data:`gradcli.stages.sweep.SWEEP_PARAMETERS`) to values tried on the stored
     embeddings (``Results.sweeps``).
     """
-    from gradcli.sweep import check_sweep_dims, check_sweeps, run_sweeps
 
     run.store.require()  # a store never made: say so, make nothing
     if isinstance(ood, str | os.PathLike):

@@ -1,4 +1,6 @@
-"""The fit stage."""
+"""The fit stage: the BN→FC head trained on the training embeddings (``head``) and every
+detector fitted on them (``detectors/<kind>/<method>``), each with the options it used.
+"""
 
 from __future__ import annotations
 

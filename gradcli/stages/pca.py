@@ -1,4 +1,6 @@
-"""The pca stage."""
+"""PCA subspace in memory: randomised subspace iteration on ``GᵀG``, one pass over the data per
+iteration, then Rayleigh–Ritz, checkpointed in ``subspace/state`` every few batches.
+"""
 
 from __future__ import annotations
 

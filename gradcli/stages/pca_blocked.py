@@ -1,4 +1,7 @@
-"""The pca_blocked stage."""
+"""PCA in layer blocks, for a P×(K+p) block beyond the memory budget: ``U = G V`` and
+``Y = Gᵀ U`` are formed one parameter block at a time (one data pass per block), with V, Y and U
+kept in the store, so memory is bounded by a block while the result is the same iteration.
+"""
 
 from __future__ import annotations
 

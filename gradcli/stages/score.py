@@ -1,4 +1,7 @@
-"""The score stage."""
+"""The score stage: scores of an embedded dataset for each (method, embedding), stored under
+``scores/<name>`` with the settings they came from, input-gradient scores (ODIN) computed in
+shardable row chunks, and flags under a stored calibration.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The stats stage."""
+"""The stats stage: mean and diagonal variance of the per-sample energy gradients over ID training
+data (plus the class means the AG subspace needs), in one checkpointed pass that resumes
+bitwise and splits across torchrun ranks.
+"""
 
 from __future__ import annotations
 

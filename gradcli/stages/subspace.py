@@ -1,4 +1,6 @@
-"""The subspace stage."""
+"""The subspace stage: ``extract_subspace`` runs the statistics pass, then builds the AG or PCA
+basis ``V`` (P, K) under ``subspace/``, refusing bad options before any pass over the data.
+"""
 
 from __future__ import annotations
 

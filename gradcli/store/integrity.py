@@ -13,6 +13,7 @@ import functools
 
 import zarr
 
+from gradcli import layout
 from gradcli.errors import StaleStoreError
 from gradcli.store.records import PROVENANCE
 
@@ -104,16 +105,15 @@ class Integrity:
     def repair_hint(self, path: str) -> str:
         """What rewrites the stage holding ``path``."""
         stage, _, rest = path.partition("/")
-        if stage == "embed" and rest:
+        command = layout.overwritten_by(path)
+        if stage == layout.EMBED and rest:
             name = rest.split("/", 1)[0]
-            record = self.group_attrs(f"embed/{name}").get(PROVENANCE) or {}
+            record = self.group_attrs(layout.embedding(name)).get(PROVENANCE) or {}
             dataset = record.get("dataset") or "SPEC"
             return f"rerun 'gradcli embed --overwrite --name {name} --dataset {dataset}'"
-        if stage in ("stats", "subspace"):
-            return "rerun 'gradcli extract-subspace ... --overwrite' (or use a new --store)"
-        if stage in ("head", "detectors"):
-            return "rerun 'gradcli fit-head ... --overwrite' (or use a new --store)"
-        if stage in ("scores", "scores_parts", "flags", "calibration", "results"):
+        if command is not None and stage != layout.EMBED:
+            return f"rerun 'gradcli {command} ... --overwrite' (or use a new --store)"
+        if layout.is_derived(path):
             where = "/".join(path.split("/")[:2])
             return f"delete {where} from the store (it is recomputed) and rerun"
         return "restore the store from a copy, or use a new --store"

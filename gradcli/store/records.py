@@ -17,6 +17,7 @@ from typing import Any
 
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
+from gradcli import layout
 from gradcli.errors import StaleStoreError
 from gradcli.store.arrays import _writes
 
@@ -25,19 +26,10 @@ DIGEST = "digest"
 COMPLETE = "complete"
 
 
-_REWRITTEN_BY = {
-    "stats": "extract-subspace",
-    "subspace": "extract-subspace",
-    "embed": "embed",
-    "head": "fit-head",
-    "detectors": "fit-head",
-}
-
-
 def _recompute(path: str, record: Mapping[str, Any], url: str) -> str:
     """How to recompute the stage at ``path``: the command that has --overwrite."""
     stage, _, rest = path.partition("/")
-    command = _REWRITTEN_BY.get(stage)
+    command = layout.overwritten_by(path)
     if command == "embed" and record.get("dataset"):
         return (
             f"recompute it with 'gradcli embed --dataset {record['dataset']} --name {rest} "

@@ -22,7 +22,7 @@ from gradcli.scores.ensemble import ensemble_scores
 from gradcli.scores.options import OPTIONS, DetectorOption
 
 if TYPE_CHECKING:
-    from gradcli.run import Run
+    from gradcli.stages.context import RunContext as Run
 
 
 @dataclass(frozen=True)
