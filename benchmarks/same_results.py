@@ -1,11 +1,12 @@
 """Are two gradcli versions' demo runs the same, bit for bit?
 
-Runs the built-in offline benchmark (``gradcli demo``) with this working tree and with another
-revision of the repository (checked out into a temporary git worktree), each in its own
-process and its own fresh store, then compares the two stores: every array's shape, dtype and
-bytes, every group's and array's attributes, and ``results.json``. Values that only say when or
-by which version a store was written (``created``, ``gradcli_version``, timings) are left out
-of the comparison; the script lists the keys it skipped.
+Runs the built-in offline benchmark (``gradcli demo``, the README's main command) with this
+working tree and with another revision of the repository (checked out into a temporary git
+worktree), each in its own process and its own fresh store, then compares the two stores:
+every array's shape, dtype and bytes, every group's and array's attributes, results.json and
+results.csv. Values that only say when or by which version a store was written (``created``,
+``gradcli_version``, timings) are left out of the comparison; the script lists the keys it
+skipped, and the store's own path is written as ``<store>`` before comparing.
 
 Both runs train the demo CNN from the same seed, so the weights file is compared too.
 
@@ -37,10 +38,11 @@ VOLATILE_KEYS = frozenset({"created", "gradcli_version", "seconds", "elapsed", "
 
 
 def run_demo(tree: Path, store: Path) -> None:
-    """The demo of the package in ``tree`` into ``store``, in a child process."""
+    """``gradcli demo`` of the package in ``tree`` into ``store``, in a child process (as the
+    README runs it: results.json and results.csv are written into the store)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "GRADCLI_PROGRESS_INTERVAL": "3600"}
-    code = f"from gradcli.demo import run_demo; run_demo({str(store)!r})"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tree, env=env)
+    command = [sys.executable, "-m", "gradcli", "demo", "--store", str(store), "--quiet"]
+    subprocess.run(command, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL)
 
 
 def _strip(value, skipped: set[str], store: Path):
@@ -112,12 +114,12 @@ def compare_stores(a: Path, b: Path) -> tuple[list[str], set[str]]:
                 differences.append(f"{path}: bytes differ")
             if _strip(attrs_a, skipped, a) != _strip(attrs_b, skipped, b):
                 differences.append(f"{path}: array attributes differ")
-    for name in ("results.json", "mnist_cnn.pt"):
+    for name in ("results.json", "results.csv", "mnist_cnn.pt"):
         file_a, file_b = a / name, b / name
         if file_a.exists() != file_b.exists():
             differences.append(f"{name}: present in only one store")
         elif file_a.exists():
-            if name.endswith(".json"):
+            if name.endswith(".json"):  # the store's own path may appear in it
                 same = _strip(json.loads(file_a.read_text()), skipped, a) == _strip(
                     json.loads(file_b.read_text()), skipped, b
                 )
@@ -164,7 +166,7 @@ def main() -> int:
         for line in differences:
             print(f"  {line}")
         return 1
-    print(f"same: {arrays} arrays, their attributes and results.json are bitwise equal")
+    print(f"same: {arrays} arrays, their attributes, results.json and results.csv are bitwise equal")
     return 0
 
 

@@ -21,9 +21,9 @@ from gradcli.scores import (
     resolve_methods,
 )
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
-from gradcli.stages import calibrate as calibrate_stage
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import fit as fit_stage
+from gradcli.stages import records
 from gradcli.stages import score as score_stage
 from gradcli.stages.checks import check_alpha, check_batch_size, check_embeddings, name_list
 from gradcli.stages.context import RunContext
@@ -117,7 +117,7 @@ def evaluate(
             layout.result(ood_name), id=id_name, convention=convention, metrics=table, cache=True
         )
     for key, scores in id_scores.items():
-        record = calibrate_stage.calibration(run, key)
+        record = records.calibration(run, key)
         if record is None:
             continue
         threshold = record["threshold"]
@@ -126,7 +126,7 @@ def evaluate(
             "tpr": record["tpr"],
             "calibrated_on": record["dataset"],
         }
-        if record.get("source") != score_stage.source(run, key, alpha, odin):
+        if record.get("source") != records.source(run, key, alpha, odin):
             entry["stale"] = True  # calibrated with other settings: no acceptance to report
         else:
             entry["id_acceptance"] = float(np.mean(scores >= threshold))
