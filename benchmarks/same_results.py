@@ -166,7 +166,7 @@ def main() -> int:
         for line in differences:
             print(f"  {line}")
         return 1
-    print(f"same: {arrays} arrays, their attributes, results.json and results.csv are bitwise equal")
+    print(f"same: {arrays} arrays, their attributes, results.json and results.csv: bitwise equal")
     return 0
 
 

@@ -845,3 +845,33 @@ def test_the_cli_imports_no_torch_until_a_command_needs_it():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_stage_option_defaults_are_the_stage_functions_own():
+    """The CLI's PCA, chunking, seed and α defaults are the library's: both read
+    gradcli.stages.defaults, and the values are the ones users have always had."""
+    import inspect
+
+    from gradcli.run import Run
+
+    for command, function, names in (
+        (
+            "extract-subspace",
+            Run.extract_subspace,
+            ("oversample", "iterations", "checkpoint_every", "seed"),
+        ),
+        ("embed", Run.embed, ("chunk_rows", "seed")),
+        ("score", Run.score, ("alpha",)),
+        ("evaluate", Run.evaluate, ("alpha",)),
+    ):
+        cli = _defaults(command)
+        library = inspect.signature(function).parameters
+        for name in names:
+            assert cli[name] == library[name].default, (command, name)
+    extract = _defaults("extract-subspace")
+    assert (extract["oversample"], extract["iterations"], extract["checkpoint_every"]) == (
+        10,
+        4,
+        50,
+    )
+    assert (_defaults("embed")["chunk_rows"], _defaults("score")["alpha"]) == (512, 1.0)

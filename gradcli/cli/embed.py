@@ -31,6 +31,7 @@ from gradcli.cli.options import (
     Store,
     Workers,
 )
+from gradcli.stages import defaults
 
 
 @app.command(
@@ -47,10 +48,10 @@ def embed(
     max_samples: Annotated[
         int | None, typer.Option(help="Embed a seeded random subset of this size.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset.")] = defaults.SEED,
     chunk_rows: Annotated[
         int, typer.Option(help="Rows per stored chunk: the unit of resuming.")
-    ] = 512,
+    ] = defaults.CHUNK_ROWS,
     batch_size: Batch = None,
     overwrite: Overwrite = False,
     store: Store = DEFAULT_STORE,

@@ -36,6 +36,7 @@ from gradcli.cli.options import (
     extend,
 )
 from gradcli.errors import BadInputError
+from gradcli.stages import defaults
 
 
 def _sweep_parameter() -> inspect.Parameter:
@@ -72,7 +73,7 @@ def evaluate(
     id_alias: Annotated[str | None, typer.Option("--id", hidden=True)] = None,
     method: Method = None,
     embedding: Embedding = None,
-    alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = 1.0,
+    alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = defaults.ALPHA,
     fpr_convention: Annotated[
         str, typer.Option(help="paper (ID positive) or openood (OOD positive).")
     ] = "paper",

@@ -28,6 +28,7 @@ from gradcli.cli.options import (
     Store,
     Workers,
 )
+from gradcli.stages import defaults
 
 
 @app.command(
@@ -56,12 +57,16 @@ def extract_subspace(
             "--k", help="Subspace dimension (pca: required; avg: always classes - 1, leave out)."
         ),
     ] = None,
-    oversample: Annotated[int, typer.Option(help="PCA: extra columns p of the block.")] = 10,
-    iterations: Annotated[int, typer.Option(help="PCA: subspace iterations T.")] = 4,
+    oversample: Annotated[
+        int, typer.Option(help="PCA: extra columns p of the block.")
+    ] = defaults.PCA_OVERSAMPLE,
+    iterations: Annotated[
+        int, typer.Option(help="PCA: subspace iterations T.")
+    ] = defaults.PCA_ITERATIONS,
     checkpoint_every: Annotated[
         int,
         typer.Option(help="Save the statistics' and PCA's progress every this many batches."),
-    ] = 50,
+    ] = defaults.CHECKPOINT_EVERY,
     iteration_dtype: Annotated[
         str,
         typer.Option(
@@ -78,7 +83,9 @@ def extract_subspace(
     no_variance: Annotated[
         bool, typer.Option("--no-variance", help="Do not divide by the gradient std.")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the --max-samples subset and PCA start.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the --max-samples subset and PCA start.")
+    ] = defaults.SEED,
     feature_layer: Annotated[
         str | None, typer.Option(help="Module whose input is the feature vector.")
     ] = None,

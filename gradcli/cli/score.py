@@ -36,6 +36,7 @@ from gradcli.cli.options import (
     detector_options,
 )
 from gradcli.errors import BadInputError
+from gradcli.stages import defaults
 
 
 @app.command(
@@ -51,7 +52,7 @@ def score(
     embedding: Embedding = None,
     alpha: Annotated[
         float, typer.Option(help="Ensemble weight: feature score + alpha * gradient score.")
-    ] = 1.0,
+    ] = defaults.ALPHA,
     calibrate_on: Annotated[
         str | None,
         typer.Option(

@@ -16,8 +16,8 @@ from gradcli.scores import (
     resolve_methods,
 )
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
+from gradcli.stages import defaults, records
 from gradcli.stages import embeddings as embeddings_stage
-from gradcli.stages import records
 from gradcli.stages import score as score_stage
 from gradcli.stages.checks import check_alpha, check_embeddings, name_list
 from gradcli.stages.context import RunContext
@@ -33,7 +33,7 @@ def calibrate(
     tpr: float = 0.95,
     methods: Sequence[str] = BASE_METHODS,
     embeddings: Sequence[str] = layout.SCORE_EMBEDDINGS,
-    alpha: float = 1.0,
+    alpha: float = defaults.ALPHA,
     batch_size: int | None = None,
     odin_temperature: float = ODIN_TEMPERATURE,
     odin_epsilon: float = ODIN_EPSILON,

@@ -16,6 +16,7 @@ import torch
 from gradcli import data as data_mod
 from gradcli import layout
 from gradcli.errors import BadInputError, GradcliError
+from gradcli.stages import defaults
 from gradcli.store import RESERVED_KEYS
 from gradcli.subspace import (
     check_method,
@@ -66,12 +67,12 @@ def check_extract_options(
     *,
     method: str = "avg",
     k: int | None = None,
-    oversample: int = 10,
-    iterations: int = 4,
-    checkpoint_every: int = 50,
+    oversample: int = defaults.PCA_OVERSAMPLE,
+    iterations: int = defaults.PCA_ITERATIONS,
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY,
     iteration_dtype: str = "auto",
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int = defaults.SEED,
     max_samples: int | None = None,
 ) -> None:
     """Validate extract-subspace's options on their own, before a model is loaded or any data

@@ -16,7 +16,7 @@ from gradcli.grads import (
     LayerGradients,
     Projector,
 )
-from gradcli.stages import runner
+from gradcli.stages import defaults, runner
 from gradcli.stages.checks import (
     BASIS_DTYPES,
     check_batch_size,
@@ -26,8 +26,6 @@ from gradcli.stages.checks import (
 )
 from gradcli.stages.context import RunContext
 from gradcli.stages.passes import data_pass
-
-DEFAULT_CHUNK_ROWS = 512
 
 
 def _projector(run: RunContext, start: int, stop: int) -> Projector:
@@ -63,8 +61,8 @@ def embed(
     name: str | None = None,
     batch_size: int | None = None,
     max_samples: int | None = None,
-    seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    seed: int = defaults.SEED,
+    chunk_rows: int = defaults.CHUNK_ROWS,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> str:

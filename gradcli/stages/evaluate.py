@@ -21,9 +21,9 @@ from gradcli.scores import (
     resolve_methods,
 )
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
+from gradcli.stages import defaults, records
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import fit as fit_stage
-from gradcli.stages import records
 from gradcli.stages import score as score_stage
 from gradcli.stages.checks import check_alpha, check_batch_size, check_embeddings, name_list
 from gradcli.stages.context import RunContext
@@ -37,7 +37,7 @@ def evaluate(
     id_dataset: str | None = None,
     methods: Sequence[str] = BASE_METHODS,
     embeddings: Sequence[str] = layout.SCORE_EMBEDDINGS,
-    alpha: float = 1.0,
+    alpha: float = defaults.ALPHA,
     convention: str = "paper",
     batch_size: int | None = None,
     odin_temperature: float = ODIN_TEMPERATURE,

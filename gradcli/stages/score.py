@@ -24,9 +24,9 @@ from gradcli.scores import (
 from gradcli.scores.base import Embedding, Readout
 from gradcli.scores.baselines import ODIN, ODIN_EPSILON, ODIN_TEMPERATURE
 from gradcli.scores.ensemble import ensemble_scores
+from gradcli.stages import defaults, records
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import fit as fit_stage
-from gradcli.stages import records
 from gradcli.stages.checks import (
     check_alpha,
     check_batch_size,
@@ -47,7 +47,7 @@ def score(
     *,
     methods: Sequence[str] = BASE_METHODS,
     embeddings: Sequence[str] = layout.SCORE_EMBEDDINGS,
-    alpha: float = 1.0,
+    alpha: float = defaults.ALPHA,
     batch_size: int | None = None,
     odin_temperature: float = ODIN_TEMPERATURE,
     odin_epsilon: float = ODIN_EPSILON,

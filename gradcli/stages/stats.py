@@ -19,6 +19,7 @@ from gradcli.grads import (
     ParameterSelection,
     sanitise_variance,
 )
+from gradcli.stages import defaults
 from gradcli.stages.checks import check_finite
 from gradcli.stages.context import RunContext
 from gradcli.stages.passes import data_pass
@@ -66,7 +67,7 @@ def compute_statistics(
     batch_size: int | None,
     no_variance: bool = False,
     class_sums: bool = True,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY,
 ) -> None:
     """The statistics pass: mean and centred variance of the gradients (float64), and
     their per-class sums when ``class_sums`` (the AG subspace's; PCA has none).

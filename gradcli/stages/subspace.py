@@ -14,8 +14,8 @@ from gradcli.errors import BadInputError
 from gradcli.grads import (
     select_parameters,
 )
+from gradcli.stages import defaults, runner
 from gradcli.stages import pca as pca_stage
-from gradcli.stages import runner
 from gradcli.stages import stats as stats_stage
 from gradcli.stages.checks import check_batch_size, check_extract_options, test_split_of
 from gradcli.stages.context import RunContext
@@ -38,10 +38,10 @@ def extract_subspace(
     max_samples: int | None = None,
     no_variance: bool = False,
     batch_size: int | None = None,
-    seed: int = 0,
-    oversample: int = 10,
-    iterations: int = 4,
-    checkpoint_every: int = 50,
+    seed: int = defaults.SEED,
+    oversample: int = defaults.PCA_OVERSAMPLE,
+    iterations: int = defaults.PCA_ITERATIONS,
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY,
     iteration_dtype: str = "auto",
     overwrite: bool = False,
 ) -> dict:

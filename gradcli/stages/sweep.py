@@ -20,6 +20,7 @@ from gradcli.metrics import evaluate_scores
 from gradcli.scores import DETECTORS, get_detector
 from gradcli.scores.ensemble import ensemble_scores
 from gradcli.scores.options import OPTIONS, DetectorOption
+from gradcli.stages import defaults
 
 if TYPE_CHECKING:
     from gradcli.stages.context import RunContext as Run
@@ -164,7 +165,7 @@ def run_sweeps(
     ood_names: Sequence[str],
     plan: Mapping[str, Sequence[float | int]],
     embeddings: Sequence[str],
-    alpha: float = 1.0,
+    alpha: float = defaults.ALPHA,
     convention: str = "paper",
 ) -> list[dict]:
     """Metrics for every swept value, method and embedding against each OOD set.
