@@ -104,13 +104,14 @@ def test_rewritten_by(path, command):
 
 
 def path_helpers() -> list[tuple[str, object]]:
-    """The public functions of layout that build a store path (everything but the graph's)."""
+    """The public functions of layout that build a store path: those returning a plain str
+    (the graph's return tuples, optional commands or booleans)."""
     return [
         (name, fn)
         for name, fn in inspect.getmembers(layout, inspect.isfunction)
         if fn.__module__ == layout.__name__
         and not name.startswith("_")
-        and name not in ("downstream", "dependants", "rewritten_by")
+        and inspect.signature(fn).return_annotation in ("str", str)
     ]
 
 
@@ -147,3 +148,19 @@ def test_path_constants_start_with_a_stage_group():
     assert "BASIS" in constants and "STATS_MEAN" in constants
     for name, value in constants.items():
         assert value.partition("/")[0] in layout.STAGES, f"layout.{name} = {value!r}"
+
+
+def test_overwritten_by_names_the_command_with_overwrite_and_derived_stages_have_none():
+    assert layout.overwritten_by("stats/mean") == "extract-subspace"
+    assert layout.overwritten_by("embed/cifar10-test/grad") == "embed"
+    assert layout.overwritten_by("detectors/grad/knn") == "fit-head"
+    for path in ("scores/x/knn-grad", "calibration/knn-grad", "flags/x/knn-grad", "results/o"):
+        assert layout.overwritten_by(path) is None
+        assert layout.is_derived(path)
+    assert not layout.is_derived("head/weight") and not layout.is_derived("results.json")
+
+
+def test_dependants_of_one_embedding_are_its_scores_and_flags_only():
+    assert set(layout.dependants("embed/a")) == {"scores/a", "scores_parts/a", "flags/a"}
+    assert layout.dependants("detectors/grad/knn") == ()
+    assert layout.dependants("head") == layout.downstream("head")
