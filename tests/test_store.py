@@ -243,3 +243,16 @@ def test_a_read_only_store_reads_and_refuses_only_real_writes(tmp_path):
         with pytest.raises(BadInputError, match=r"read-only and .* writable copy"):
             write()
     assert sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*")) == files
+
+
+def test_column_chunked_arrays_read_and_write_column_blocks(tmp_path):
+    store = RunStore(str(tmp_path / "s"), create=True)
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((7, 50)).astype(np.float32)
+    store.create_rows("g/a", (7, 50), "float32", chunk_rows=1, chunk_columns=16)
+    for start in range(0, 50, 13):  # blocks that straddle chunk edges
+        store.write_columns("g/a", start, data[:, start : start + 13])
+    np.testing.assert_array_equal(store.read("g/a"), data)
+    np.testing.assert_array_equal(store.read_columns("g/a", 10, 37), data[:, 10:37])
+    store.write_rows("g/a", 3, data[3:4] * 2)
+    np.testing.assert_array_equal(store.read_rows("g/a", 3, 4), data[3:4] * 2)

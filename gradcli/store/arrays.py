@@ -180,16 +180,22 @@ def create_rows(
     *,
     chunk_rows: int,
     compress: bool,
+    chunk_columns: int | None = None,
 ) -> None:
     """An empty array ``path`` of ``root`` with ``shape`` and ``dtype`` (replacing one),
-    chunked along rows (at most ``chunk_rows`` rows and :data:`MAX_CHUNK_BYTES` a chunk)."""
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    chunked along rows (at most ``chunk_rows`` rows and :data:`MAX_CHUNK_BYTES` a chunk) and,
+    for a 2-D array given ``chunk_columns``, along columns too (so a block of columns is
+    read without decoding whole rows)."""
+    trailing = tuple(shape[1:])
+    if chunk_columns is not None and len(shape) == 2:
+        trailing = (max(1, min(int(chunk_columns), shape[1])),)
+    row_bytes = int(np.prod(trailing, dtype=np.int64)) * np.dtype(dtype).itemsize
     rows = max(1, min(chunk_rows, MAX_CHUNK_BYTES // max(1, row_bytes)))
     root.create_array(
         path,
         shape=shape,
         dtype=dtype,
-        chunks=(rows, *shape[1:]),
+        chunks=(rows, *trailing),
         overwrite=True,
         fill_value=0,
         compressors=codecs(compress),
@@ -204,3 +210,23 @@ def write_rows(array: zarr.Array, start: int, data: np.ndarray) -> None:
     for first in range(0, data.shape[0], step):
         last = min(first + step, data.shape[0])
         array[start + first : start + last] = data[first:last]
+
+
+def read_columns(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Columns [start, stop) of every row of a 2-D array (n, d): (n, stop - start), in the
+    array's dtype, decoded a few row chunks at a time."""
+    stop = min(stop, array.shape[1])
+    out = np.empty((array.shape[0], max(0, stop - start)), dtype=array.dtype)
+    step = int(array.chunks[0]) * SLAB_CHUNKS
+    for first in range(0, array.shape[0], step):
+        out[first : first + step] = array[first : first + step, start:stop]
+    return out
+
+
+def write_columns(array: zarr.Array, start: int, data: np.ndarray) -> None:
+    """Overwrite columns [start, start + data.shape[1]) of every row of a 2-D array with
+    ``data`` (n, c), a few row chunks at a time (safe to redo)."""
+    step = int(array.chunks[0]) * SLAB_CHUNKS
+    stop = start + data.shape[1]
+    for first in range(0, array.shape[0], step):
+        array[first : first + step, start:stop] = data[first : first + step]

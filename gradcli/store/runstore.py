@@ -341,11 +341,29 @@ class RunStore(Integrity, Stages, Transactions):
         *,
         chunk_rows: int,
         compress: bool = True,
+        chunk_columns: int | None = None,
     ) -> None:
-        """An empty row-chunked array at ``path`` (replacing one), filled by :meth:`write_rows`."""
+        """An empty row-chunked array at ``path`` (replacing one), filled by :meth:`write_rows`
+        (or, given ``chunk_columns``, chunked by columns too and filled by either)."""
         array_io.create_rows(
-            self.root, path, shape, dtype, chunk_rows=chunk_rows, compress=compress
+            self.root,
+            path,
+            shape,
+            dtype,
+            chunk_rows=chunk_rows,
+            compress=compress,
+            chunk_columns=chunk_columns,
         )
+
+    @_reads
+    def read_columns(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Columns [start, stop) of every row of a 2-D array: (rows, stop - start)."""
+        return array_io.read_columns(self.root[path], start, stop)
+
+    @_writes
+    def write_columns(self, path: str, start: int, data: np.ndarray) -> None:
+        """Overwrite columns [start, start + data.shape[1]) of every row of a 2-D array."""
+        array_io.write_columns(self.root[path], start, data)
 
     @_writes
     def write_rows(self, path: str, start: int, data: np.ndarray) -> None:
