@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(0, args.images, batch):
             x = images[i : i + batch]
             engine.capture(x)
-            labels = torch.zeros(x.shape[0], dtype=torch.int64)
             for start, tile in engine.tiles():
-                stats.update_rows(start, tile, labels)
-            stats.commit(labels)
+                stats.update_rows(start, tile)
+            stats.commit(x.shape[0])
 
     dtype = getattr(torch, args.dtype)
     rows = min(args.probe_rows, p)

@@ -19,6 +19,7 @@ STATS = "stats"
 STATS_MEAN = "stats/mean"  # (P,) float32
 STATS_VAR = "stats/var"  # (P,) float32
 STATS_CLASS_MEANS = "stats/class_means"  # (C, P) float32, the AG subspace's input
+CLASS_MEANS_CHUNK_COLUMNS = 1 << 20  # columns per chunk of stats/class_means (one row a chunk)
 STATS_STATE = "stats/state"  # the statistics pass's checkpoint
 SUBSPACE = "subspace"
 BASIS = "subspace/basis"  # (P, K) float32

@@ -105,25 +105,29 @@ def test_glob_matching_nothing_is_an_error():
         select_parameters(TinyResNet(), ["layer9.*"])
 
 
-@pytest.mark.parametrize("unlabelled", [0, 20])
-def test_statistics_match_numpy_with_class_sums(unlabelled):
-    """Mean and variance over every row; class sums over the labelled ones (-1: none)."""
+def test_statistics_match_numpy_batch_by_batch_and_merged_class_by_class():
+    """Mean and variance fed in uneven batches, and merged from per-group statistics (as the
+    statistics pass merges classes), equal numpy's over all rows to float64 rounding."""
     rng = np.random.default_rng(0)
     g = rng.normal(3.0, 2.0, size=(50, 6)).astype(np.float32)
-    labels = rng.integers(0, 3, size=50)
-    labels[rng.permutation(50)[:unlabelled]] = -1
-    stats = GradientStatistics(6, 3)
+    want_mean, want_var = g.astype(np.float64).mean(0), g.astype(np.float64).var(0)
+    stats = GradientStatistics(6)
     for start in range(0, 50, 13):  # uneven batches exercise the merge
-        stats.update(
-            torch.from_numpy(g[start : start + 13]), torch.from_numpy(labels[start : start + 13])
-        )
-    np.testing.assert_allclose(stats.mean.numpy(), g.astype(np.float64).mean(0), rtol=1e-10)
-    np.testing.assert_allclose(stats.variance().numpy(), g.astype(np.float64).var(0), rtol=1e-9)
-    for c in range(3):
-        np.testing.assert_allclose(
-            stats.class_means()[c].numpy(), g[labels == c].astype(np.float64).mean(0), rtol=1e-9
-        )
-    assert stats.class_counts.tolist() == [int((labels == c).sum()) for c in range(3)]
+        stats.update(torch.from_numpy(g[start : start + 13]))
+    np.testing.assert_allclose(stats.mean.numpy(), want_mean, rtol=1e-10)
+    np.testing.assert_allclose(stats.variance().numpy(), want_var, rtol=1e-10)
+
+    merged, part = GradientStatistics(6), GradientStatistics(6)
+    for group in np.split(np.arange(50), [0, 7, 8, 30]):  # an empty group and one of one row
+        for start in range(0, len(group), 4):
+            part.update(torch.from_numpy(g[group[start : start + 4]]))
+        if len(group):
+            np.testing.assert_allclose(part.mean.numpy(), g[group].mean(0, dtype=np.float64))
+        merged.merge(part)
+        part.reset()
+    assert merged.count == 50 and part.count == 0 and not part.mean.any()
+    np.testing.assert_allclose(merged.mean.numpy(), want_mean, rtol=1e-10)
+    np.testing.assert_allclose(merged.variance().numpy(), want_var, rtol=1e-10)
 
 
 def test_sanitise_variance_replaces_zero_and_nonfinite():

@@ -1,14 +1,14 @@
-"""Training statistics of gradients: running mean, centred variance and class sums.
+"""Training statistics of gradients: running mean and centred variance, merged batch by batch,
+class by class and across shard processes.
 
-Fed tile by tile by the engine and merged across shard processes; separate from the engine
-because it only consumes tiles (any producer of (B, r) row ranges can feed it).
+Fed tile by tile by the engine; separate from the engine because it only consumes tiles (any
+producer of (B, r) row ranges can feed it).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -16,25 +16,21 @@ if TYPE_CHECKING:
 
 
 class GradientStatistics:
-    """Running mean, centred variance and per-class sums of gradients, in float64 (class
-    sums over labelled rows only: label -1 marks an unlabelled sample).
+    """Running mean and centred variance of gradients, in float64.
 
     Fed tile by tile: :meth:`update_rows` for every row range of a batch, then
     :meth:`commit` with the batch size. Batches merge with Chan's parallel update, so the
-    variance does not suffer the cancellation of ``E[g²] - E[g]²``.
+    variance does not suffer the cancellation of ``E[g²] - E[g]²``; whole statistics (one
+    class's, one rank's) merge the same way (:meth:`merge`, :meth:`all_reduce`).
     """
 
-    def __init__(self, size: int, num_classes: int | None = None) -> None:
+    def __init__(self, size: int) -> None:
         self.count = 0
         self.mean = torch.zeros(size, dtype=torch.float64)
         self.m2 = torch.zeros(size, dtype=torch.float64)
-        self.class_sums = (
-            torch.zeros(num_classes, size, dtype=torch.float64) if num_classes else None
-        )
-        self.class_counts = np.zeros(num_classes or 0, dtype=np.int64)
 
-    def update_rows(self, start: int, tile: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Merge a batch's gradients for rows [start, start + r): tile (B, r), labels (B,)."""
+    def update_rows(self, start: int, tile: torch.Tensor) -> None:
+        """Merge a batch's gradients for rows [start, start + r): tile (B, r)."""
         g = tile.detach().to("cpu", torch.float64)
         n = g.shape[0]
         rows = slice(start, start + g.shape[1])
@@ -44,29 +40,35 @@ class GradientStatistics:
         delta = batch_mean - self.mean[rows]
         self.mean[rows] += delta * (n / total)
         self.m2[rows] += batch_m2 + delta**2 * (self.count * n / total)
-        if self.class_sums is not None:
-            if labels is None:
-                raise ValueError("labels are needed for class sums")
-            lab = labels.to("cpu", torch.int64)
-            known = (lab >= 0) & (lab < self.class_sums.shape[0])  # -1: unlabelled (PCA data)
-            if not bool(known.all()):
-                lab, g = lab[known], g[known]
-            self.class_sums[:, rows].index_add_(0, lab, g)
 
-    def commit(self, labels: torch.Tensor) -> None:
-        """Close a batch whose tiles were all merged."""
-        self.count += int(labels.shape[0])
-        if self.class_sums is not None:
-            lab = labels.to("cpu", torch.int64).numpy()
-            lab = lab[(lab >= 0) & (lab < len(self.class_counts))]
-            self.class_counts += np.bincount(lab, minlength=len(self.class_counts))
+    def commit(self, size: int) -> None:
+        """Close a batch of ``size`` samples whose tiles were all merged."""
+        self.count += int(size)
 
-    def update(self, grads: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Add a whole batch: grads (B, P), labels (B,) int64 in [0, C)."""
+    def update(self, grads: torch.Tensor) -> None:
+        """Add a whole batch: grads (B, P)."""
         if grads.shape[0] == 0:
             return
-        self.update_rows(0, grads, labels)
-        self.commit(labels if labels is not None else torch.zeros(grads.shape[0]))
+        self.update_rows(0, grads)
+        self.commit(grads.shape[0])
+
+    def merge(self, other: GradientStatistics) -> None:
+        """Add the samples ``other`` summarises (Chan's formula, float64, in place, one (P,)
+        temporary): ``μ += δ n_b / n``, ``M2 += M2_b + δ² n_a n_b / n`` with ``δ = μ_b − μ``."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean.add_(delta, alpha=other.count / total)
+        delta.square_().mul_(self.count * other.count / total)
+        self.m2.add_(other.m2).add_(delta)
+        self.count = total
+
+    def reset(self) -> None:
+        """Back to no samples, keeping the arrays."""
+        self.count = 0
+        self.mean.zero_()
+        self.m2.zero_()
 
     def all_reduce(self, group: ProcessGroup) -> None:
         """Merge the statistics of every rank of ``group`` (a
@@ -80,19 +82,10 @@ class GradientStatistics:
         self.m2 = group.all_reduce_(self.m2 + n_r * (self.mean - mean) ** 2)
         self.mean = mean
         self.count = int(total.item())
-        if self.class_sums is not None:
-            group.all_reduce_(self.class_sums)
-            counts = torch.from_numpy(self.class_counts.astype(np.float64))
-            self.class_counts = group.all_reduce_(counts).numpy().round().astype(np.int64)
 
     def variance(self) -> torch.Tensor:
         """(P,) float64 centred variance (divided by N)."""
         return self.m2 / max(self.count, 1)
-
-    def class_means(self) -> torch.Tensor:
-        """(C, P) float64 mean gradient of each class."""
-        counts = torch.as_tensor(self.class_counts, dtype=torch.float64).clamp_min(1)
-        return self.class_sums / counts[:, None]
 
 
 def sanitise_variance(var: torch.Tensor) -> tuple[torch.Tensor, int]:
