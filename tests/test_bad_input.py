@@ -682,7 +682,7 @@ def test_extract_options_are_refused_before_the_store_or_any_data_pass(tiny, cli
             ),
             (["--k", "3"], "--method pca --k 3"),
             ([*pca, "--memory-budget", "1000"], "(90 x 12, 8.44 KiB)"),
-            (["--memory-budget", "4K"], "--method avg on 3 classes x 283 parameters needs"),
+            (["--memory-budget", "4K"], "--method avg on 283 parameters (3 classes) needs"),
             (["--max-samples", "2"], "have no training samples in npz:"),
         ):
             store = tmp_path / "model-known"

@@ -176,12 +176,15 @@ def _extract_cmd(tiny, store: Path, *extra: str) -> list[str]:
 def _assert_same_subspace(single: RunStore, dist: RunStore, pca: bool) -> None:
     """Equal within float32 summation order: statistics to 1e-5 relative, AG basis to 1e-5,
     PCA eigenvalues to 1e-4 relative, captured variance within 1e-4, and the same top-K
-    subspace (|cos| of matching basis vectors within 1e-4 of 1)."""
-    for path in (
-        ("stats/mean", "stats/var") if pca else ("stats/mean", "stats/var", "stats/class_means")
-    ):
+    subspace (|cos| of matching basis vectors within 1e-4 of 1). AG class means are equal bit
+    for bit: each class is computed whole, by one rank, in the batches of one process."""
+    for path in ("stats/mean", "stats/var"):
         a, b = single.read(path), dist.read(path)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    if not pca:
+        np.testing.assert_array_equal(
+            dist.read("stats/class_means"), single.read("stats/class_means")
+        )
     assert dist.group_attrs("stats")["samples"] == single.group_attrs("stats")["samples"]
     if not pca:  # PCA's statistics hold no class sums
         counts = dist.group_attrs("stats")["class_counts"]
@@ -234,7 +237,9 @@ def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
         _assert_same_subspace(single, dist, method == "pca")
 
 
-def _rank(rank: int, world: int, port: int, store: str, tiny, stop_at: int | None) -> None:
+def _rank(
+    rank: int, world: int, port: int, store: str, tiny, stop_at: int | None, method: str
+) -> None:
     """One rank of a job started as torchrun would (its env), stopping on request."""
     os.environ.update(
         WORLD_SIZE=str(world),
@@ -260,15 +265,14 @@ def _rank(rank: int, world: int, port: int, store: str, tiny, stop_at: int | Non
     try:
         run = Run(store, group=group, should_stop=should_stop)
         run.set_model(tiny.model, str(tiny.weights), input_size=8, mean=[0.5] * 3, std=[0.25] * 3)
+        options = {"method": "pca", "k": 4, "iterations": 2} if method == "pca" else {}
         with contextlib.suppress(Interrupted):
-            run.extract_subspace(
-                tiny.train, method="pca", k=4, iterations=2, checkpoint_every=2, batch_size=8
-            )
+            run.extract_subspace(tiny.train, checkpoint_every=2, batch_size=8, **options)
     finally:
         group.close()
 
 
-def _spawn(world: int, store: Path, tiny, stop_at: int | None = None) -> None:
+def _spawn(world: int, store: Path, tiny, stop_at: int | None = None, method: str = "pca") -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -276,7 +280,8 @@ def _spawn(world: int, store: Path, tiny, stop_at: int | None = None) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(world, port, str(store), tiny, stop_at), nprocs=world, join=True)
+    args = (world, port, str(store), tiny, stop_at, method)
+    mp.spawn(_rank, args=args, nprocs=world, join=True)
 
 
 def test_distributed_pca_interrupted_resumes_with_two_or_one_processes(tiny, tmp_path, cli):
@@ -299,6 +304,31 @@ def test_distributed_pca_interrupted_resumes_with_two_or_one_processes(tiny, tmp
         resumed = RunStore(str(tmp_path / label))
         assert resumed.stage_complete("subspace")
         _assert_same_subspace(single, resumed, pca=True)
+
+
+def test_distributed_average_gradient_splits_classes_and_resumes_with_two_or_one(
+    tiny, tmp_path, cli
+):
+    """AG under 2 ranks: 3 classes of 30 in 4 batches of 8 each; rank 0 takes classes 0 and 1
+    (8 steps), rank 1 class 2 (4 steps). A stop asked on rank 1 at step 5 saves the classes
+    both ranks finished (0 and 2, their rows written by each rank); resuming with 2 ranks, or
+    with 1 process, computes class 1 alone and equals the uninterrupted single process."""
+    _spawn(2, tmp_path / "two", tiny, stop_at=5, method="avg")
+    stopped = RunStore(str(tmp_path / "two"))
+    assert not stopped.stage_complete("stats")
+    state = stopped.group_attrs("stats/state")
+    assert state["done"] == [0, 2] and state["count"] == 60
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    assert cli(*_extract_cmd(tiny, tmp_path / "single")).code == 0
+    single = RunStore(str(tmp_path / "single"))
+    rows = stopped.read("stats/class_means")
+    np.testing.assert_array_equal(rows[[0, 2]], single.read("stats/class_means")[[0, 2]])
+    _spawn(2, tmp_path / "two", tiny, method="avg")
+    assert cli(*_extract_cmd(tiny, tmp_path / "one")).code == 0
+    for label in ("two", "one"):
+        resumed = RunStore(str(tmp_path / label))
+        assert resumed.stage_complete("subspace")
+        _assert_same_subspace(single, resumed, pca=False)
 
 
 # -- stores at fsspec URLs ------------------------------------------------------------------
