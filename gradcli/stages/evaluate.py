@@ -120,7 +120,7 @@ def evaluate(
         "write_flags": False,
     }
     if not run.store.stage_complete(layout.HEAD):
-        fit_stage.fit_head(run, batch_size=batch_size)
+        fit_stage.fit_head(run, batch_size=batch_size, methods=methods)  # their detectors
     id_spec = id_dataset or embeddings_stage.id_spec(run, "test")
     id_scores = score_stage.score(run, id_spec, **options)
     id_name = embeddings_stage.ensure_embedded(run, id_spec)
