@@ -127,6 +127,8 @@ def test_evaluate_runs_every_stage_of_a_new_imagenet_run(imagenet, tmp_path, cli
     again = cli(*command, "--weights", imagenet["weights"], "--method", "avg", *USER_FLAGS)
     assert again.code == 0, again.err
     assert "[reused from store]" in again.err and _table_rows(again.out) == tables
+    other = cli("evaluate", "--ood", "places", "--method", "pca")  # the store's is avg
+    assert other.code != 0 and "holds a subspace made with --method avg" in other.err
 
     # `places` and `places365` are different sets: each read from its own folder
     folders = {}
@@ -145,3 +147,22 @@ def test_new_run_options_need_model_and_avg_is_a_subspace_method(imagenet, tmp_p
     assert not Path(store).exists()
     both = cli("evaluate", "--ood", "places", "--method", "avg,pca", "--model", "resnet50")
     assert both.code != 0 and "both subspace methods" in both.err
+
+
+def test_datasets_shows_found_against_expected_counts(imagenet, cli):
+    outcome = cli("datasets", "--data-root", imagenet["root"])
+    assert outcome.code == 0, outcome.err
+    rows = {
+        cells[0]: cells
+        for line in outcome.out.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")[1:-1]]) > 3 and cells[0]
+    }
+    assert rows["places"][1:4] == ["ImageNet", "yes", "test 12/10,000"]
+    assert rows["places365"][1:4] == ["CIFAR", "yes", "test 6/10,000"]
+    assert rows["imagenet"][1:4] == ["ImageNet", "yes", "train 60/1,281,167"]
+    assert rows["sun"][2:4] == ["no", "test -/10,000"]
+    document = cli("datasets", "--data-root", imagenet["root"], "--json").json()
+    entries = {entry["name"]: entry for entry in document["datasets"]}
+    assert entries["imagenet"]["counts"] == {"train": 60, "val": 15}
+    assert entries["places"]["path"] == str(imagenet["root"] / "Places")
+    assert entries["places365"]["path"] == str(imagenet["root"] / "places365")
