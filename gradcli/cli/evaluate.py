@@ -22,6 +22,7 @@ from gradcli.cli.options import (
     DEFAULT_BASIS_DTYPE,
     DEFAULT_DEVICE,
     DEFAULT_STORE,
+    METHOD_HELP,
     BadImage,
     BasisDtype,
     Batch,
@@ -31,7 +32,6 @@ from gradcli.cli.options import (
     Device,
     Embedding,
     Json,
-    Method,
     Quiet,
     Store,
     Workers,
@@ -57,6 +57,17 @@ def _sweep_parameter() -> inspect.Parameter:
 
 NEW_RUN = "A new run (extract-subspace first; as its options)"
 SUBSPACE_METHODS = ("avg", "pca")  # extract-subspace's --method, also taken by evaluate's
+
+
+Methods = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method",
+        metavar="NAMES",
+        help=f"{METHOD_HELP} With --model, also avg or pca: the subspace's method "
+        "(extract-subspace's --method; default avg).",
+    ),
+]
 
 
 def _split_methods(values: list[str] | None) -> tuple[list[str] | None, str | None]:
@@ -101,7 +112,7 @@ def evaluate(
         typer.Option("--id-test", help="ID test set (default: the subspace's test split)."),
     ] = None,
     id_alias: Annotated[str | None, typer.Option("--id", hidden=True)] = None,
-    method: Method = None,
+    method: Methods = None,
     embedding: Embedding = None,
     alpha: Annotated[float, typer.Option(help="Ensemble weight α.")] = defaults.ALPHA,
     fpr_convention: Annotated[
@@ -217,8 +228,9 @@ def evaluate(
 ) -> None:
     """FPR95, AUROC, AUPR-In and AUPR-Out of every method, running any missing stage first.
 
-    With --model (and --weights) on a store without a subspace it runs extract-subspace first
-    (--method avg or pca is then the subspace's; the other --method names are scores).
+    With --model (and --weights) it runs extract-subspace first, on a new store too, reusing a
+    stored subspace made the same way (--method avg or pca is then the subspace's method; the
+    other --method names are scores).
     """
     sweep: list[str] | None = detector.pop("sweep")
     from gradcli.metrics import CONVENTIONS
