@@ -320,8 +320,9 @@ def test_killed_embed_resumes_to_identical_arrays(tiny, tmp_path):
         )
 
 
-def test_evaluate_ood_places_exactly_once_a_run_exists(tiny, tmp_path, cli, monkeypatch):
-    """`gradcli evaluate --ood places` with the store and data root taken from the environment."""
+def test_evaluate_ood_places365_exactly_once_a_cifar_run_exists(tiny, tmp_path, cli, monkeypatch):
+    """`gradcli evaluate --ood places365` (the CIFAR benchmark's Places) with the store and data
+    root taken from the environment."""
     from PIL import Image
 
     rng = np.random.default_rng(5)
@@ -334,10 +335,10 @@ def test_evaluate_ood_places_exactly_once_a_run_exists(tiny, tmp_path, cli, monk
             for i in range(count):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 20, (8, 8, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    (root / "Places" / "images").mkdir(parents=True)
+    (root / "places365" / "test").mkdir(parents=True)
     for i in range(10):
         noise = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(root / "Places" / "images" / f"{i}.jpg")
+        Image.fromarray(noise).save(root / "places365" / "test" / f"{i}.png")
     monkeypatch.setenv("GRADCLI_STORE", str(tmp_path / "run"))
     monkeypatch.setenv("GRADCLI_DATA_ROOT", str(root))
     args = [
@@ -353,9 +354,10 @@ def test_evaluate_ood_places_exactly_once_a_run_exists(tiny, tmp_path, cli, monk
     ]
     assert cli(*args).code == 0
     assert cli("fit-head", "--knn-k", "5", "-q").code == 0
-    outcome = cli("evaluate", "--ood", "places")
+    outcome = cli("evaluate", "--ood", "places365")
     assert outcome.code == 0, outcome.err
-    assert "places-test" in outcome.out and "cifar10-test" in outcome.out
+    assert "places365-test" in outcome.out and "cifar10-test" in outcome.out
+    assert "warning: places365:test has 10 images" in outcome.err  # the release has 10,000
 
 
 def test_inspect_reports_stages_spectrum_and_reconstruction_error(tiny, tmp_path, cli):

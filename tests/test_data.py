@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -424,6 +425,161 @@ def test_list_datasets_marks_what_is_found(tmp_path: Path) -> None:
     assert "imagenet/{train,val}/<class>/<image>" in entries["imagenet"]["layout"]
     without_root = {entry["name"]: entry for entry in list_datasets(None)}
     assert not without_root["cifar10"]["found"] and without_root["digits"]["found"]
+
+
+# ---------------------------------------------------------------- benchmark names, folders, counts
+
+# name -> (folder made under the data root, the folder images are read from, benchmark)
+OOD_FOLDERS = {
+    "places": ("Places/images", "Places", "ImageNet"),
+    "places365": ("places365/test_subset", "places365", "CIFAR"),
+    "inaturalist": ("iNaturalist/images", "iNaturalist", "ImageNet"),
+    "sun": ("SUN/images", "SUN", "ImageNet"),
+    "textures": ("dtd/images/banded", "dtd/images", "ImageNet, CIFAR"),
+    "lsun": ("LSUN/test", "LSUN", "CIFAR"),
+    "lsun-resize": ("LSUN_resize/test", "LSUN_resize", "CIFAR"),
+    "isun": ("iSUN/iSUN_patches", "iSUN", "CIFAR"),
+}
+
+
+def make_ood_root(root: Path, images: int = 3) -> Path:
+    """Every OOD collection as released, ``images`` tiny images each (2 classes for DTD)."""
+    rng = np.random.default_rng(11)
+    for made, _, _ in OOD_FOLDERS.values():
+        for i in range(images):
+            write_image(root / made / f"{i}.jpg", random_image(rng, (6, 6, 3)))
+    write_image(root / "dtd" / "images" / "zigzagged" / "z.jpg", random_image(rng, (6, 6, 3)))
+    return root
+
+
+def test_each_ood_name_reads_its_own_release_folder(tmp_path: Path) -> None:
+    root = make_ood_root(tmp_path)
+    roots = {}
+    for name, (_, read_from, _) in OOD_FOLDERS.items():
+        source = resolve_dataset(name, data_root=root)
+        roots[name] = source.root
+        assert source.root == root / read_from, name
+        assert source.spec == f"{name}:test"
+        assert all(source.path(i).is_relative_to(root / read_from) for i in range(len(source)))
+        assert len(source) == (4 if name == "textures" else 3), name
+    assert roots["places"] != roots["places365"]  # the ImageNet and the CIFAR set
+    assert resolve_dataset("textures", data_root=root).class_names == ["banded", "zigzagged"]
+
+
+def test_textures_also_reads_a_textures_folder_and_svhn_its_mat_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    for i in range(2):
+        write_image(tmp_path / "Textures" / "striped" / f"{i}.jpg", random_image(rng, (6, 6, 3)))
+    textures = resolve_dataset("textures", data_root=tmp_path)
+    assert textures.root == tmp_path / "Textures" and len(textures) == 2
+
+
+@pytest.mark.parametrize(
+    ("present", "asked", "hint"),
+    [
+        ("places365", "places", "'places365' (folder places365/)"),
+        ("Places", "places365", "'places' (folder Places/)"),
+    ],
+)
+def test_places_and_places365_never_stand_in_for_each_other(
+    tmp_path: Path, present: str, asked: str, hint: str
+) -> None:
+    write_image(tmp_path / present / "0.jpg", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(BadInputError, match=f"'{asked}:test' not found.*{re.escape(hint)}"):
+        resolve_dataset(asked, data_root=tmp_path)
+
+
+def test_table_names_benchmark_folder_and_release_count_of_each_ood_set() -> None:
+    expected = {
+        "places": 10_000,
+        "places365": 10_000,
+        "inaturalist": 10_000,
+        "sun": 10_000,
+        "textures": 5_640,
+        "svhn": 26_032,
+        "lsun": 10_000,
+        "lsun-resize": 10_000,
+        "isun": 8_925,
+    }
+    for name, count in expected.items():
+        entry = data.BENCHMARK_SETS[name]
+        assert entry.expected["test"] == count, name
+        assert entry.source, name
+    for name, (_, _, benchmark) in OOD_FOLDERS.items():
+        assert ", ".join(data.BENCHMARK_SETS[name].benchmarks) == benchmark, name
+    assert data.BENCHMARK_SETS["svhn"].benchmarks == ("CIFAR",)
+    assert data.BENCHMARK_SETS["imagenet"].expected == {"train": 1_281_167, "val": 50_000}
+
+
+def _expect(monkeypatch: pytest.MonkeyPatch, name: str, count: int) -> None:
+    """Pretend the release of ``name`` has ``count`` test images."""
+    import dataclasses
+
+    entry = dataclasses.replace(data.BENCHMARK_SETS[name], expected={"test": count})
+    monkeypatch.setitem(data.BENCHMARK_SETS, name, entry)
+
+
+def test_count_warning_on_a_short_copy_and_none_on_an_exact_one(tmp_path, monkeypatch) -> None:
+    root = make_ood_root(tmp_path)  # 3 images per set
+    places = resolve_dataset("places", data_root=root)
+    message = data.count_warning(places)  # the release's 10,000
+    assert message is not None and "\n" not in message
+    assert "places:test has 3 images in" in message and str(root / "Places") in message
+    assert "10,000" in message and "MOS" in message
+    _expect(monkeypatch, "places", 3)
+    assert data.count_warning(places) is None
+    _expect(monkeypatch, "places", 4)
+    assert "places:test has 3 images" in data.count_warning(places)
+    for spec in (f"folder:{root / 'Places'}", "digits"):  # no release count to differ from
+        assert data.count_warning(resolve_dataset(spec)) is None
+
+
+class _Notes:
+    """A progress that keeps the notes it is given."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def task(self, description: str, total: int | None = None):
+        import contextlib
+
+        return contextlib.nullcontext(lambda n=1: None)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_a_run_notes_a_count_warning_once_per_set(tmp_path, monkeypatch) -> None:
+    from gradcli.run import Run
+
+    root = make_ood_root(tmp_path / "data")
+    progress = _Notes()
+    run = Run(tmp_path / "store", data_root=root, progress=progress)
+    _expect(monkeypatch, "sun", 3)
+    _expect(monkeypatch, "places", 5)
+    for spec in ("sun", "places", "places", "sun"):
+        run.resolve(spec)
+    assert len(progress.notes) == 1, progress.notes
+    assert progress.notes[0].startswith("warning: places:test has 3 images")
+    assert "but" in progress.notes[0] and "5;" in progress.notes[0]
+
+
+def test_list_datasets_counts_found_images_against_the_release(tmp_path, monkeypatch) -> None:
+    root = make_ood_root(tmp_path)
+    _expect(monkeypatch, "sun", 3)
+    entries = {entry["name"]: entry for entry in list_datasets(root, count=True)}
+    assert entries["sun"]["counts"] == {"test": 3} and entries["sun"]["expected"] == {"test": 3}
+    assert entries["places"]["counts"] == {"test": 3}
+    assert entries["places"]["expected"] == {"test": 10_000}
+    assert entries["places"]["benchmark"] == "ImageNet"
+    assert entries["places365"]["benchmark"] == "CIFAR"
+    assert entries["places"]["path"] == str(root / "Places")
+    assert entries["places365"]["path"] == str(root / "places365")
+    assert entries["textures"]["counts"] == {"test": 4}
+    assert entries["imagenet"]["counts"] == {} and not entries["imagenet"]["found"]
+    digits = entries["digits"]
+    assert digits["counts"] == {"test": len(resolve_dataset("digits"))} == digits["expected"]
+    assert list_datasets(root)[0]["counts"] == {}  # counting is asked for
 
 
 # ---------------------------------------------------------------- preprocessing

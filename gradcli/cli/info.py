@@ -153,22 +153,42 @@ def datasets(
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """The dataset names gradcli knows, the layout each expects and whether it is found."""
+    """The dataset names gradcli knows: benchmark, layout, expected and found image counts.
+
+    Found sets are counted (files listed, archives read: seconds for ImageNet); a count unlike
+    the release's is marked, and a run using that set says so too.
+    """
     from gradcli.data import DATA_ROOT_ENV, list_datasets
 
-    rows = list_datasets(data_root or os.environ.get(DATA_ROOT_ENV))
+    rows = list_datasets(data_root or os.environ.get(DATA_ROOT_ENV), count=True)
     if as_json:
         common.emit({"datasets": rows}, True)
         return
-    table = Table(title="datasets")
-    for column in ("name", "kind", "found", "splits", "layout"):
+    table = Table(title="datasets (images: found / expected per split)")
+    for column in ("name", "benchmark", "found", "images", "layout", "source"):
         table.add_column(column)
     for row in rows:
         found = "[green]yes[/]" if row["found"] else "[dim]no[/]"
-        table.add_row(
-            row["name"], row["kind"], found, ",".join(row.get("splits", [])), row["layout"]
-        )
+        source = row["source"] if row["kind"] == "benchmark" else ""  # builtins: the layout
+        table.add_row(row["name"], row["benchmark"], found, _counts(row), row["layout"], source)
     common.out().print(table)
+
+
+def _counts(row: dict) -> str:
+    """``split found/expected`` per split, a found count unlike the expected one in red."""
+    parts = []
+    for split in row["splits"]:
+        expected = row["expected"].get(split)
+        want = f"{expected:,}" if expected is not None else "?"
+        if split not in row["counts"]:
+            parts.append(f"{split} -/{want}")
+            continue
+        got = row["counts"][split]
+        text = "unreadable" if got is None else f"{got:,}"
+        if got != expected:
+            text = f"[red]{text}[/]"
+        parts.append(f"{split} {text}/{want}")
+    return "\n".join(parts)
 
 
 @app.command(epilog="Example: gradcli demo")

@@ -4,7 +4,8 @@ A spec names the images a command works on:
 
 - ``NAME[:SPLIT]``: a built-in offline set shipped inside installed packages (``mnist5k``,
   ``digits``, ``texture-patches``, ``fashion``, ``animals``) or one of the paper's benchmark
-  sets found under a data root (``cifar10``, ``imagenet``, ``places``, ...);
+  sets found under a data root (``cifar10``, ``imagenet``, ``places``, ``places365``, ...),
+  each with the image count of its release (:func:`count_warning` says when a copy differs);
 - ``folder:PATH``: class sub-folders of images (labelled, classes in sorted order) or a flat
   folder of images (unlabelled);
 - ``npz:PATH``: a NumPy archive with ``x`` (uint8 N×H×W or N×H×W×C) and optional ``y``.
@@ -32,7 +33,13 @@ from gradcli.data.builtin import (
 )
 from gradcli.data.files import IMAGE_EXTENSIONS
 from gradcli.data.loading import PreprocessedDataset, make_loader
-from gradcli.data.resolve import DATA_ROOT_ENV, list_datasets, resolve_dataset
+from gradcli.data.resolve import (
+    DATA_ROOT_ENV,
+    count_warning,
+    expected_count,
+    list_datasets,
+    resolve_dataset,
+)
 from gradcli.data.sources import (
     ArraySource,
     FileSource,
@@ -55,6 +62,8 @@ __all__ = [
     "ImageSource",
     "Layout",
     "PreprocessedDataset",
+    "count_warning",
+    "expected_count",
     "grid_patches",
     "list_datasets",
     "make_loader",

@@ -3,7 +3,10 @@
 Readers and probes for the CIFAR python pickles, SVHN ``.mat`` files, ImageFolder class
 folders, unlabelled image trees (the OOD collections) and Tiny ImageNet's validation layout,
 and the :class:`Layout` / :class:`BenchmarkSet` table :data:`BENCHMARK_SETS` that spec
-resolution and listing consult. Separate from the built-in sets, which need no data root.
+resolution and listing consult: per name, its benchmark (ImageNet or CIFAR), folders and
+the image count of the release the literature uses. ``places`` is the ImageNet benchmark's
+10,000-image Places subset (MOS), ``places365`` the CIFAR benchmark's 32x32 one (KNN).
+Separate from the built-in sets, which need no data root.
 """
 
 from __future__ import annotations
@@ -186,29 +189,63 @@ class Layout:
         return " or ".join(f"{folder}/{pattern}" for folder in self.folders)
 
 
+IMAGENET = "ImageNet"
+CIFAR = "CIFAR"
+# The papers whose releases define each OOD collection's images and counts.
+_MOS = "Huang & Li, MOS (CVPR 2021) subset"
+_ODIN = "Liang et al., ODIN (ICLR 2018) release"
+_KNN = "Sun et al., KNN (ICML 2022) release"
+
+
 @dataclass(frozen=True)
 class BenchmarkSet:
-    """A benchmark set of the paper: its splits and the layouts accepted, tried in order."""
+    """A benchmark set of the paper: its splits and the layouts accepted, tried in order.
+
+    ``benchmarks`` names the benchmarks the set belongs to (ImageNet, CIFAR), ``expected``
+    the image count of each split in the release ``source`` names; a copy with another
+    count is warned about, not refused. ``hint`` points at a set that is easily confused
+    with this one (said when this one is not found).
+    """
 
     name: str
     splits: tuple[str, ...]
     layouts: tuple[Layout, ...]
     aliases: Mapping[str, str] = field(default_factory=dict)
+    benchmarks: tuple[str, ...] = ()
+    expected: Mapping[str, int] = field(default_factory=dict)
+    source: str = ""
+    hint: str = ""
 
 
 def _class_folder_layout(folder: str, template: str = "{split}") -> Layout:
+    inside = f"{template}/" if template else ""
     return Layout(
         folders=(folder,),
-        pattern=f"{template}/<class>/{_IMAGE_PATTERN}",
+        pattern=f"{inside}<class>/{_IMAGE_PATTERN}",
         probe=_subfolder_probe(template),
         read=_class_folder_reader(template),
     )
 
 
-def _tree_set(name: str, *folders: str) -> BenchmarkSet:
+def _tree_layout(*folders: str) -> Layout:
+    """Unlabelled images anywhere below one folder."""
+    return Layout(folders, f"**/{_IMAGE_PATTERN}", _tree_probe, _read_image_tree)
+
+
+def _ood_set(
+    name: str, folder: str, benchmark: str, count: int, source: str, hint: str = ""
+) -> BenchmarkSet:
     """An OOD collection: unlabelled images anywhere below one folder (test = all)."""
-    layout = Layout(folders, f"**/{_IMAGE_PATTERN}", _tree_probe, _read_image_tree)
-    return BenchmarkSet(name, ("test",), (layout,), aliases={"all": "test"})
+    return BenchmarkSet(
+        name,
+        ("test",),
+        (_tree_layout(folder),),
+        aliases={"all": "test"},
+        benchmarks=(benchmark,),
+        expected={"test": count},
+        source=source,
+        hint=hint,
+    )
 
 
 BENCHMARK_SETS: dict[str, BenchmarkSet] = {
@@ -226,6 +263,9 @@ BENCHMARK_SETS: dict[str, BenchmarkSet] = {
                 ),
                 _class_folder_layout("cifar10"),
             ),
+            benchmarks=(CIFAR,),
+            expected={"train": 50_000, "test": 10_000},
+            source="Krizhevsky, CIFAR-10 (2009)",
         ),
         BenchmarkSet(
             "cifar100",
@@ -241,6 +281,9 @@ BENCHMARK_SETS: dict[str, BenchmarkSet] = {
                 ),
                 _class_folder_layout("cifar100"),
             ),
+            benchmarks=(CIFAR,),
+            expected={"train": 50_000, "test": 10_000},
+            source="Krizhevsky, CIFAR-100 (2009)",
         ),
         BenchmarkSet(
             "svhn",
@@ -249,19 +292,42 @@ BENCHMARK_SETS: dict[str, BenchmarkSet] = {
                 Layout(("svhn",), "{split}_32x32.mat", _svhn_probe, _read_svhn),
                 _class_folder_layout("svhn"),
             ),
+            benchmarks=(CIFAR,),
+            expected={"train": 73_257, "test": 26_032},
+            source="Netzer et al., SVHN (2011), cropped digits",
         ),
         BenchmarkSet(
             "textures",
             ("test",),
-            (_class_folder_layout("dtd", "images"),),
+            (_class_folder_layout("dtd", "images"), _tree_layout("Textures")),
             aliases={"all": "test"},
+            benchmarks=(IMAGENET, CIFAR),
+            expected={"test": 5_640},
+            source="Cimpoi et al., DTD (CVPR 2014), all 47 classes",
         ),
-        _tree_set("lsun", "LSUN"),
-        _tree_set("lsun-resize", "LSUN_resize"),
-        _tree_set("isun", "iSUN"),
-        _tree_set("places", "Places", "places365"),
-        _tree_set("sun", "SUN"),
-        _tree_set("inaturalist", "iNaturalist"),
+        _ood_set("lsun", "LSUN", CIFAR, 10_000, f"Yu et al., LSUN crop; {_ODIN}"),
+        _ood_set("lsun-resize", "LSUN_resize", CIFAR, 10_000, f"Yu et al., LSUN resize; {_ODIN}"),
+        _ood_set("isun", "iSUN", CIFAR, 8_925, f"Xu et al., iSUN; {_ODIN}"),
+        _ood_set(
+            "places365",
+            "places365",
+            CIFAR,
+            10_000,
+            f"Zhou et al., Places365, 32x32; {_KNN}",
+            hint="the ImageNet benchmark's Places subset is 'places' (folder Places/)",
+        ),
+        _ood_set(
+            "places",
+            "Places",
+            IMAGENET,
+            10_000,
+            f"Zhou et al., Places365; {_MOS}",
+            hint="the CIFAR benchmark's 32x32 Places365 is 'places365' (folder places365/)",
+        ),
+        _ood_set("sun", "SUN", IMAGENET, 10_000, f"Xiao et al., SUN; {_MOS}"),
+        _ood_set(
+            "inaturalist", "iNaturalist", IMAGENET, 10_000, f"Van Horn et al., iNaturalist; {_MOS}"
+        ),
         BenchmarkSet(
             "tinyimagenet",
             ("train", "val"),
@@ -275,12 +341,17 @@ BENCHMARK_SETS: dict[str, BenchmarkSet] = {
                 _class_folder_layout("tiny-imagenet-200"),
             ),
             aliases={"test": "val"},
+            expected={"train": 100_000, "val": 10_000},
+            source="Tiny ImageNet (CS231n), 200 classes",
         ),
         BenchmarkSet(
             "imagenet",
             ("train", "val"),
             (_class_folder_layout("imagenet"),),
             aliases={"test": "val"},
+            benchmarks=(IMAGENET,),
+            expected={"train": 1_281_167, "val": 50_000},
+            source="Russakovsky et al., ILSVRC-2012 (ImageNet-1k)",
         ),
     )
 }

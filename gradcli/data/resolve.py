@@ -8,9 +8,10 @@ knows every kind of spec, so the set tables and readers below it stay independen
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,36 @@ def _resolve_benchmark(
         if folder is not None and layout.probe(folder, split):
             return layout.read(folder, split, **identity)
     expected = "; or ".join(layout.describe(split) for layout in entry.layouts)
+    hint = f" ({entry.hint})" if entry.hint else ""
     raise BadInputError(
-        f"dataset '{entry.name}:{split}' not found under data root {root}: expected {expected}"
+        f"dataset '{entry.name}:{split}' not found under data root {root}: expected "
+        f"{expected}{hint}"
+    )
+
+
+def expected_count(spec: str) -> int | None:
+    """The image count of a named set's split in its release (``NAME:SPLIT`` as a source's
+    canonical spec), None for folders, archives and unknown names."""
+    name, _, split = spec.partition(":")
+    entry = BENCHMARK_SETS.get(name) or BUILTIN_SETS.get(name)
+    return None if entry is None else entry.expected.get(split)
+
+
+def count_warning(source: ImageSource) -> str | None:
+    """One line when a named set holds another number of images than its release, else None.
+
+    A copy with missing or extra images still runs (it is not refused), but its results are
+    not the benchmark's: the line says where the images were found, so the copy can be checked.
+    """
+    expected = expected_count(source.spec)
+    if expected is None or expected == len(source):
+        return None
+    name = source.spec.partition(":")[0]
+    release = getattr(BENCHMARK_SETS.get(name), "source", "") or "its release"
+    where = f" in {source.root}" if isinstance(source, FileSource) else ""
+    return (
+        f"warning: {source.spec} has {len(source):,} images{where}, but {release} has "
+        f"{expected:,}; check your copy (gradcli datasets lists expected and found counts)"
     )
 
 
@@ -233,23 +262,43 @@ def _resolve_npz(path: Path) -> ImageSource:
     )
 
 
-def list_datasets(data_root: str | os.PathLike | None) -> list[dict]:
-    """One entry per known name: ``{"name", "kind", "layout", "found", "path", "splits",
-    "aliases", "found_splits"}``. Benchmark names are searched under ``data_root`` (else
-    ``$GRADCLI_DATA_ROOT``); without either they are listed as not found."""
+def _found_count(read: Callable[[], ImageSource]) -> int | None:
+    try:
+        return len(read())
+    except BadInputError:  # unreadable or empty: resolving it names the problem
+        return None
+
+
+def list_datasets(data_root: str | os.PathLike | None, *, count: bool = False) -> list[dict]:
+    """One entry per known name: ``{"name", "kind", "benchmark", "layout", "found", "path",
+    "splits", "aliases", "found_splits", "expected", "counts", "source"}``.
+
+    Benchmark names are searched under ``data_root`` (else ``$GRADCLI_DATA_ROOT``); without
+    either they are listed as not found. ``expected`` maps each split to its release's image
+    count; with ``count``, ``counts`` maps each found split to the images found (files are
+    listed, archives read: seconds for ImageNet), None where they cannot be read.
+    """
     entries = []
     for builtin in BUILTIN_SETS.values():
         folder = builtin.locate()
+        counts: dict[str, int | None] = {}
+        if count and folder is not None:
+            for split in builtin.splits:
+                counts[split] = _found_count(functools.partial(_resolve_builtin, builtin, split))
         entries.append(
             {
                 "name": builtin.name,
                 "kind": "builtin",
+                "benchmark": "offline",
                 "layout": builtin.layout,
                 "found": folder is not None,
                 "path": str(folder) if folder is not None else None,
                 "splits": list(builtin.splits),
                 "aliases": dict(builtin.aliases),
                 "found_splits": list(builtin.splits) if folder is not None else [],
+                "expected": dict(builtin.expected),
+                "counts": counts,
+                "source": builtin.layout,
             }
         )
     value = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV) or None
@@ -257,7 +306,7 @@ def list_datasets(data_root: str | os.PathLike | None) -> list[dict]:
     if root is not None and not root.is_dir():
         root = None
     for bench in BENCHMARK_SETS.values():
-        found_path, found_splits = None, []
+        found_path, found_splits, counts = None, [], {}
         choices = ",".join(bench.splits)
         split_choice = f"{{{choices}}}" if len(bench.splits) > 1 else choices
         for split in bench.splits:
@@ -266,17 +315,25 @@ def list_datasets(data_root: str | os.PathLike | None) -> list[dict]:
                 if folder is not None and layout.probe(folder, split):
                     found_path = found_path or folder
                     found_splits.append(split)
+                    if count:
+                        identity = {"spec": f"{bench.name}:{split}", "slug": bench.name}
+                        read = functools.partial(layout.read, folder, split, **identity)
+                        counts[split] = _found_count(read)
                     break
         entries.append(
             {
                 "name": bench.name,
                 "kind": "benchmark",
+                "benchmark": ", ".join(bench.benchmarks) or "-",
                 "layout": "; or ".join(layout.describe(split_choice) for layout in bench.layouts),
                 "found": bool(found_splits),
                 "path": str(found_path) if found_path is not None else None,
                 "splits": list(bench.splits),
                 "aliases": dict(bench.aliases),
                 "found_splits": found_splits,
+                "expected": dict(bench.expected),
+                "counts": counts,
+                "source": bench.source,
             }
         )
     return entries

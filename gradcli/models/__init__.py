@@ -49,11 +49,12 @@ from gradcli.models.architectures import (
 )
 from gradcli.models.checkpoints import load_checkpoint, sha256_file
 from gradcli.models.loaded import LoadedModel
-from gradcli.models.loading import list_models, load_model
+from gradcli.models.loading import IMAGENET_ID_TRAIN, default_id_train, list_models, load_model
 from gradcli.models.user import TORCHSCRIPT_SUFFIXES
 from gradcli.models.zoo import IMAGENET_PREPROCESS
 
 __all__ = [
+    "IMAGENET_ID_TRAIN",
     "IMAGENET_PREPROCESS",
     "MNIST_MEAN",
     "MNIST_STD",
@@ -66,6 +67,7 @@ __all__ = [
     "WideNetworkBlock",
     "WideResNet",
     "cifar_resnet18",
+    "default_id_train",
     "list_models",
     "load_checkpoint",
     "load_model",

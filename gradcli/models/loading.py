@@ -43,6 +43,27 @@ def list_models() -> list[str]:
     return list(_BUILTINS) + sorted(_torchvision_names())
 
 
+# The ID training set each built-in network's benchmark uses, by its number of classes.
+_BUILTIN_ID_TRAIN = {
+    "cifar_resnet18": {10: "cifar10:train", 100: "cifar100:train"},
+    "wrn28_10": {10: "cifar10:train", 100: "cifar100:train"},
+    "mnist_cnn": {10: "mnist5k:train"},
+}
+IMAGENET_ID_TRAIN = "imagenet:train"
+
+
+def default_id_train(model: LoadedModel) -> str | None:
+    """The ID training set of a model's benchmark, when its family says which: ImageNet for
+    torchvision architectures (a local weights file with C classes reads C class folders of
+    ``imagenet/train``), CIFAR-10/100 for the CIFAR networks, MNIST for ``mnist_cnn``; None
+    for user factories and TorchScript files."""
+    if model.spec in _BUILTIN_ID_TRAIN:
+        return _BUILTIN_ID_TRAIN[model.spec].get(model.num_classes)
+    if model.spec in _torchvision_names():
+        return IMAGENET_ID_TRAIN
+    return None
+
+
 def load_model(
     spec: str,
     weights: str | None = None,

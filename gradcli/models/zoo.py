@@ -74,12 +74,12 @@ def _build_torchvision(
         kwargs["num_classes"] = categories
     elif num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if state_dict is not None and weights_enum is None and num_classes is None:
+        inferred = _num_classes_from_state_dict(_shapes_only(name, kwargs), state_dict)
+        if inferred is not None:
+            kwargs["num_classes"] = inferred
     model = tvm.get_model(name, weights=None, **kwargs)
     if state_dict is not None:
-        if weights_enum is None and num_classes is None:
-            inferred = _num_classes_from_state_dict(model, state_dict)
-            if inferred is not None:
-                model = tvm.get_model(name, weights=None, **{**kwargs, "num_classes": inferred})
         _load_state_dict_checked(model, state_dict, name, weights_given)
     _drop_auxiliary_heads(model)
 
@@ -87,6 +87,18 @@ def _build_torchvision(
     if weights_enum is not None:
         preprocess = _preprocess_from_weights(weights_enum)
     return _Built(model, name, weights_given, sha, preprocess)
+
+
+def _shapes_only(name: str, kwargs: dict) -> nn.Module:
+    """The architecture with parameters on the meta device (shapes, no memory, no random
+    initialisation), for reading its layer shapes; built normally where meta fails."""
+    import torchvision.models as tvm
+
+    try:
+        with torch.device("meta"):
+            return tvm.get_model(name, weights=None, **kwargs)
+    except Exception:  # an architecture whose constructor reads tensor values
+        return tvm.get_model(name, weights=None, **kwargs)
 
 
 def _resolve_torchvision_weights(arch: str, weights: str):

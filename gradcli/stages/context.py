@@ -263,6 +263,11 @@ class RunContext:
             and self.store.attrs.get("data_root") != self._given_data_root
         ):
             self.store.update_root(data_root=self._given_data_root)  # it worked: remember it
+        warning = data_mod.count_warning(source)  # a copy unlike the release: say so, once
+        warned = self.__dict__.setdefault("_count_warnings", set())
+        if warning and warning not in warned:
+            warned.add(warning)
+            self.progress.note(warning)
         if self.on_bad_image == "skip":
             source, skipped = data_mod.without_unreadable(source)
             if skipped:

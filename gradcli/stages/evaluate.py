@@ -1,11 +1,13 @@
 """The evaluate stage: scores of the ID test set and each OOD set, their metrics (FPR95, AUROC,
-AUPR-In/Out) under ``results/<ood>``, and optional detector-option sweeps.
+AUPR-In/Out) under ``results/<ood>``, and optional detector-option sweeps; and
+:func:`ensure_subspace`, the first stage of a run that evaluate is asked to start from a model.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +17,7 @@ from gradcli.head import (
     accuracy,
 )
 from gradcli.metrics import evaluate_scores
+from gradcli.models import default_id_train
 from gradcli.results import Results
 from gradcli.scores import (
     BASE_METHODS,
@@ -25,9 +28,53 @@ from gradcli.stages import defaults, records
 from gradcli.stages import embeddings as embeddings_stage
 from gradcli.stages import fit as fit_stage
 from gradcli.stages import score as score_stage
+from gradcli.stages import subspace as subspace_stage
 from gradcli.stages.checks import check_alpha, check_batch_size, check_embeddings, name_list
 from gradcli.stages.context import RunContext
 from gradcli.stages.sweep import check_sweep_dims, check_sweeps, run_sweeps
+
+
+def ensure_subspace(
+    run: RunContext,
+    model: str,
+    weights: str | None = None,
+    *,
+    id_train: str | None = None,
+    method: str = "avg",
+    k: int | None = None,
+    params: Sequence[str] | None = None,
+    max_samples: int | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    **model_options: Any,
+) -> dict:
+    """Record ``model`` in the store and extract its subspace unless the store holds it: what
+    ``gradcli extract-subspace`` does, so that one evaluate call runs a new run end to end.
+
+    ``id_train`` defaults to the store's ID training set, else to the model's benchmark's
+    (:func:`gradcli.models.default_id_train`: ``imagenet:train`` for torchvision names).
+    ``model_options`` are :meth:`RunContext.set_model`'s (input size, classes, ...); the
+    rest are :func:`~gradcli.stages.subspace.extract_subspace`'s. An identical stored
+    subspace is reused; another is refused unless ``overwrite``. Returns its summary.
+    """
+    loaded = run.set_model(model, weights, overwrite=overwrite, **model_options)
+    dataset = id_train or run.store.attrs.get("id_train") or default_id_train(loaded)
+    if dataset is None:
+        raise BadInputError(
+            f"--model {loaded.spec} does not say which ID training set it was trained on; "
+            "pass --id-train SPEC (the images its subspace is taken from)"
+        )
+    summary = subspace_stage.extract_subspace(
+        run,
+        dataset,
+        method=method,
+        k=k,
+        params=params,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
+    return {**summary, "id_train": dataset}
 
 
 def evaluate(
@@ -73,7 +120,7 @@ def evaluate(
         "write_flags": False,
     }
     if not run.store.stage_complete(layout.HEAD):
-        fit_stage.fit_head(run, batch_size=batch_size)
+        fit_stage.fit_head(run, batch_size=batch_size, methods=methods)  # their detectors
     id_spec = id_dataset or embeddings_stage.id_spec(run, "test")
     id_scores = score_stage.score(run, id_spec, **options)
     id_name = embeddings_stage.ensure_embedded(run, id_spec)

@@ -42,10 +42,12 @@ def fit_head(
     detectors: DetectorOptions | None = None,
     batch_size: int | None = None,
     overwrite: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> dict:
     """Train the BN→FC head and fit every detector on the ID training embeddings.
 
-    ``head`` and ``detectors`` take the options dataclasses or dicts of their fields."""
+    ``head`` and ``detectors`` take the options dataclasses or dicts of their fields;
+    ``methods`` fits those methods' detectors only (scoring fits the others when asked)."""
     run.store.require()  # a store never made: say so, make nothing
     head_opts = options(head, HeadOptions, "head")
     det_opts = options(detectors, DetectorOptions, "detectors")
@@ -130,7 +132,8 @@ def fit_head(
             summary["model_test_accuracy"] = float(
                 (test_data["logits"].argmax(1) == test_data["labels"]).mean()
             )
-    _fit_detectors(run, train_name, train_data, det_opts)
+    only = None if methods is None else [(k, m) for k in layout.EMBEDDINGS for m in methods]
+    _fit_detectors(run, train_name, train_data, det_opts, only=only)
     return summary
 
 
