@@ -40,8 +40,8 @@ from gradcli.stages import defaults
 
 
 @app.command(
-    epilog="Example: gradcli score --dataset places --method knn --embedding both "
-    "--calibrate-on cifar10:test --tpr 0.95 --export places.csv"
+    epilog="Example: gradcli score --dataset places365 --method knn --embedding both "
+    "--calibrate-on cifar10:test --tpr 0.95 --export places365.csv"
 )
 @detector_options("score", before="batch_size")
 def score(
