@@ -165,8 +165,9 @@ def test_ag_basis_plan_refusal_names_a_budget_that_works():
         ag_basis_plan(classes, params, 40 << 20, cap)
     assert str(refused.value) == (
         f"--method avg orthonormalises 1,000 class means with {AG_MATRICES} 1,000 x 1,000 "
-        f"float64 matrices ({format_size(fixed)}), over {AG_SHARE:.0%} of the memory budget's 40 MiB; "
-        f"raise --memory-budget to {format_size(enough)} or more, or use --method pca --k N"
+        f"float64 matrices ({format_size(fixed)}), over {AG_SHARE:.0%} of the memory "
+        f"budget's 40 MiB; raise --memory-budget to {format_size(enough)} or more, or use "
+        "--method pca --k N"
     )
     block, chunk, _ = ag_basis_plan(classes, params, enough, cap)
     assert (block, chunk) == (cap, cap)
