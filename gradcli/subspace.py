@@ -96,27 +96,27 @@ def in_order_cholesky(gram: torch.Tensor, tolerance: float = RANK_TOLERANCE) -> 
         # Consistent once no skipped column's pivot passes the rule with the largest kept one.
         if not bool((pivots[~kept] > (tolerance * reference) ** 2).any()):
             return factor
-    return factor
+        del factor  # two C×C matrices alive at most: the Gram and one factor
+    return _skipping_cholesky(gram, tolerance * reference)[0]
 
 
 def _skipping_cholesky(gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-looking Cholesky of ``gram`` (C, C) float64 in column order, leaving out (zero
-    row) each column whose pivot (squared residual norm) is at most ``threshold²``. Returns
-    the factor (C, C) and every column's pivot (C,), float64."""
+    """Right-looking Cholesky of ``gram`` (C, C) float64 in column order, in one copy of it,
+    leaving out (zero row) each column whose pivot (squared residual norm) is at most
+    ``threshold²``. Returns the factor (C, C) and every column's pivot (C,), float64."""
     size = gram.shape[0]
-    schur = gram.clone()
-    factor = torch.zeros_like(gram)
+    factor = gram.clone()  # the Schur complement, its rows becoming the factor's
     pivots = torch.zeros(size, dtype=gram.dtype)
     for j in range(size):
-        pivot = float(schur[j, j])
+        pivot = float(factor[j, j])
         pivots[j] = pivot
         if pivot <= 0 or pivot <= threshold * threshold:
+            factor[j, j:] = 0
             continue
-        row = schur[j, j:] / pivot**0.5
-        factor[j, j:] = row
-        tail = row[1:]
-        schur[j + 1 :, j + 1 :].sub_(torch.outer(tail, tail))
-    return factor, pivots
+        factor[j, j:] /= pivot**0.5
+        tail = factor[j, j + 1 :]
+        factor[j + 1 :, j + 1 :].addr_(tail, tail, alpha=-1.0)
+    return factor.triu_(), pivots
 
 
 def pca_width(k: int, oversample: int, num_params: int, num_samples: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradcli import layout
-from gradcli.budget import AG_BYTES_PER_CLASS, AG_BYTES_PER_ROW, AG_MATRICES, AG_SHARE
+from gradcli.budget import AG_BYTES_PER_CLASS, AG_BYTES_PER_ROW, AG_SHARE, format_size
 from gradcli.errors import BadInputError
 from gradcli.run import Run
 from gradcli.stages import ag_basis
@@ -89,9 +89,9 @@ def _householder_basis(a: torch.Tensor) -> torch.Tensor:
     return q[:, diagonal.abs() > RANK_TOLERANCE * diagonal.abs().max()]
 
 
-def _budget_for_rows(classes: int, rows: int) -> int:
+def _budget_for_rows(classes: int, params: int, rows: int) -> int:
     """A memory budget whose AG plan holds ``rows`` rows a block."""
-    fixed = AG_MATRICES * 8 * classes * classes
+    fixed = ag_basis.ag_plan(1 << 40, classes, params).fixed_bytes
     return int((fixed + rows * (AG_BYTES_PER_CLASS * classes + AG_BYTES_PER_ROW)) / AG_SHARE) + 1
 
 
@@ -133,7 +133,7 @@ def test_blocked_basis_equals_dense_qr_of_centred_class_means(tmp_path, monkeypa
     class_means, mean, counts = _centred_class_means(rng, classes, params)
     var = rng.uniform(0.2, 3.0, size=params).astype(np.float32)
     store = _stats_store(tmp_path / "run", class_means, mean, var, counts, chunk_columns)
-    plan = ag_basis.ag_plan(_budget_for_rows(classes, 100), classes, params)
+    plan = ag_basis.ag_plan(_budget_for_rows(classes, params, 100), classes, params)
     assert plan.block_rows == 100 and plan.blocks == 30
     reads = _read_spy(store, monkeypatch)
     progress = Recorder()
@@ -160,7 +160,7 @@ def test_a_class_mean_dependent_mid_order_is_dropped_and_the_rest_keep_their_ord
     class_means = (centred + mean).astype(np.float32)  # dependent up to float32 rounding
     var = np.ones(params, dtype=np.float32)
     store = _stats_store(tmp_path / "run", class_means, mean, var, counts)
-    plan = ag_basis.ag_plan(_budget_for_rows(classes, 64), classes, params)
+    plan = ag_basis.ag_plan(_budget_for_rows(classes, params, 64), classes, params)
     assert plan.blocks >= 20
     k = ag_basis.write_average_gradient_basis(store, plan, True)
     a = _normalised(class_means, mean, var, no_variance=True)
@@ -192,7 +192,7 @@ def test_ill_conditioned_class_means_take_a_second_orthonormalisation(tmp_path):
     class_means = (centred + mean).astype(np.float32)
     var = rng.uniform(0.5, 2.0, size=params).astype(np.float32)
     store = _stats_store(tmp_path / "run", class_means, mean, var, counts)
-    plan = ag_basis.ag_plan(_budget_for_rows(classes, 300), classes, params)
+    plan = ag_basis.ag_plan(_budget_for_rows(classes, params, 300), classes, params)
     progress = Recorder()
     k = ag_basis.write_average_gradient_basis(store, plan, False, progress)
     a = _normalised(class_means, mean, var)
@@ -208,7 +208,7 @@ def test_well_conditioned_class_means_take_two_passes(tmp_path):
     var = rng.uniform(0.5, 2.0, size=1000).astype(np.float32)
     store = _stats_store(tmp_path / "run", class_means, mean, var, counts)
     progress = Recorder()
-    plan = ag_basis.ag_plan(_budget_for_rows(4, 50), 4, 1000)
+    plan = ag_basis.ag_plan(_budget_for_rows(4, 1000, 50), 4, 1000)
     ag_basis.write_average_gradient_basis(store, plan, False, progress)
     assert len(progress.tasks) == 2
     reference = _householder_basis(_normalised(class_means, mean, var))
@@ -271,15 +271,17 @@ def test_basis_matrices_over_the_budget_are_refused_before_any_pass(tiny, tmp_pa
 
     monkeypatch.setattr(stats_stage, "check_average_gradient_memory", lambda *a: None)
     monkeypatch.setattr(stats_stage, "compute_statistics", forbidden)
-    run = Run(tmp_path / "run", memory_budget=400)
+    run = Run(tmp_path / "run", memory_budget=4000)
     run.set_model(tiny.model, str(tiny.weights), **PREPROCESS_KW)
     with pytest.raises(BadInputError) as refused:
         run.extract_subspace(tiny.train)
-    # 4 matrices of 3 x 3 float64 = 288 B, over 60% of 400 B with a row of 3 classes.
+    # 2 matrices of 3 x 3 float64 = 144 B, and read buffers of 2 x 4 chunks of 283 float32.
+    read = format_size(2 * 4 * 4 * 283)
     message = str(refused.value)
     assert message.startswith(
-        "--method avg orthonormalises 3 class means with 4 3 x 3 float64 matrices (288 B), "
-        "over 60% of the memory budget's 400 B; raise --memory-budget to "
+        "--method avg orthonormalises 3 class means with 2 3 x 3 float64 matrices (144 B) and "
+        f"{read} of read buffers, over 90% of the memory budget's 3.91 KiB; raise "
+        "--memory-budget to "
     )
     assert "\n" not in message and message.endswith("or use --method pca --k N")
     assert not run.store.has("stats")

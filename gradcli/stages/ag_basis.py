@@ -22,7 +22,7 @@ from gradcli import layout
 from gradcli.budget import ag_basis_plan, format_size
 from gradcli.errors import BadInputError
 from gradcli.progress import NullProgress, Progress
-from gradcli.store import MAX_CHUNK_BYTES, RunStore
+from gradcli.store import MAX_CHUNK_BYTES, SLAB_CHUNKS, RunStore
 from gradcli.subspace import in_order_cholesky
 
 # Largest entry of |Q₁ᵀQ₁ − I| that pass 3 leaves alone: float32's resolution (its unit roundoff
@@ -64,11 +64,14 @@ class AgPlan:
 
 def ag_plan(memory_budget: int, classes: int, params: int) -> AgPlan:
     """Plan the AG basis under ``memory_budget`` bytes, or refuse (BadInputError) one whose
-    C×C matrices do not fit. Chunks hold at most MAX_CHUNK_BYTES of class means and are a
-    power of two rows, so blocks line up with the P-axis chunks of the statistics."""
+    C×C matrices and read buffers do not fit. Output chunks hold at most MAX_CHUNK_BYTES of
+    class means and are a power of two rows, so blocks line up with the P-axis chunks of the
+    statistics. The store decodes SLAB_CHUNKS chunks of stats/class_means at a time (one
+    row of up to BASIS_CHUNK_ROWS float32 columns each), beside their encoded bytes."""
     cap = min(layout.BASIS_CHUNK_ROWS, max(1, MAX_CHUNK_BYTES // (4 * classes)))
     cap = 1 << (cap.bit_length() - 1)
-    block_rows, chunk_rows, fixed = ag_basis_plan(classes, params, memory_budget, cap)
+    read_bytes = 2 * SLAB_CHUNKS * 4 * min(params, layout.BASIS_CHUNK_ROWS)
+    block_rows, chunk_rows, fixed = ag_basis_plan(classes, params, memory_budget, cap, read_bytes)
     return AgPlan(classes, params, block_rows, chunk_rows, fixed)
 
 
@@ -84,21 +87,6 @@ def _normalised(store: RunStore, start: int, stop: int, no_variance: bool) -> to
         var = torch.from_numpy(store.read_rows(layout.STATS_VAR, start, stop))
         block /= var.sqrt().double()
     return block
-
-
-def _inverse_factor(factor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``R⁻¹`` of the kept columns, (C, K) float64 with zero rows for the skipped ones, so
-    that ``Aᵀ`` blocks multiply it whole. Frees ``factor`` as it goes."""
-    kept_factor = factor[kept][:, kept]
-    del factor
-    k = kept_factor.shape[0]
-    solved = torch.linalg.solve_triangular(
-        kept_factor, torch.eye(k, dtype=torch.float64), upper=True
-    )
-    del kept_factor
-    inverse = torch.zeros(kept.shape[0], k, dtype=torch.float64)
-    inverse[kept] = solved
-    return inverse
 
 
 def write_average_gradient_basis(
@@ -145,16 +133,18 @@ def write_average_gradient_basis(
             "whose mean gradients coincide), so the average-gradient subspace would be empty; "
             "use --method pca --k N instead"
         )
-    inverse = _inverse_factor(factor, kept)
-    del factor
-    k = inverse.shape[1]
+    factor = factor[kept]
+    factor = factor[:, kept].contiguous()  # R (K, K) of the kept class means
+    k = factor.shape[0]
+    prefix = bool(kept[:k].all())  # the usual case: only the last class mean dropped
     store.create_rows(layout.BASIS, (p, k), "float32", chunk_rows=plan.chunk_rows)
     gram = torch.zeros(k, k, dtype=torch.float64)
     with progress.task("AG basis, pass 2: orthonormalised class means", total=p) as advance:
         for start, stop in plan.bounds():
             block = _normalised(store, start, stop, no_variance)
-            q = torch.mm(block.T, inverse)  # (rows, K) float64
-            del block
+            columns = block.T[:, :k] if prefix else block.T[:, kept]
+            q = torch.linalg.solve_triangular(factor, columns, upper=True, left=False)
+            del block, columns  # q (rows, K) float64 = A R⁻¹
             low = q.float()
             q.copy_(low)  # the stored values: the second round corrects what is stored
             gram.addmm_(q.T, q)
@@ -162,10 +152,11 @@ def write_average_gradient_basis(
             store.write_rows(layout.BASIS, start, low.numpy())
             del low
             advance(stop - start)
-    del inverse
+    del factor
     gram.diagonal().sub_(1.0)
-    if float(gram.abs().max()) > REORTHOGONALISE_ABOVE:
-        gram.diagonal().add_(1.0)
+    short = float(gram.abs().max()) > REORTHOGONALISE_ABOVE
+    gram.diagonal().add_(1.0)
+    if short:
         _reorthogonalise(store, plan, gram, progress)
     return k
 
@@ -177,14 +168,10 @@ def _reorthogonalise(store: RunStore, plan: AgPlan, gram: torch.Tensor, progress
     if int(info) != 0:  # the rank rule keeps the kept class means far from this
         raise RuntimeError("the class means' orthonormalisation lost its rank")
     del gram
-    inverse = torch.linalg.solve_triangular(
-        factor, torch.eye(factor.shape[0], dtype=torch.float64), upper=True
-    )
-    del factor
     with progress.task("AG basis, pass 3: second orthonormalisation", total=plan.params) as advance:
         for start, stop in plan.bounds():
             q = torch.from_numpy(store.read_rows(layout.BASIS, start, stop)).double()
-            low = torch.mm(q, inverse).float()
+            low = torch.linalg.solve_triangular(factor, q, upper=True, left=False).float()
             del q
             store.write_rows(layout.BASIS, start, low.numpy())
             del low
