@@ -12,6 +12,8 @@ part orthogonal to the kept class means before it, as in QR with a positive diag
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +30,19 @@ from gradcli.subspace import in_order_cholesky
 # Largest entry of |Q₁ᵀQ₁ − I| that pass 3 leaves alone: float32's resolution (its unit roundoff
 # is 6e-8), so only a basis short of orthonormal beyond its own rounding is rewritten.
 REORTHOGONALISE_ABOVE = 1e-7
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _allocate_blocks_apart() -> None:
+    """Have the C library serve allocations of 1 MiB and more by mmap, returned to the
+    system when freed. glibc otherwise raises that threshold as large buffers are freed and
+    keeps later ones in its heap, where the blocks' buffers of differing sizes fragment it:
+    the stage's peak resident set came out at twice its plan (P = 200 k, C = 200, a 64 MiB
+    budget: 119 MiB above the libraries, 40 MiB with this). Process-wide; nothing where the
+    C library has no ``mallopt``."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,7 @@ class AgPlan:
     params: int
     block_rows: int
     chunk_rows: int  # rows per chunk of the basis and the normalised class means
-    fixed_bytes: int  # the C×C float64 matrices
+    fixed_bytes: int  # the C×C float64 matrices and the store's read buffers
 
     @property
     def blocks(self) -> int:
@@ -112,6 +127,7 @@ def write_average_gradient_basis(
             "subspace needs every class (raise --max-samples or check the labels)"
         )
     progress.note(plan.describe())
+    _allocate_blocks_apart()
     gram = torch.zeros(c, c, dtype=torch.float64)
     store.create_rows(layout.SUBSPACE_CLASS_MEANS, (p, c), "float32", chunk_rows=plan.chunk_rows)
     with progress.task("AG basis, pass 1: Gram of the class means", total=p) as advance:
