@@ -94,10 +94,52 @@ PCA_SHARE = 0.9  # for PCA's block and accumulator; batches take what is left
 # allows at least this many samples per batch (a smaller batch would cost more than it saves).
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
-# The AG subspace's peak bytes per class and parameter: float64 class means, their normalised
-# copy, QR's working copy and its Q (4 × 8), then the float32 basis and class means while Q is
-# alive (2 × 4); see average_gradient_basis.
+# The statistics pass's reserve per class and parameter (its check in stages/stats.py); the AG
+# basis no longer holds C×P arrays: see AG_SHARE and ag_basis_plan.
 AG_BYTES_PER_ENTRY = 40
+# The AG basis, orthonormalised from the stored class means one parameter block at a time: the
+# budget's share for its C×C float64 matrices (at most AG_MATRICES alive at once: the Gram and
+# its factor), the store's read buffers and one block.
+AG_SHARE = 0.9
+AG_MATRICES = 2
+# Per parameter row of a block, per class: the float32 class means read (4), their normalised
+# float64 copy (8) and its float32 copy written (4), Q's row in float64 (8) and float32 (4);
+# plus per row the mean, variance and scale.
+AG_BYTES_PER_CLASS = 28
+AG_BYTES_PER_ROW = 32
+
+
+def ag_basis_plan(
+    classes: int, params: int, memory_budget: int, chunk_rows: int, read_bytes: int = 0
+) -> tuple[int, int, int]:
+    """The AG basis's blocks: (rows per block, rows per chunk of its outputs, fixed bytes).
+
+    The fixed part is AG_MATRICES C×C float64 matrices and ``read_bytes`` of the store's read
+    buffers; a block takes the rest of the budget's AG_SHARE. A block of at least
+    ``chunk_rows`` rows (the outputs' chunk cap) is a whole number of chunks, a smaller one
+    is itself the chunk, so every chunk is written whole, once. A budget without room for
+    the fixed part and one row is refused, saying how much would do.
+    """
+    matrices = AG_MATRICES * 8 * classes * classes
+    fixed = matrices + read_bytes
+    row_bytes = AG_BYTES_PER_CLASS * classes + AG_BYTES_PER_ROW
+    rows = (int(memory_budget * AG_SHARE) - fixed) // row_bytes
+    if rows < 1:
+        enough = int((fixed + row_bytes * min(params, chunk_rows)) / AG_SHARE) + 1
+        raise BadInputError(
+            f"--method avg orthonormalises {classes:,} class means with {AG_MATRICES} "
+            f"{classes:,} x {classes:,} float64 matrices ({format_size(matrices)}) and "
+            f"{format_size(read_bytes)} of read buffers, over {AG_SHARE:.0%} of the memory "
+            f"budget's {format_size(memory_budget)}; raise --memory-budget to "
+            f"{format_size(enough)} or more, or use --method pca --k N"
+        )
+    if rows >= params:
+        return params, max(1, min(chunk_rows, params)), fixed
+    if rows >= chunk_rows:
+        return rows // chunk_rows * chunk_rows, chunk_rows, fixed
+    return rows, rows, fixed
+
+
 TILE_WORKSPACES = 3  # tiles alive at once: the engine's, the normalised one, its bf16 copy
 SLACK_BYTES = 16 << 20  # for what no plan counts (allocator, small buffers)
 TILE_BYTES = 32 << 20  # per-sample gradient workspace per tile: small enough to stay cache-warm

@@ -6,8 +6,8 @@ QR so that the reduced gradient ``G(x)·V`` is a projection. The raw class means
 
 PCA: the top-K eigenvectors of ``GᵀG`` (G the N×P matrix of normalised training gradients)
 by randomised subspace iteration (Halko, Martinsson & Tropp 2011): ``V ← orth(Gᵀ(G V))``
-from a seeded Gaussian start with K + p columns, then a Rayleigh–Ritz step. The data passes
-live in :mod:`gradcli.run`; this module holds the dense linear algebra.
+from a seeded Gaussian start with K + p columns, then a Rayleigh–Ritz step. The passes over
+data and store live in :mod:`gradcli.stages`; this module holds the dense linear algebra.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class Subspace:
 
     basis: np.ndarray | None  # None when it was written to the store block by block
     method: str
-    class_means: np.ndarray | None = None  # (P, C) float32 raw AG columns
     eigenvalues: np.ndarray | None = None  # (K,) for PCA
 
     @property
@@ -72,43 +71,52 @@ def average_gradient_k_reason(k: int, num_classes: int) -> str:
     )
 
 
-def average_gradient_basis(
-    class_means: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, class_counts: np.ndarray
-) -> Subspace:
-    """AG basis from per-class mean gradients.
+def in_order_cholesky(gram: torch.Tensor, tolerance: float = RANK_TOLERANCE) -> torch.Tensor:
+    """Cholesky factor of the Gram matrix ``AᵀA`` (C, C) float64 of columns taken in order,
+    skipping each column that is dependent on the kept ones before it.
 
-    class_means (C, P) float64 raw mean gradients per class; mean (P,) and scale (P,) the
-    normalisation (scale = sqrt(var), or ones without variance scaling). Returns V (P, K)
-    float32 with K = rank of the normalised class means: because G is centred on the training
-    mean, the class means satisfy sum_c n_c mean_c = 0, so K is C - 1, not C. A QR column
-    whose diagonal is at rounding level spans nothing real and is dropped.
+    Returns R (C, C) float64, upper triangular: row j is zero for a skipped column j, and the
+    kept rows and columns form the R of QR of the kept columns (positive diagonal), so
+    ``A[:, kept] R[kept][:, kept]⁻¹`` is their Q: column j spans column j of A minus its
+    part along the kept columns before it. A column is skipped when its residual's norm,
+    the pivot ``R[j, j]``, is at most ``tolerance`` times the largest kept one (QR's rank
+    rule). That largest pivot depends on what is kept: the first factor is formed against the
+    largest column norm (a bound on every pivot), and formed again against its largest pivot
+    only while a skipped column would pass the rule (rarely). The pivots are differences of
+    squares, so a residual is resolved to about ``sqrt(C·eps)`` of its column's norm, far
+    below the tolerance.
     """
-    empty = np.flatnonzero(np.asarray(class_counts) == 0)
-    if empty.size:
-        raise BadInputError(
-            f"classes {empty.tolist()[:5]} have no training samples; the average-gradient "
-            "subspace needs every class (raise --max-samples or check the labels)"
-        )
-    # (P, C) in column-major order, as LAPACK takes it: QR's working copy is the only other
-    # P×C float64 array (the AG memory check in gradcli.run counts these).
-    normalised = class_means.T - mean.double()[:, None]
-    normalised /= scale.double()[:, None]
-    q, r = torch.linalg.qr(normalised, mode="reduced")
-    diagonal = torch.diagonal(r)
-    keep = diagonal.abs() > RANK_TOLERANCE * diagonal.abs().max()
-    if not bool(keep.any()):
-        raise BadInputError(
-            "the class-average gradients span nothing once centred (one class, or classes "
-            "whose mean gradients coincide), so the average-gradient subspace would be empty; "
-            "use --method pca --k N instead"
-        )
-    # Fix QR's sign ambiguity so each basis vector points along its class mean.
-    q.mul_(torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)[None, :])
-    if not bool(keep.all()):
-        q = q[:, keep]
-    basis = q.float().numpy()
-    del q
-    return Subspace(basis=basis, method="avg", class_means=normalised.float().numpy())
+    reference = float(torch.diagonal(gram).max().clamp_min(0).sqrt())  # bounds every pivot
+    for _ in range(8):
+        factor, pivots = _skipping_cholesky(gram, tolerance * reference)
+        kept = torch.diagonal(factor) > 0
+        if not bool(kept.any()):
+            return factor
+        reference = float(torch.diagonal(factor).max())
+        # Consistent once no skipped column's pivot passes the rule with the largest kept one.
+        if not bool((pivots[~kept] > (tolerance * reference) ** 2).any()):
+            return factor
+        del factor  # two C×C matrices alive at most: the Gram and one factor
+    return _skipping_cholesky(gram, tolerance * reference)[0]
+
+
+def _skipping_cholesky(gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-looking Cholesky of ``gram`` (C, C) float64 in column order, in one copy of it,
+    leaving out (zero row) each column whose pivot (squared residual norm) is at most
+    ``threshold²``. Returns the factor (C, C) and every column's pivot (C,), float64."""
+    size = gram.shape[0]
+    factor = gram.clone()  # the Schur complement, its rows becoming the factor's
+    pivots = torch.zeros(size, dtype=gram.dtype)
+    for j in range(size):
+        pivot = float(factor[j, j])
+        pivots[j] = pivot
+        if pivot <= 0 or pivot <= threshold * threshold:
+            factor[j, j:] = 0
+            continue
+        factor[j, j:] /= pivot**0.5
+        tail = factor[j, j + 1 :]
+        factor[j + 1 :, j + 1 :].addr_(tail, tail, alpha=-1.0)
+    return factor.triu_(), pivots
 
 
 def pca_width(k: int, oversample: int, num_params: int, num_samples: int) -> int:

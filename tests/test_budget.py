@@ -6,8 +6,13 @@ import pytest
 
 from gradcli import budget as budget_mod
 from gradcli.budget import (
+    AG_BYTES_PER_CLASS,
+    AG_BYTES_PER_ROW,
+    AG_MATRICES,
+    AG_SHARE,
     TILE_BYTES,
     _rows_per_tile,
+    ag_basis_plan,
     auto_batch_size,
     format_size,
     parse_size,
@@ -129,3 +134,42 @@ def test_sample_working_bytes_closed_form():
     assert sample_working_bytes(captures, 2, 10) == want
     assert sample_working_bytes(captures, 2) == want - 120
     assert sample_working_bytes([(7, 1, 0)], 3) == 4 * 21 // 3  # no output gradient, rounded down
+
+
+def test_ag_basis_plan_fills_its_share_with_whole_chunks():
+    """Blocks hold the most rows that fit beside the C×C matrices and read buffers, as whole
+    output chunks (or one chunk, when fewer than a chunk fit); one block when all fits."""
+    cap = 64
+    for classes in (3, 10, 200):
+        row = AG_BYTES_PER_CLASS * classes + AG_BYTES_PER_ROW
+        for read_bytes in (0, 5000):
+            fixed = AG_MATRICES * 8 * classes * classes + read_bytes
+            for params in (1, 50, 999, 100_000):
+                for budget in (2_000, 30_000, 500_000, 3_000_000, 50 << 20):
+                    share = int(budget * AG_SHARE)
+                    if share - fixed < row:
+                        with pytest.raises(BadInputError, match="--method avg orthonormalises"):
+                            ag_basis_plan(classes, params, budget, cap, read_bytes)
+                        continue
+                    block, chunk, planned = ag_basis_plan(classes, params, budget, cap, read_bytes)
+                    assert planned == fixed and fixed + block * row <= share
+                    assert 1 <= chunk <= cap and (block == params or block % chunk == 0)
+                    if block < params:  # nothing larger of the same form fits
+                        assert fixed + (block + (cap if block >= cap else 1)) * row > share
+
+
+def test_ag_basis_plan_refusal_names_a_budget_that_works():
+    classes, params, cap, read_bytes = 1000, 25_557_032, 8192, 32 << 20
+    matrices = AG_MATRICES * 8 * classes**2  # 16 MB of C×C matrices
+    row = AG_BYTES_PER_CLASS * classes + AG_BYTES_PER_ROW
+    enough = int((matrices + read_bytes + row * cap) / AG_SHARE) + 1
+    with pytest.raises(BadInputError) as refused:
+        ag_basis_plan(classes, params, 40 << 20, cap, read_bytes)
+    assert str(refused.value) == (
+        f"--method avg orthonormalises 1,000 class means with {AG_MATRICES} 1,000 x 1,000 "
+        f"float64 matrices ({format_size(matrices)}) and 32 MiB of read buffers, over "
+        f"{AG_SHARE:.0%} of the memory budget's 40 MiB; raise --memory-budget to "
+        f"{format_size(enough)} or more, or use --method pca --k N"
+    )
+    block, chunk, _ = ag_basis_plan(classes, params, enough, cap, read_bytes)
+    assert (block, chunk) == (cap, cap)

@@ -1,4 +1,5 @@
-"""Average-gradient basis against a direct computation."""
+"""Subspace linear algebra and option checks against direct computations (the AG basis: in
+test_ag_basis.py)."""
 
 from __future__ import annotations
 
@@ -8,65 +9,11 @@ import torch
 
 from gradcli.errors import BadInputError
 from gradcli.subspace import (
-    average_gradient_basis,
     check_method,
     orthonormalise_,
     pca_width,
     rayleigh_ritz,
 )
-
-
-def test_ag_basis_spans_normalised_class_means_and_is_orthonormal():
-    rng = np.random.default_rng(0)
-    class_means = torch.from_numpy(rng.normal(size=(4, 30)))
-    mean = torch.from_numpy(rng.normal(size=30))
-    scale = torch.from_numpy(rng.uniform(0.5, 2.0, size=30))
-    sub = average_gradient_basis(class_means, mean, scale, np.array([5, 6, 7, 8]))
-    v = sub.basis.astype(np.float64)
-    assert v.shape == (30, 4)
-    np.testing.assert_allclose(v.T @ v, np.eye(4), atol=1e-6)
-    raw = ((class_means - mean) / scale).numpy().T  # (P, C) normalised class means
-    np.testing.assert_allclose(sub.class_means, raw, rtol=1e-5, atol=1e-6)
-    # Same span: projecting the raw columns onto V reproduces them.
-    np.testing.assert_allclose(v @ (v.T @ raw), raw, atol=1e-5)
-    # Gram-Schmidt orientation: first column is the first class mean direction.
-    first = raw[:, 0] / np.linalg.norm(raw[:, 0])
-    np.testing.assert_allclose(v[:, 0], first, atol=1e-6)
-
-
-def test_empty_class_is_an_error():
-    with pytest.raises(BadInputError, match="no training samples"):
-        average_gradient_basis(
-            torch.zeros(3, 5, dtype=torch.float64),
-            torch.zeros(5, dtype=torch.float64),
-            torch.ones(5, dtype=torch.float64),
-            np.array([2, 0, 1]),
-        )
-
-
-def test_centred_class_means_lose_one_dimension():
-    """sum_c n_c (mu_c - M) = 0 when M is the training mean, so AG spans C - 1 dimensions."""
-    rng = np.random.default_rng(2)
-    counts = np.array([3, 5, 4])
-    grads = [rng.normal(size=(n, 20)) for n in counts]
-    mean = torch.from_numpy(np.concatenate(grads).mean(0))
-    class_means = torch.from_numpy(np.stack([g.mean(0) for g in grads]))
-    sub = average_gradient_basis(class_means, mean, torch.ones(20, dtype=torch.float64), counts)
-    assert sub.k == 2
-    raw = sub.class_means.astype(np.float64)
-    v = sub.basis.astype(np.float64)
-    np.testing.assert_allclose(v @ (v.T @ raw), raw, atol=1e-5)  # all three means in the span
-
-
-def test_class_means_that_span_nothing_are_an_error():
-    """One class (its centred mean is zero) leaves the AG subspace empty: a clear error."""
-    rng = np.random.default_rng(3)
-    grads = rng.normal(size=(6, 20))
-    mean = torch.from_numpy(grads.mean(0))
-    with pytest.raises(BadInputError, match="span nothing.*--method pca"):
-        average_gradient_basis(
-            mean[None, :].clone(), mean, torch.ones(20, dtype=torch.float64), np.array([6])
-        )
 
 
 def test_method_checks():

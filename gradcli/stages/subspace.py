@@ -7,21 +7,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from gradcli import layout
 from gradcli.errors import BadInputError
 from gradcli.grads import (
     select_parameters,
 )
-from gradcli.stages import defaults, runner
+from gradcli.stages import ag_basis, defaults, runner
 from gradcli.stages import pca as pca_stage
 from gradcli.stages import stats as stats_stage
 from gradcli.stages.checks import check_batch_size, check_extract_options, test_split_of
 from gradcli.stages.context import RunContext
 from gradcli.stages.pca_plan import PcaJob, pca_plan
 from gradcli.subspace import (
-    average_gradient_basis,
     average_gradient_k_reason,
     check_method,
     pca_width,
@@ -93,8 +91,9 @@ def extract_subspace(
                 "the labels, or use --method pca --k N)"
             )
     class_sums = method == "avg"  # PCA needs the mean and variance only
-    if class_sums:
+    if class_sums:  # the statistics' class sums, then the basis's C×C matrices
         stats_stage.check_average_gradient_memory(run, selection, model.num_classes)
+        ag_basis.ag_plan(run.memory_budget, model.num_classes, selection.size)
     if method == "pca":  # its width and memory plan, refused now rather than after a pass
         width = pca_width(k, oversample, selection.size, len(indices))
         pca_plan(run, selection, width, len(indices), iteration_dtype)
@@ -141,8 +140,8 @@ def extract_subspace(
         run, layout.SUBSPACE, subspace_record, overwrite=overwrite, what="the subspace"
     )
     if not sub_done:
-        mean, scale = stats_stage.normalisation(run, no_variance)
         if method == "pca":
+            mean, scale = stats_stage.normalisation(run, no_variance)
             subspace = pca_stage.pca(
                 run,
                 PcaJob(
@@ -160,23 +159,20 @@ def extract_subspace(
                     iteration_dtype,
                 ),
             )
-        else:
-            subspace = None  # from the stored class means, by rank 0 below
+            del mean, scale
 
         def write_subspace() -> None:
-            nonlocal subspace
-            if subspace is None:
-                means = torch.from_numpy(run.store.read(layout.STATS_CLASS_MEANS)).double()
-                counts = np.asarray(run.store.group_attrs(layout.STATS)["class_counts"])
-                subspace = average_gradient_basis(means, mean, scale, counts)
-                run.store.write(
-                    layout.SUBSPACE_CLASS_MEANS,
-                    subspace.class_means,
-                    chunk_rows=layout.BASIS_CHUNK_ROWS,
+            if method == "avg":  # from the stored class means, block by block
+                plan = ag_basis.ag_plan(run.memory_budget, model.num_classes, selection.size)
+                k_found = ag_basis.write_average_gradient_basis(
+                    run.store, plan, no_variance, run.progress
                 )
-            if subspace.basis is not None:  # else written block by block already
-                run.store.write(layout.BASIS, subspace.basis, chunk_rows=layout.BASIS_CHUNK_ROWS)
-            if subspace.eigenvalues is not None:
+            else:
+                k_found = subspace.k
+                if subspace.basis is not None:  # else written block by block already
+                    run.store.write(
+                        layout.BASIS, subspace.basis, chunk_rows=layout.BASIS_CHUNK_ROWS
+                    )
                 stats = run.store.group_attrs(layout.STATS)
                 total = (
                     stats["raw_variance_sum"]
@@ -186,7 +182,7 @@ def extract_subspace(
                 run.store.write(layout.EIGENVALUES, subspace.eigenvalues)
                 run.store.set_attrs(layout.SUBSPACE, total_variance=total)
             run.store.delete(layout.SUBSPACE_STATE)
-            run.store.complete_stage(layout.SUBSPACE, k=subspace.k, num_parameters=selection.size)
+            run.store.complete_stage(layout.SUBSPACE, k=k_found, num_parameters=selection.size)
 
         run._on_writer(write_subspace, value=False)
     run._on_writer(
