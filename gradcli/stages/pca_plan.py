@@ -178,11 +178,11 @@ def _blocks(
     left = int(run.memory_budget * BASIS_SHARE) - fixed
     if left < run.memory_budget // 8:
         raise BadInputError(
-            f"PCA over {n:,} samples and {selection.size:,} parameters keeps U = G V "
-            f"({n:,} x {width}), the normalisation and a store chunk in memory "
-            f"({format_size(fixed)}), too much of the memory budget's "
-            f"{format_size(run.memory_budget)}; raise --memory-budget, lower --max-samples "
-            "or --k, or leave parameters out with --params"
+            f"PCA over {n:,} samples keeps U = G V ({n:,} x {width}, "
+            f"{format_size(n * width * 8)}) and, with the normalisation of "
+            f"{selection.size:,} parameters, {format_size(fixed)} in memory, too much of the "
+            f"memory budget's {format_size(run.memory_budget)}; raise --memory-budget, "
+            "lower --max-samples or --k, or leave parameters out with --params"
         )
     row_bytes = width * 4 + PCA_ROW_BYTES + -(-width * 8 // STORE_CHUNKS_PER_BLOCK)
     ranges = plan_row_ranges(selection.sizes, row_bytes, left, fewest=True, what="PCA's block")
