@@ -38,6 +38,25 @@ if stage == "extract":
 else:
     run.model
 loaded = status("VmRSS")
+phases = {}
+from gradcli.stages import pca as pca_stage  # noqa: E402
+
+whole_pca = pca_stage.pca
+
+
+def measured_pca(*args, **kwargs):
+    # the statistics pass's peak, then the peak of PCA alone
+    phases["before_pca"] = status("VmHWM")
+    phases["at_pca_start"] = status("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return whole_pca(*args, **kwargs)
+
+
+pca_stage.pca = measured_pca
 model_bytes = sum(p.numel() * p.element_size() for p in run.model.module.parameters())
 began = time.perf_counter()
 error = None
@@ -56,7 +75,7 @@ plan = None
 for path in ("subspace", "embed/peak"):
     if run.store.has(path):
         plan = run.store.group_attrs(path).get("plan", plan)
-print(json.dumps({"stage": stage, "peak": status("VmHWM"), "loaded": loaded,
+print(json.dumps({"stage": stage, "peak": status("VmHWM"), "loaded": loaded, **phases,
                   "model_bytes": model_bytes, "seconds": time.perf_counter() - began,
                   "error": error, "plan": plan, "notes": notes[-3:],
                   "result_plan": (result or {}).get("plan")}))
@@ -97,7 +116,8 @@ def main() -> None:
                 print(json.dumps({"stage": stage, "failed": done.stderr[-600:]}))
                 continue
             report = json.loads(line)
-            mib = {key: round(report[key] / 2**20) for key in ("peak", "loaded", "model_bytes")}
+            keys = ("peak", "loaded", "model_bytes", "before_pca", "at_pca_start")
+            mib = {key: round(report[key] / 2**20) for key in keys if key in report}
             print(json.dumps({**report, **{f"{k}_mib": v for k, v in mib.items()}}))
 
 
