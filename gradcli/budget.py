@@ -204,3 +204,71 @@ def free_for_batches(
     parameters and their gradients) and the tile workspaces are counted."""
     workspaces = TILE_WORKSPACES * tile_bytes
     return memory_budget - fixed_bytes - 2 * model_bytes - workspaces - SLACK_BYTES
+
+
+# A P × K basis beyond the budget: row ranges, passes and what they hold per row.
+PCA_ROW_BYTES = 8  # per row of a PCA block pass beside its K + p float32 columns: the
+# Projector's float32 shift and 1/scale
+NORMALISATION_BYTES = 16  # per parameter: mean and scale (float32), and their Projector copies
+# PCA's stored P-row arrays are chunked at an eighth of a block's rows, so a read or write in
+# flight (a decoded chunk and its copy) costs a quarter of the block's bytes at most.
+STORE_CHUNKS_PER_BLOCK = 8
+START_CHUNK_ROWS = 4096  # rows per independently seeded chunk of PCA's random start
+
+
+def plan_row_ranges(
+    sizes: Sequence[int],
+    bytes_per_row: int,
+    budget: int,
+    *,
+    fewest: bool = False,
+    what: str = "basis rows",
+) -> list[tuple[int, int]]:
+    """Split P = Σ sizes rows (parameters in order) into ranges [(first_row, end_row)] whose
+    rows fit ``budget`` bytes at ``bytes_per_row`` each.
+
+    ``fewest``: the fewest ranges there can be, ⌈P · bytes_per_row / budget⌉ of equal size,
+    cutting parameters anywhere (one pass over the data per range). Otherwise whole
+    parameters are packed in order (the ranges :func:`plan_row_blocks` gives wherever it
+    succeeds), and only a parameter larger than a whole range is cut across ranges.
+    """
+    cap = int(budget) // max(1, int(bytes_per_row))
+    if cap < 1:
+        raise BadInputError(
+            f"one row of {what} needs {format_size(int(bytes_per_row))}, over the memory "
+            f"budget's {format_size(max(0, int(budget)))} left for them; raise --memory-budget"
+        )
+    total = int(sum(int(size) for size in sizes))
+    if fewest:
+        count = max(1, -(-total // cap))
+        edges = [total * i // count for i in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:], strict=True))
+    ranges: list[tuple[int, int]] = []
+    first = row = used = 0
+    for size in (int(size) for size in sizes):
+        if size > cap:  # fill the open range, then whole ranges, then leave the rest open
+            remaining = size
+            while used + remaining > cap:
+                take = cap - used
+                row, remaining = row + take, remaining - take
+                ranges.append((first, row))
+                first, used = row, 0
+            row, used = row + remaining, used + remaining
+            continue
+        if used + size > cap and used > 0:
+            ranges.append((first, row))
+            first, used = row, 0
+        row, used = row + size, used + size
+    if row > first or not ranges:
+        ranges.append((first, row))
+    return ranges
+
+
+def block_passes(form: str, blocks: int, iterations: int) -> int:
+    """Passes over the data of PCA's subspace iteration with ``iterations`` iterations and a
+    last Rayleigh–Ritz pass: one per iteration in memory; in row blocks, ``U = G V`` once per
+    block every iteration and for Rayleigh–Ritz, and ``Y = Gᵀ U`` once per block every
+    iteration."""
+    if form == "memory":
+        return iterations + 1
+    return (2 * iterations + 1) * blocks

@@ -112,9 +112,13 @@ class LayerGradients:
         *,
         feature_module: nn.Module | None = None,
         only: Sequence[str] | None = None,
+        rows: tuple[int, int] | None = None,
         tile_bytes: int = TILE_BYTES,
     ) -> None:
         self.model = model.eval()
+        # Rows [lo, hi) of the flattened gradient that tiles cover (a block that cuts a
+        # parameter): tiles outside are not formed, tiles across an end are cut.
+        self.rows = rows
         self.selection = selection
         self.feature_module = feature_module
         self.tile_bytes = tile_bytes
@@ -123,7 +127,7 @@ class LayerGradients:
         offset = {
             n: (int(s), int(z))
             for n, s, z in zip(selection.names, starts, selection.sizes, strict=True)
-            if n in active
+            if n in active and (rows is None or (s < rows[1] and s + z > rows[0]))
         }
         self.layers: list[_Layer] = []
         covered: set[str] = set()
@@ -252,11 +256,30 @@ class LayerGradients:
             ws = self._workspace = torch.empty(numel, device=device)
         return ws[:numel]
 
+    def _wanted(self, first: int, end: int) -> bool:
+        """Whether rows [first, end) meet the engine's row range (see ``rows``)."""
+        return self.rows is None or (first < self.rows[1] and end > self.rows[0])
+
     def tiles(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start_row, tile (B, r) float32) covering every selected parameter once.
+        """Yield (start_row, tile (B, r) float32) covering every selected parameter once
+        (every selected row in ``rows`` when given).
 
         Tiles are scratch: a consumer may overwrite one (it is never a view of the captured
         activations, and the next tile does not read it)."""
+        if self.rows is None:
+            yield from self._all_tiles()
+            return
+        lo, hi = self.rows
+        for start, tile in self._all_tiles():
+            first, end = max(start, lo), min(start + tile.shape[1], hi)
+            if first >= end:
+                continue
+            if first == start and end == start + tile.shape[1]:
+                yield start, tile
+            else:  # a tile across an end of the range: its rows inside, contiguous
+                yield first, tile[:, first - start : end - start].contiguous()
+
+    def _all_tiles(self) -> Iterator[tuple[int, torch.Tensor]]:
         for layer in self.layers:
             if layer.grad_output is None:  # the output does not reach the energy
                 b = self._x.shape[0]
@@ -293,6 +316,8 @@ class LayerGradients:
             step = tile_channels(g3.shape[2], b, in_features, self.tile_bytes)
             for o0 in range(0, g3.shape[2], step):
                 o1 = min(o0 + step, g3.shape[2])
+                if not self._wanted(slot.start + o0 * in_features, slot.start + o1 * in_features):
+                    continue
                 out = self._buffer(b * (o1 - o0) * in_features, a.device).view(
                     b, o1 - o0, in_features
                 )
@@ -329,6 +354,8 @@ class LayerGradients:
                 step = tile_channels(out_channels, b, fan_in, self.tile_bytes)
                 for o0 in range(0, out_channels, step):
                     o1 = min(o0 + step, out_channels)
+                    if not self._wanted(slot.start + o0 * fan_in, slot.start + o1 * fan_in):
+                        continue
                     out = self._buffer(b * (o1 - o0) * fan_in, a.device).view(b, o1 - o0, fan_in)
                     torch.bmm(g3[:, o0:o1], cols_t, out=out)
                     yield slot.start + o0 * fan_in, out.view(b, -1)
@@ -354,6 +381,8 @@ class LayerGradients:
         stacked = a.reshape(1, b * channels, *a.shape[2:])
         for o0 in range(0, out_channels, step):
             o1 = min(o0 + step, out_channels)
+            if not self._wanted(slot.start + o0 * fan_in, slot.start + o1 * fan_in):
+                continue
             part = go[:, o0:o1].reshape(1, b * (o1 - o0), *go.shape[2:])
             shape_only = a.new_empty(1).expand(b * (o1 - o0), channels, *kernel)
             _, grads, _ = torch.ops.aten.convolution_backward(

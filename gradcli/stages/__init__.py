@@ -8,7 +8,7 @@ device, memory budget, process group) as its first argument, owns its store grou
   checkpointed in ``stats/state``.
 - ``subspace``: ``extract_subspace`` (statistics, then the AG or PCA basis).
 - ``pca_plan``, ``pca``, ``pca_blocked``: PCA's memory plan, its in-memory subspace
-  iteration, and the layer-block form for a block beyond the budget.
+  iteration, and the row-block form for a block beyond the budget.
 - ``embed``: reduced gradients, features, logits and labels of a dataset, in row chunks.
 - ``embeddings``: finding stored embeddings by name or dataset spec, embedding on demand.
 - ``fit``: the BN→FC head and the detectors fitted on the training embeddings.

@@ -14,7 +14,7 @@ from gradcli.budget import (
     BASIS_SHARE,
     auto_batch_size,
     free_for_batches,
-    plan_row_blocks,
+    plan_row_ranges,
     resolve_budget,
     tile_bytes_for,
 )
@@ -327,10 +327,11 @@ class RunContext:
     def _row_blocks(
         self, selection: ParameterSelection, k: int
     ) -> list[tuple[int, int, list[str]]]:
-        """Parameter blocks whose basis rows fit the budget: [(first_row, end_row, names)]."""
+        """Row blocks whose basis rows fit the budget: [(first_row, end_row, names)], whole
+        parameters unless one alone is larger than a block (then it is cut across blocks)."""
         bytes_per_row = k * BASIS_DTYPES[self.basis_dtype].itemsize + 8  # + mean, 1/scale
-        plan = plan_row_blocks(
-            selection.sizes, selection.names, bytes_per_row, int(self.memory_budget * BASIS_SHARE)
-        )
-        starts = np.concatenate([[0], np.cumsum(selection.sizes)]).astype(int)
-        return [(int(starts[a]), int(starts[b]), list(selection.names[a:b])) for a, b in plan]
+        budget = int(self.memory_budget * BASIS_SHARE)
+        ranges = plan_row_ranges(selection.sizes, bytes_per_row, budget, what="basis rows")
+        ends = np.cumsum(selection.sizes).tolist()
+        spans = list(zip(selection.names, ends, selection.sizes, strict=True))
+        return [(a, b, [n for n, e, z in spans if e - z < b and e > a]) for a, b in ranges]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gradcli import layout
+from gradcli.budget import format_size
 from gradcli.distributed import check_shard, shard_range
 from gradcli.errors import BadInputError, Interrupted, StaleStoreError
 from gradcli.grads import (
@@ -26,6 +27,7 @@ from gradcli.stages.checks import (
 )
 from gradcli.stages.context import RunContext
 from gradcli.stages.passes import data_pass
+from gradcli.store import MAX_CHUNK_BYTES
 
 
 def _projector(run: RunContext, start: int, stop: int) -> Projector:
@@ -42,16 +44,52 @@ def _projector(run: RunContext, start: int, stop: int) -> Projector:
         scale = torch.from_numpy(run.store.read_rows(layout.STATS_VAR, start, stop)).sqrt()
     starts = np.concatenate([[0], np.cumsum(run.selection.sizes)])
     bounds = [start, *[int(s) for s in starts if start < s < stop], stop]
-    parts = run.store.read_rows_transposed(layout.BASIS, bounds)
+    dtype = BASIS_DTYPES[run.basis_dtype]
+    if dtype == torch.float32:
+        parts = [torch.from_numpy(a) for a in run.store.read_rows_transposed(layout.BASIS, bounds)]
+    else:
+        parts = _read_basis_as(run, bounds, dtype)
     return Projector(
         mean,
         scale,
-        [torch.from_numpy(part) for part in parts],
+        parts,
         start=start,
         dtype=BASIS_DTYPES[run.basis_dtype],
         device=run.device,
         transposed=True,
     )
+
+
+def _read_basis_as(run: RunContext, bounds: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Basis rows [bounds[j], bounds[j + 1]) as transposed parts (K, r_j) in ``dtype``,
+    converted one store chunk at a time (no float32 copy of the block beside them)."""
+    k = int(run.store.shape(layout.BASIS)[1])
+    step = max(1, MAX_CHUNK_BYTES // (4 * k))
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        part = torch.empty(k, b - a, dtype=dtype)
+        first = a
+        while first < b:
+            last = min(b, (first // step + 1) * step)
+            piece = run.store.read_rows_transposed(layout.BASIS, [first, last])[0]
+            part[:, first - a : last - a].copy_(torch.from_numpy(piece))
+            first = last
+        parts.append(part)
+    return parts
+
+
+def embed_plan(run: RunContext, blocks: list, n: int, k: int, feat: int, classes: int) -> dict:
+    """Embed's plan as plain numbers: passes over the data (one per row block), the basis
+    dtype, and the bytes it writes (the arrays, and the float64 partial sums of a run in
+    several blocks, deleted at the end)."""
+    arrays = n * (4 * k + 4 + 4 * feat + 4 * classes + 8)
+    partials = 2 * n * (8 * k + 8) if len(blocks) > 1 else 0
+    return {
+        "passes": len(blocks),
+        "row_blocks": len(blocks),
+        "disk_bytes": arrays + partials,
+        "basis_dtype": run.basis_dtype,
+    }
 
 
 def embed(
@@ -149,10 +187,11 @@ def embed(
             model.module,
             selection,
             only=names,
+            rows=(start, stop),
             feature_module=feature_module if i == 0 else None,
             tile_bytes=run._tile_bytes(),
         )
-        for i, (_, _, names) in enumerate(blocks)
+        for i, (start, stop, names) in enumerate(blocks)
     ]
     probe, _ = next(iter(run._loader(source, indices[:1], 1)))
     logits, feat = engines[0].capture(probe.to(run.device))
@@ -185,11 +224,14 @@ def embed(
     )
     if batch_size is None:
         batch = int(chunks.meta.get("batch_size", batch))
+    plan = embed_plan(run, blocks, len(indices), k, feat.shape[1], logits.shape[1])
     if len(blocks) > 1:
         run.progress.note(
-            f"the basis ({selection.size:,} rows x {k}) exceeds the memory budget: "
-            f"{len(blocks)} passes over the data, one per parameter block"
+            f"the basis ({selection.size:,} rows x {k}, {run.basis_dtype}) exceeds the memory "
+            f"budget: {len(blocks)} passes over the data, one per row block, writing up to "
+            f"{format_size(plan['disk_bytes'])}"
         )
+    run.store.set_attrs(path, plan=plan)
     block_done = run.store.flags(path, "block_done", len(blocks) * chunks.n_chunks, shared=shared)
     pending = chunks.pending()
     if shared:

@@ -5,7 +5,7 @@ the model's logits and features (and the engine's per-sample gradients) when giv
 refuses NaN/Inf logits, steps through the ranks of a process group in lockstep, and turns a
 stop request (Ctrl-C, SIGTERM, a cluster's pre-emption) into a saved checkpoint and an
 :class:`~gradcli.errors.Interrupted` with the message that says how to resume. The statistics
-pass, PCA's passes, the layer-block passes, embedding and input-gradient scoring all iterate
+pass, PCA's passes, the row-block passes, embedding and input-gradient scoring all iterate
 :func:`data_pass`; each keeps only what it does with a batch.
 """
 

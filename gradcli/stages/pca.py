@@ -21,12 +21,12 @@ from gradcli.stages import pca_blocked as pca_blocked_stage
 from gradcli.stages.checks import BASIS_DTYPES, check_finite
 from gradcli.stages.context import RunContext
 from gradcli.stages.passes import data_pass
-from gradcli.stages.pca_plan import PcaJob, pca_plan
+from gradcli.stages.pca_blocked import write_rows, write_whole
+from gradcli.stages.pca_plan import PcaJob, pca_plan, start_rows
 from gradcli.subspace import (
     Subspace,
     orthonormalise_,
-    random_start,
-    rayleigh_ritz,
+    ritz_rotation,
 )
 
 
@@ -106,15 +106,23 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
     After T iterations a last pass forms ``(G V)ᵀ(G V)`` for the Rayleigh–Ritz step.
     The block V, the iteration, and every ``checkpoint_every`` batches the partial Y and
     the batch cursor go to ``subspace/state`` so an interrupted run resumes there.
+
+    The plan (:func:`pca_plan`: in memory or row blocks, passes, disk) is told before the
+    first pass and recorded in the subspace's attrs as ``plan``.
     """
     source, indices, selection = job.source, job.indices, job.selection
     mean, scale, k, width = job.mean, job.scale, job.k, job.width
     iterations, seed, batch_size = job.iterations, job.seed, job.batch_size
     checkpoint_every, iteration_dtype = job.checkpoint_every, job.iteration_dtype
     p = selection.size
-    low, need, blocked = pca_plan(run, selection, width, len(indices), iteration_dtype)
-    if blocked:
-        return pca_blocked_stage.pca_blocked(run, job)
+    plan = pca_plan(
+        run, selection, width, len(indices), iteration_dtype, iterations=iterations, k=k
+    )
+    run.progress.note(plan.note(p, width))
+    run._on_writer(lambda: run.store.set_attrs(layout.SUBSPACE, plan=plan.describe()), value=False)
+    if plan.blocked:
+        return pca_blocked_stage.pca_blocked(run, job, plan)
+    low, need = plan.dtype, plan.fixed_bytes
     state = layout.SUBSPACE_STATE
     group = run.group
     attrs = run.store.group_attrs(state) if run.store.has(state) else {}
@@ -122,7 +130,7 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
     engine = LayerGradients(model.module, selection, tile_bytes=run._tile_bytes())
     # Arrays are written to alternating slots and only then named in the state's attrs, so
     # a kill while writing one leaves the previous checkpoint intact.
-    if attrs.get("width") == width and "iteration" in attrs:
+    if attrs.get("width") == width and "iteration" in attrs and attrs.get("form") != "blocks":
         iteration, cursor, batch = attrs["iteration"], attrs["cursor"], attrs["batch"]
         keep = bool(attrs.get("keep", False))
         low = BASIS_DTYPES[attrs.get("iteration_dtype", "float32")]  # as it began
@@ -132,7 +140,8 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
         if block.dtype == torch.int16:  # an intermediate block saved as its bf16 copy
             block = block.view(torch.bfloat16)
     else:
-        block = random_start(p, width, seed)
+        block = start_rows(seed, 0, p, width)
+        orthonormalise_(block)
         iteration, cursor = 0, 0
         batch, keep = group.broadcast_object(
             _pca_batch(run, engine, source, indices, need, batch_size, low.itemsize)
@@ -140,9 +149,7 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
 
         def start_state() -> None:
             run.store.delete(state)
-            run.store.write(
-                f"{state}/V0", block.numpy(), chunk_rows=layout.BASIS_CHUNK_ROWS, compress=False
-            )
+            write_whole(run, f"{state}/V0", block, plan.chunk_rows)
             run.store.set_attrs(
                 state,
                 width=width,
@@ -214,7 +221,7 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
                         accumulator.zero_()
                     writer.wait()  # this iteration's block must be named first
                     run._on_writer(
-                        functools.partial(_save_partial, run),
+                        functools.partial(_save_partial, run, plan.chunk_rows),
                         state,
                         accumulator,
                         iteration,
@@ -254,8 +261,8 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
                     writer.wait()
                     if not group.is_writer:
                         return None
-                    basis, values = rayleigh_ritz(block, accumulator, k, len(indices))
-                    return Subspace(basis=basis.numpy(), method="pca", eigenvalues=values.numpy())
+                    sizes = (k, plan.chunk_rows)
+                    return _ritz_to_store(run, block, accumulator, sizes, len(indices))
                 writer.wait()
                 block = accumulator.cpu()
                 del accumulator, projector
@@ -278,7 +285,8 @@ def pca(run: RunContext, job: PcaJob) -> Subspace:
                     # bf16 copy, so that copy is all a resume needs: half the bytes.
                     intermediate = low_block is not None and iteration < iterations
                     saved = low_block if intermediate else block
-                    writer.start(functools.partial(_save_block, run), state, iteration, saved)
+                    save_block = functools.partial(_save_block, run, plan.chunk_rows)
+                    writer.start(save_block, state, iteration, saved)
     finally:
         writer.wait(raise_errors=False)
     raise AssertionError("unreachable")
@@ -348,33 +356,31 @@ def _pca_batch_step(
         _accumulate_transposed(accumulator[rows], g, weights, scratch)
 
 
-def _save_block(run: RunContext, state: str, iteration: int, block: torch.Tensor) -> None:
+def _save_block(
+    run: RunContext, chunk_rows: int, state: str, iteration: int, block: torch.Tensor
+) -> None:
     """Checkpoint the block of ``iteration`` (runs in the background writer); a bf16
     block is stored as its bit pattern (int16)."""
     if block.dtype == torch.bfloat16:
         block = block.view(torch.int16)
-    run.store.write(
-        f"{state}/V{iteration % 2}",
-        block.numpy(),
-        chunk_rows=layout.BASIS_CHUNK_ROWS,
-        compress=False,
-    )
+    write_whole(run, f"{state}/V{iteration % 2}", block, chunk_rows)
     run.store.set_attrs(state, iteration=iteration, cursor=0)
 
 
 def _save_partial(
-    run: RunContext, state: str, accumulator: torch.Tensor, iteration: int, cursor: int
+    run: RunContext,
+    chunk_rows: int,
+    state: str,
+    accumulator: torch.Tensor,
+    iteration: int,
+    cursor: int,
 ) -> None:
     """Checkpoint an iteration's partial sum after ``cursor`` steps (rank 0 only), in the
     slot the state does not name; the array records what it holds."""
     slot = 1 - run.store.group_attrs(state).get("slot", 0)
-    run.store.write(
-        f"{state}/partial{slot}",
-        accumulator.cpu().numpy(),
-        chunk_rows=layout.BASIS_CHUNK_ROWS,
-        compress=False,
-        attrs={"iteration": iteration, "cursor": cursor},
-    )
+    path = f"{state}/partial{slot}"
+    write_whole(run, path, accumulator.cpu(), chunk_rows)
+    run.store.set_attrs(path, iteration=iteration, cursor=cursor)  # last: vouches for the rows
     run.store.set_attrs(state, cursor=cursor, slot=slot, world=run.group.world)
 
 
@@ -387,3 +393,20 @@ def _matching_partial(run: RunContext, state: str, iteration: int, cursor: int) 
         if held.get("iteration") == iteration and held.get("cursor") == cursor:
             return path
     return None
+
+
+def _ritz_to_store(
+    run: RunContext, block: torch.Tensor, gram: torch.Tensor, sizes: tuple[int, int], n: int
+) -> Subspace:
+    """Rayleigh–Ritz from ``gram = (G V)ᵀ(G V)`` (w, w) float64 of the orthonormal block
+    (P, w) float32: the basis V·R (P, k) float32 written to the store piece by piece (no
+    second P-row array), and the eigenvalues. ``sizes``: (k, the basis's chunk rows)."""
+    k, chunk_rows = sizes
+    rotation, values = ritz_rotation(gram, k, n)
+    rotation = rotation.float()  # orthogonal: applying it in float32 loses nothing visible
+    p = block.shape[0]
+    run.store.create_rows(layout.BASIS, (p, k), "float32", chunk_rows=chunk_rows)
+    step = max(1, chunk_rows)
+    for start in range(0, p, step):
+        write_rows(run, layout.BASIS, start, block[start : start + step] @ rotation, chunk_rows)
+    return Subspace(basis=None, method="pca", eigenvalues=values.numpy())
