@@ -94,9 +94,6 @@ PCA_SHARE = 0.9  # for PCA's block and accumulator; batches take what is left
 # allows at least this many samples per batch (a smaller batch would cost more than it saves).
 PCA_KEEP_MIN_BATCH = 32
 PCA_KEEP_MAX_BATCH = 128
-# The statistics pass's reserve per class and parameter (its check in stages/stats.py); the AG
-# basis no longer holds C×P arrays: see AG_SHARE and ag_basis_plan.
-AG_BYTES_PER_ENTRY = 40
 # The AG basis, orthonormalised from the stored class means one parameter block at a time: the
 # budget's share for its C×C float64 matrices (at most AG_MATRICES alive at once: the Gram and
 # its factor), the store's read buffers and one block.

@@ -216,4 +216,5 @@ def extract_subspace(
             else int(run.store.group_attrs(layout.STATS).get("variance_replaced", 0))
         ),
         "reused": bool(stats_done and sub_done),
+        "plan": sub_attrs.get("plan"),  # PCA: passes, row blocks and disk, as told up front
     }
