@@ -129,3 +129,19 @@ def cli(capsys):
         return Outcome(code, captured.out, captured.err)
 
     return invoke
+
+
+def count_committed_batches(monkeypatch) -> list[int]:
+    """Patch GradientStatistics.commit to record each committed batch's size; returns the
+    list it appends to."""
+    from gradcli.grads import GradientStatistics
+
+    seen: list[int] = []
+    commit = GradientStatistics.commit
+
+    def counting(self, size):
+        seen.append(int(size))
+        return commit(self, size)
+
+    monkeypatch.setattr(GradientStatistics, "commit", counting)
+    return seen

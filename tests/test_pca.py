@@ -57,12 +57,17 @@ PREPROCESS = {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 @pytest.fixture(scope="module")
 def pca_data(tmp_path_factory, tiny):
-    root = tmp_path_factory.mktemp("pca")
+    return write_colour_blobs(tmp_path_factory.mktemp("pca"), 240, seed=7)
+
+
+def write_colour_blobs(root, count: int, seed: int):
+    """``root`` with the small ResNet's source and ``train.npz``: ``count`` noisy 8×8 images
+    of three colours (labels 0, 1, 2 in turn)."""
     (root / "resnet.py").write_text(RESNET_SOURCE)
-    rng = np.random.default_rng(7)
-    labels = np.arange(240) % 3
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 3
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=float)
-    x = colours[labels][:, None, None, :] + rng.normal(0, 40, size=(240, 8, 8, 3))
+    x = colours[labels][:, None, None, :] + rng.normal(0, 40, size=(count, 8, 8, 3))
     np.savez(root / "train.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=labels)
     return root
 

@@ -13,19 +13,12 @@ from gradcli.grads import LayerGradients, select_parameters
 from gradcli.run import Run
 from gradcli.stages import pca_plan
 from gradcli.stages.context import RunContext
-from tests.test_pca import PREPROCESS, RESNET_SOURCE
+from tests.test_pca import PREPROCESS, write_colour_blobs
 
 
 @pytest.fixture(scope="module")
 def pca_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pca-budget")
-    (root / "resnet.py").write_text(RESNET_SOURCE)
-    rng = np.random.default_rng(3)
-    labels = np.arange(120) % 3
-    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=float)
-    x = colours[labels][:, None, None, :] + rng.normal(0, 40, size=(120, 8, 8, 3))
-    np.savez(root / "train.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=labels)
-    return root
+    return write_colour_blobs(tmp_path_factory.mktemp("pca-budget"), 120, seed=3)
 
 
 def _counting_passes(monkeypatch, n: int) -> dict:

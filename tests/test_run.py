@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import count_committed_batches
 
 from gradcli.budget import BASIS_SHARE
 from gradcli.errors import BadInputError
@@ -561,7 +562,7 @@ def test_interrupted_statistics_pass_resumes_bitwise(method, tiny, tmp_path, mon
     4 batches, and the rerun passes over classes 1 and 2 (60 samples). All give the
     statistics and the subspace of a pass never interrupted, bit for bit."""
     from gradcli.errors import Interrupted
-    from gradcli.grads import GradientStatistics, LayerGradients
+    from gradcli.grads import LayerGradients
 
     options = {"batch_size": 8, "checkpoint_every": 5, "seed": 1}
     if method == "pca":
@@ -607,14 +608,7 @@ def test_interrupted_statistics_pass_resumes_bitwise(method, tiny, tmp_path, mon
     assert state["cursor"] == 5 if method == "pca" else state["done"] == [0]
     monkeypatch.setattr(LayerGradients, "capture", original)
 
-    seen = []
-    commit = GradientStatistics.commit
-
-    def counting(self, size):
-        seen.append(int(size))
-        return commit(self, size)
-
-    monkeypatch.setattr(GradientStatistics, "commit", counting)
+    seen = count_committed_batches(monkeypatch)
     paths = ["stats/mean", "stats/var", "subspace/basis"]
     if method == "avg":
         paths.append("stats/class_means")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import count_committed_batches
 
 from gradcli.errors import Interrupted
 from gradcli.grads import GradientStatistics
@@ -153,14 +154,7 @@ def test_interrupted_twice_then_resumed_skips_finished_classes_and_gives_the_sam
     clean, data = _many_classes(tmp_path / "clean")
     clean.extract_subspace(data, **options)
 
-    seen = []
-    commit = GradientStatistics.commit
-
-    def counting(self, size):
-        seen.append(int(size))
-        return commit(self, size)
-
-    monkeypatch.setattr(GradientStatistics, "commit", counting)
+    seen = count_committed_batches(monkeypatch)
     interrupted, _ = _many_classes(tmp_path / "int")
     for stop_at, done in ((8, [0, 1]), (7, [0, 1, 2, 3])):
 
